@@ -1,0 +1,151 @@
+"""HF safetensors -> Megatron legacy checkpoint, one rank file at a time.
+
+    python -m converters.hf2mcore hf_dir=HF out_dir=CKPT tp=2 pp=2 [vpp=1] [dtype=bf16] [force=true]
+
+Every rank file is built from slice reads of exactly the bytes it needs, so peak memory is about
+one rank file whatever the model size. The result is written as a `release` checkpoint that
+`load=` (with `checkpoint.finetune=true`), MindSpeed-LLM and Megatron-LM accept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import MISSING
+
+from converters.hf_io import HFReader
+from converters.layout import Dims, shard
+from converters.output import atomic_output_dir, check_output_dir
+from converters.stages import all_hf_tensors, stage_groups
+from mtrain.checkpoint_format import (
+    CHECKPOINT_VERSION,
+    RELEASE,
+    iteration_dir_name,
+    rank_file,
+    save_rank_file,
+    write_tracker,
+)
+from mtrain.cli import hydra_command
+from mtrain.errors import CheckpointError, ConfigError
+from mtrain.models.spec import ModelSpec, load_hf_config, megatron_args
+
+log = logging.getLogger("converters.hf2mcore")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+# Tensors some HF checkpoints carry that are not weights of the model.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class HF2McoreConfig:
+    hf_dir: str = MISSING  # HF model directory (config.json + safetensors, sharded or not)
+    out_dir: str = MISSING  # where the Megatron checkpoint goes; must be empty unless force
+    tp: int = 1  # tensor-parallel size of the output
+    pp: int = 1  # pipeline-parallel size of the output
+    vpp: int = 1  # virtual pipeline chunks per stage (interleaved schedule); 1 = off
+    dtype: str | None = None  # bf16 | fp16 | fp32; default keeps each tensor's own dtype
+    force: bool = False  # replace a non-empty out_dir (only once the new one is complete)
+
+
+def _target_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={name} is not supported; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_hf_tensors(reader: HFReader, spec: ModelSpec, dims: Dims) -> None:
+    """Every tensor the config implies exists with the right shape, and nothing else is there."""
+    expected = all_hf_tensors(spec)
+    with reader.session():
+        for name, (entry, pos) in expected.items():
+            want = dims.hf_shapes(entry)[pos]
+            got = reader.shape(name)
+            if got != want:
+                raise CheckpointError(
+                    f"{reader.dir}: tensor {name} has shape {list(got)} but "
+                    f"config.json implies {list(want)}"
+                )
+    tied_head = spec.family_table.output.hf[0] if spec.tie_word_embeddings else None
+    extra = sorted(
+        n
+        for n in reader.weight_map
+        if n not in expected and n != tied_head and not n.endswith(_IGNORED_SUFFIXES)
+    )
+    if extra:
+        raise CheckpointError(
+            f"{reader.dir}: tensor {extra[0]} (and {len(extra) - 1} more) is not "
+            f"part of a {spec.family} model as config.json describes it"
+        )
+
+
+def convert(cfg: HF2McoreConfig) -> Path:
+    hf_dir, out_dir = Path(cfg.hf_dir), Path(cfg.out_dir)
+    dtype = _target_dtype(cfg.dtype)
+    check_output_dir(out_dir, cfg.force, [hf_dir])
+    spec, _ = load_hf_config(hf_dir)
+    if cfg.vpp > 1 and cfg.pp == 1:
+        raise ConfigError(f"vpp={cfg.vpp} needs pp > 1 (virtual chunks interleave pipeline stages)")
+    spec.check_parallel(cfg.tp, cfg.pp, cfg.vpp)
+    reader = HFReader(hf_dir)
+    dims = Dims.of(spec, cfg.tp)
+    check_hf_tensors(reader, spec, dims)
+    with reader.session():
+        stored = reader(spec.family_table.embedding.hf[0], rows=slice(0, 1)).dtype
+    args = megatron_args(spec, cfg.tp, cfg.pp, DTYPE_NAMES.get(dtype or stored, "bfloat16"))
+    args.virtual_pipeline_model_parallel_size = cfg.vpp if cfg.vpp > 1 else None
+    if cfg.vpp > 1:
+        args.num_layers_per_virtual_pipeline_stage = spec.num_layers // (cfg.pp * cfg.vpp)
+
+    start = time.perf_counter()
+    log.info(
+        "hf2mcore: %s (%s, %d layers) -> %s at tp=%d pp=%d%s",
+        hf_dir,
+        spec.family,
+        spec.num_layers,
+        out_dir,
+        cfg.tp,
+        cfg.pp,
+        f" vpp={cfg.vpp}" if cfg.vpp > 1 else "",
+    )
+    with atomic_output_dir(out_dir, cfg.force, [hf_dir]) as temp:
+        iter_dir = temp / iteration_dir_name(RELEASE)
+        for pp_rank in range(cfg.pp):
+            for tp_rank in range(cfg.tp):
+                chunks = []
+                with reader.session():  # handles closed after each rank file: bounded RSS
+                    for chunk in range(cfg.vpp):
+                        state = {}
+                        for group in stage_groups(spec, cfg.pp, cfg.vpp, pp_rank, chunk):
+                            for p in group:
+                                tensor = shard(p.entry, p.hf, reader, tp_rank, dims)
+                                state[p.mcore] = tensor if dtype is None else tensor.to(dtype)
+                        chunks.append(state)
+                payload = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
+                if cfg.vpp == 1:
+                    payload["model"] = chunks[0]
+                else:
+                    payload.update({f"model{c}": s for c, s in enumerate(chunks)})
+                path = rank_file(iter_dir, tp_rank, pp_rank, cfg.pp)
+                save_rank_file(path, payload)
+                del chunks, payload
+                log.info("  wrote %s", path.relative_to(temp))
+        write_tracker(temp, RELEASE)
+    log.info("hf2mcore: done in %.1fs -> %s", time.perf_counter() - start, out_dir)
+    return out_dir
+
+
+@hydra_command("hf2mcore", HF2McoreConfig)
+def main(cfg: HF2McoreConfig) -> None:
+    convert(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Megatron legacy checkpoint -> HF safetensors, one layer at a time.
+
+    python -m converters.mcore2hf ckpt_dir=CKPT out_dir=HF_OUT [hf_dir=HF] [dtype=bf16] [force=true]
+
+Rank files are memory-mapped and reopened for every layer, so only one layer's shards and the
+HF shard being filled are resident. With `hf_dir` the config, tokenizer and generation files are
+copied from the original model; without it `config.json` is written from the checkpoint args.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import MISSING
+
+from converters.hf2mcore import DTYPE_NAMES, _target_dtype
+from converters.hf_io import DEFAULT_MAX_SHARD_BYTES, HFShardedWriter
+from converters.layout import Dims, merge, shard_shape
+from converters.output import atomic_output_dir, check_output_dir
+from converters.stages import stage_groups
+from mtrain.checkpoint_format import (
+    iteration_dir_name,
+    load_rank_file,
+    rank_file,
+    read_tracker,
+)
+from mtrain.cli import hydra_command
+from mtrain.errors import CheckpointError, ConfigError
+from mtrain.models.spec import (
+    ModelSpec,
+    hf_config_from_spec,
+    load_hf_config,
+    spec_from_megatron_args,
+)
+
+log = logging.getLogger("converters.mcore2hf")
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+_WEIGHT_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class McoreToHFConfig:
+    ckpt_dir: str = (
+        MISSING  # Megatron checkpoint directory (holds latest_checkpointed_iteration.txt)
+    )
+    out_dir: str = MISSING  # where the HF model goes; must be empty unless force
+    hf_dir: str | None = (
+        None  # original HF model: config, tokenizer and generation files are copied
+    )
+    iteration: str | None = (
+        None  # which checkpoint: an iteration number or "release"; default latest
+    )
+    dtype: str | None = None  # bf16 | fp16 | fp32; default keeps the checkpoint's dtypes
+    max_shard_size_gb: float = DEFAULT_MAX_SHARD_BYTES / 1000**3  # HF shard size limit
+    force: bool = False  # replace a non-empty out_dir (only once the new one is complete)
+
+
+@dataclass
+class MegatronCheckpoint:
+    """An opened checkpoint: where its rank files are and what model they hold."""
+
+    iter_dir: Path
+    spec: ModelSpec
+    tp: int
+    pp: int
+    vpp: int
+
+    @classmethod
+    def open(cls, ckpt_dir: Path, iteration: str | None = None) -> MegatronCheckpoint:
+        it = read_tracker(ckpt_dir) if iteration is None else iteration
+        it = it if it == "release" else int(it)
+        iter_dir = ckpt_dir / iteration_dir_name(it)
+        if not iter_dir.is_dir():
+            raise CheckpointError(f"{iter_dir} not found (iteration {it} of {ckpt_dir})")
+        pp_hint = 1 if (iter_dir / "mp_rank_00").is_dir() else 2
+        first = rank_file(iter_dir, 0, 0, pp_hint)
+        args = load_rank_file(first)["args"]
+        spec = spec_from_megatron_args(args, str(first))
+        tp = int(args.tensor_model_parallel_size)
+        pp = int(args.pipeline_model_parallel_size)
+        vpp = int(getattr(args, "virtual_pipeline_model_parallel_size", None) or 1)
+        spec.check_parallel(tp, pp, vpp, source=f"{first} args")
+        for pp_rank in range(pp):
+            for tp_rank in range(tp):
+                path = rank_file(iter_dir, tp_rank, pp_rank, pp)
+                if not path.is_file():
+                    raise CheckpointError(
+                        f"{path} not found: args say tp={tp} pp={pp}, so the "
+                        "checkpoint is incomplete"
+                    )
+        return cls(iter_dir, spec, tp, pp, vpp)
+
+    def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
+        return rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)
+
+    def load_model_states(self, tp_rank: int, pp_rank: int) -> list[dict[str, Any]]:
+        """The state dict of each virtual chunk of one rank (memory-mapped)."""
+        path = self.rank_file(tp_rank, pp_rank)
+        payload = load_rank_file(path)
+        keys = ["model"] if self.vpp == 1 else [f"model{c}" for c in range(self.vpp)]
+        missing = [k for k in keys if k not in payload]
+        if missing:
+            raise CheckpointError(f"{path} has no {missing[0]!r} entry; is vpp right in its args?")
+        return [payload[k] for k in keys]
+
+
+def _check_unknown_tensors(ckpt: MegatronCheckpoint, pp_rank: int, chunk: int) -> None:
+    known = {p.mcore for g in stage_groups(ckpt.spec, ckpt.pp, ckpt.vpp, pp_rank, chunk) for p in g}
+    if ckpt.spec.tie_word_embeddings:
+        known.add(ckpt.spec.family_table.output.mcore)  # a tied copy some tools write
+    state = ckpt.load_model_states(0, pp_rank)[chunk]
+    unknown = sorted(k for k in state if k not in known and not k.endswith("._extra_state"))
+    if unknown:
+        raise CheckpointError(
+            f"{ckpt.rank_file(0, pp_rank)}: tensor {unknown[0]} (and {len(unknown) - 1} more) is "
+            f"not part of a {ckpt.spec.family} model as the checkpoint args describe it"
+        )
+    missing = sorted(
+        k for k in known if k not in state and k != ckpt.spec.family_table.output.mcore
+    )
+    if missing:
+        raise CheckpointError(f"{ckpt.rank_file(0, pp_rank)}: tensor {missing[0]} is missing")
+
+
+def copy_side_files(hf_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
+    """Copy config, tokenizer, generation config and other small files; never weights."""
+    for src in sorted(hf_dir.iterdir()):
+        if (
+            src.is_file()
+            and not src.name.endswith(_WEIGHT_SUFFIXES)
+            and src.name not in _WEIGHT_NAMES
+        ):
+            shutil.copy2(src, out / src.name)
+    config = out / "config.json"
+    if dtype is not None and config.is_file():
+        data = json.loads(config.read_text())
+        data["torch_dtype" if "torch_dtype" in data else "dtype"] = DTYPE_NAMES[dtype]
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def convert(cfg: McoreToHFConfig) -> Path:
+    ckpt_dir, out_dir = Path(cfg.ckpt_dir), Path(cfg.out_dir)
+    dtype = _target_dtype(cfg.dtype)
+    check_output_dir(out_dir, cfg.force, [ckpt_dir])
+    ckpt = MegatronCheckpoint.open(ckpt_dir, cfg.iteration)
+    spec = ckpt.spec
+    inputs = [ckpt_dir]
+    if cfg.hf_dir is not None:
+        hf_spec, _ = load_hf_config(cfg.hf_dir)
+        mismatched = [k for k, v in vars(hf_spec).items() if getattr(spec, k) != v]
+        if mismatched:
+            k = mismatched[0]
+            raise ConfigError(
+                f"hf_dir={cfg.hf_dir}: config.json has {k}={getattr(hf_spec, k)} "
+                f"but the checkpoint has {k}={getattr(spec, k)}; is it the right model?"
+            )
+        inputs.append(Path(cfg.hf_dir))
+    if cfg.max_shard_size_gb <= 0:
+        raise ConfigError(f"max_shard_size_gb={cfg.max_shard_size_gb} must be positive")
+    dims = Dims.of(spec, ckpt.tp)
+
+    start = time.perf_counter()
+    log.info(
+        "mcore2hf: %s (%s, tp=%d pp=%d) -> %s",
+        ckpt.iter_dir,
+        spec.family,
+        ckpt.tp,
+        ckpt.pp,
+        out_dir,
+    )
+    with atomic_output_dir(out_dir, cfg.force, inputs) as temp:
+        writer = HFShardedWriter(temp, int(cfg.max_shard_size_gb * 1000**3))
+        written_dtype = None
+        for pp_rank in range(ckpt.pp):
+            for chunk in range(ckpt.vpp):
+                _check_unknown_tensors(ckpt, pp_rank, chunk)
+                for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk):
+                    # Reopen the rank files per layer: unmapping bounds the resident memory.
+                    states = [ckpt.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)]
+                    for p in group:
+                        if p.entry is spec.family_table.output and spec.tie_word_embeddings:
+                            continue  # the tied copy on the last stage; the embedding is the truth
+                        shards = [s[p.mcore] for s in states]
+                        want = shard_shape(p.entry, dims)
+                        for t, s in enumerate(shards):
+                            if tuple(s.shape) != want:
+                                raise CheckpointError(
+                                    f"{ckpt.rank_file(t, pp_rank)}: {p.mcore} has shape "
+                                    f"{list(s.shape)} but the checkpoint args imply {list(want)}"
+                                )
+                        for name, tensor in zip(p.hf, merge(p.entry, shards, dims)):
+                            tensor = tensor if dtype is None else tensor.to(dtype)
+                            written_dtype = written_dtype or tensor.dtype
+                            writer.add(name, tensor)
+                    del states
+        files = writer.finish()
+        if cfg.hf_dir is not None:
+            copy_side_files(Path(cfg.hf_dir), temp, dtype)
+        else:
+            config = hf_config_from_spec(spec, DTYPE_NAMES.get(written_dtype, "bfloat16"))
+            (temp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    log.info(
+        "mcore2hf: done in %.1fs, %d file(s), %.2f GB -> %s",
+        time.perf_counter() - start,
+        len(files),
+        writer.total_bytes / 1e9,
+        out_dir,
+    )
+    return out_dir
+
+
+@hydra_command("mcore2hf", McoreToHFConfig)
+def main(cfg: McoreToHFConfig) -> None:
+    convert(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Which Megatron tensors live on which pipeline stage, and which HF tensors they come from.
+
+With PP stages and V virtual chunks per stage, the model is cut into PP*V pieces of
+L/(PP*V) layers each; chunk c of pipeline rank p is piece `c*PP + p` (Megatron's interleaved
+order). Layer indices in the state dict are local to the piece and start at 0. The embedding is
+on the first piece and the final norm and output layer on the last; with tied embeddings and more
+than one piece, the last piece still holds `output_layer.weight`, a copy of the embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from converters.mappings.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Entry
+from mtrain.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Planned:
+    mcore: str  # full Megatron state-dict name on this stage
+    hf: list[str]  # full HF names, in the entry's order
+    entry: Entry
+
+
+def piece_layers(spec: ModelSpec, pp: int, vpp: int, pp_rank: int, chunk: int) -> range:
+    per_piece = spec.num_layers // (pp * vpp)
+    start = (chunk * pp + pp_rank) * per_piece
+    return range(start, start + per_piece)
+
+
+def stage_groups(
+    spec: ModelSpec, pp: int, vpp: int, pp_rank: int, chunk: int
+) -> Iterator[list[Planned]]:
+    """The tensors of one piece, grouped so that each group is one layer (or the embedding, or
+    the head): a converter that holds one group at a time holds one layer at a time."""
+    family = spec.family_table
+    first = pp_rank == 0 and chunk == 0
+    last = pp_rank == pp - 1 and chunk == vpp - 1
+    if first:
+        yield [Planned(family.embedding.mcore, list(family.embedding.hf), family.embedding)]
+    for local, layer in enumerate(piece_layers(spec, pp, vpp, pp_rank, chunk)):
+        m_prefix = MCORE_LAYER_PREFIX.format(i=local)
+        h_prefix = HF_LAYER_PREFIX.format(i=layer)
+        yield [Planned(m_prefix + e.mcore, [h_prefix + n for n in e.hf], e) for e in family.layer]
+    if last:
+        head = [Planned(family.final_norm.mcore, list(family.final_norm.hf), family.final_norm)]
+        if not spec.tie_word_embeddings:
+            head.append(Planned(family.output.mcore, list(family.output.hf), family.output))
+        elif not first:
+            head.append(Planned(family.output.mcore, list(family.embedding.hf), family.output))
+        yield head
+
+
+def all_hf_tensors(spec: ModelSpec) -> dict[str, tuple[Entry, int]]:
+    """Every HF tensor the model has: name -> (entry, position in entry.hf)."""
+    out: dict[str, tuple[Entry, int]] = {}
+    for group in stage_groups(spec, 1, 1, 0, 0):
+        for planned in group:
+            for pos, name in enumerate(planned.hf):
+                out[name] = (planned.entry, pos)
+    return out

@@ -1,0 +1,93 @@
+"""The one way mtrain's commands start: Hydra config -> validated dataclass -> `main(cfg)`.
+
+Every entry point (`python -m mtrain.sft`, `python -m converters.hf2mcore`, ...) is
+`hydra_command("name", Schema)(main)`. Hydra composes `conf/<name>.yaml` over the structured
+schema; missing keys and mtrain's own errors become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from mtrain import log
+from mtrain.errors import ConfigError, exit_on_user_error
+
+T = TypeVar("T")
+
+
+def to_schema(cfg: DictConfig) -> Any:
+    """The validated dataclass behind `cfg`, refusing any key left unset."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"missing required key(s) {', '.join(missing)}: pass them as "
+            f"{' '.join(m + '=...' for m in missing)}"
+        )
+    return OmegaConf.to_object(cfg)
+
+
+def _known_keys(schema: type, prefix: str = "") -> set[str]:
+    """Every dotted key of a (nested) dataclass schema."""
+    keys = set()
+    for field in dataclasses.fields(schema):
+        key = prefix + field.name
+        keys.add(key)
+        factory = field.default_factory
+        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            keys |= _known_keys(factory, key + ".")
+    return keys
+
+
+def check_overrides(schema: type, argv: list[str]) -> None:
+    """Refuse a misspelt `key=value` in one line (Hydra's own message is a multi-line dump).
+
+    Group selections and additions (`+model=...`), deletions and Hydra's own keys are left to
+    Hydra.
+    """
+    known = _known_keys(schema)
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("+", "~", "-", "hydra.", "hydra/")):
+            continue
+        key = arg.split("=", 1)[0]
+        if key in known:
+            continue
+        guess = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {guess[0]}?" if guess else f"known keys: {', '.join(sorted(known))}"
+        raise ConfigError(f"unknown config key {key!r} in {arg!r}; {hint}")
+
+
+def hydra_command(config_name: str, schema: type[T]) -> Callable[[Callable[[T], Any]], Callable]:
+    """Decorate `main(cfg: schema)` into a Hydra command reading `conf/<config_name>.yaml`."""
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+
+    def decorate(main: Callable[[T], Any]) -> Callable:
+        @exit_on_user_error
+        def run(cfg: DictConfig) -> Any:
+            log.setup()
+            return main(to_schema(cfg))
+
+        @functools.wraps(main)
+        def task(cfg: DictConfig) -> Any:
+            return run(cfg)
+
+        hydra_main = hydra.main(version_base="1.3", config_path="../conf", config_name=config_name)(
+            task
+        )
+
+        @functools.wraps(main)
+        def command() -> Any:
+            exit_on_user_error(check_overrides)(schema, sys.argv[1:])
+            return hydra_main()
+
+        return command
+
+    return decorate

@@ -1,0 +1,105 @@
+"""Tiny HF models and a tiny tokenizer, built locally with no download.
+
+The quickstart, the tests and the benchmarks need a real HF checkpoint and tokenizer but cannot
+fetch one from a hub, so they build them: a byte-level BPE tokenizer trained on text written
+here, with Qwen's ChatML special tokens and chat template, and a randomly initialised
+transformers model of any supported family.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from mtrain.models.spec import ModelSpec, hf_config_from_spec
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# Qwen-style ChatML: "<|im_start|>{role}\n{content}<|im_end|>\n" per message.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_WORDS = (
+    "the a model train token layer data fast exact small large parallel tensor pipeline sequence "
+    "learn rate loss step batch shard merge convert check save load quick brown fox jumps over "
+    "lazy dog one two three four five six seven eight nine ten reverse string answer question "
+    "user assistant system hello world npu gpu cpu rank node cluster"
+).split()
+
+
+def corpus(lines: int = 2000, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-English text with letters, digits and punctuation."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+        if rng.random() < 0.3:
+            words.append(str(rng.randint(0, 9999)))
+        out.append(" ".join(words) + rng.choice([".", "?", "!", ","]))
+    return out
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer and save it as an HF fast tokenizer in `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_model(
+    out_dir: str | Path,
+    spec: ModelSpec,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    tokenizer: bool = True,
+):
+    """Save a random-weight HF model of `spec` (plus the tiny tokenizer) into `out_dir`.
+
+    Norm weights are randomised too, so a converter that drops or swaps them cannot pass a
+    parity test by luck.
+    """
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    raw = hf_config_from_spec(spec, dtype=str(dtype).removeprefix("torch."))
+    model_type = raw.pop("model_type")
+    config = CONFIG_MAPPING[model_type](**raw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.02)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(out_dir), **kwargs)
+    if tokenizer:
+        build_tokenizer(out_dir, vocab_size=min(spec.vocab_size, 512))
+    return model
