@@ -15,7 +15,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import MISSING
@@ -25,19 +24,12 @@ from converters.hf_io import DEFAULT_MAX_SHARD_BYTES, HFShardedWriter
 from converters.layout import Dims, merge, shard_shape
 from converters.output import atomic_output_dir, check_output_dir
 from converters.stages import stage_groups
-from mtrain.checkpoint_format import (
-    iteration_dir_name,
-    load_rank_file,
-    rank_file,
-    read_tracker,
-)
+from mtrain.checkpoint_format import MegatronCheckpoint
 from mtrain.cli import hydra_command
 from mtrain.errors import CheckpointError, ConfigError
 from mtrain.models.spec import (
-    ModelSpec,
     hf_config_from_spec,
     load_hf_config,
-    spec_from_megatron_args,
 )
 
 log = logging.getLogger("converters.mcore2hf")
@@ -61,55 +53,6 @@ class McoreToHFConfig:
     dtype: str | None = None  # bf16 | fp16 | fp32; default keeps the checkpoint's dtypes
     max_shard_size_gb: float = DEFAULT_MAX_SHARD_BYTES / 1000**3  # HF shard size limit
     force: bool = False  # replace a non-empty out_dir (only once the new one is complete)
-
-
-@dataclass
-class MegatronCheckpoint:
-    """An opened checkpoint: where its rank files are and what model they hold."""
-
-    iter_dir: Path
-    spec: ModelSpec
-    tp: int
-    pp: int
-    vpp: int
-
-    @classmethod
-    def open(cls, ckpt_dir: Path, iteration: str | None = None) -> MegatronCheckpoint:
-        it = read_tracker(ckpt_dir) if iteration is None else iteration
-        it = it if it == "release" else int(it)
-        iter_dir = ckpt_dir / iteration_dir_name(it)
-        if not iter_dir.is_dir():
-            raise CheckpointError(f"{iter_dir} not found (iteration {it} of {ckpt_dir})")
-        pp_hint = 1 if (iter_dir / "mp_rank_00").is_dir() else 2
-        first = rank_file(iter_dir, 0, 0, pp_hint)
-        args = load_rank_file(first)["args"]
-        spec = spec_from_megatron_args(args, str(first))
-        tp = int(args.tensor_model_parallel_size)
-        pp = int(args.pipeline_model_parallel_size)
-        vpp = int(getattr(args, "virtual_pipeline_model_parallel_size", None) or 1)
-        spec.check_parallel(tp, pp, vpp, source=f"{first} args")
-        for pp_rank in range(pp):
-            for tp_rank in range(tp):
-                path = rank_file(iter_dir, tp_rank, pp_rank, pp)
-                if not path.is_file():
-                    raise CheckpointError(
-                        f"{path} not found: args say tp={tp} pp={pp}, so the "
-                        "checkpoint is incomplete"
-                    )
-        return cls(iter_dir, spec, tp, pp, vpp)
-
-    def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
-        return rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)
-
-    def load_model_states(self, tp_rank: int, pp_rank: int) -> list[dict[str, Any]]:
-        """The state dict of each virtual chunk of one rank (memory-mapped)."""
-        path = self.rank_file(tp_rank, pp_rank)
-        payload = load_rank_file(path)
-        keys = ["model"] if self.vpp == 1 else [f"model{c}" for c in range(self.vpp)]
-        missing = [k for k in keys if k not in payload]
-        if missing:
-            raise CheckpointError(f"{path} has no {missing[0]!r} entry; is vpp right in its args?")
-        return [payload[k] for k in keys]
 
 
 def _check_unknown_tensors(ckpt: MegatronCheckpoint, pp_rank: int, chunk: int) -> None:

@@ -13,12 +13,14 @@ and RNG state when written by training. MindSpeed-LLM and Megatron-LM read and w
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mtrain.errors import CheckpointError
+from mtrain.models.spec import ModelSpec, spec_from_megatron_args
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -76,3 +78,52 @@ def load_rank_file(path: Path, mmap: bool = True) -> dict[str, Any]:
 def save_rank_file(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
+
+
+@dataclass
+class MegatronCheckpoint:
+    """An opened checkpoint: where its rank files are and what model they hold."""
+
+    iter_dir: Path
+    spec: ModelSpec
+    tp: int
+    pp: int
+    vpp: int
+
+    @classmethod
+    def open(cls, ckpt_dir: Path, iteration: str | None = None) -> MegatronCheckpoint:
+        it = read_tracker(ckpt_dir) if iteration is None else iteration
+        it = it if it == "release" else int(it)
+        iter_dir = ckpt_dir / iteration_dir_name(it)
+        if not iter_dir.is_dir():
+            raise CheckpointError(f"{iter_dir} not found (iteration {it} of {ckpt_dir})")
+        pp_hint = 1 if (iter_dir / "mp_rank_00").is_dir() else 2
+        first = rank_file(iter_dir, 0, 0, pp_hint)
+        args = load_rank_file(first)["args"]
+        spec = spec_from_megatron_args(args, str(first))
+        tp = int(args.tensor_model_parallel_size)
+        pp = int(args.pipeline_model_parallel_size)
+        vpp = int(getattr(args, "virtual_pipeline_model_parallel_size", None) or 1)
+        spec.check_parallel(tp, pp, vpp, source=f"{first} args")
+        for pp_rank in range(pp):
+            for tp_rank in range(tp):
+                path = rank_file(iter_dir, tp_rank, pp_rank, pp)
+                if not path.is_file():
+                    raise CheckpointError(
+                        f"{path} not found: args say tp={tp} pp={pp}, so the "
+                        "checkpoint is incomplete"
+                    )
+        return cls(iter_dir, spec, tp, pp, vpp)
+
+    def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
+        return rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)
+
+    def load_model_states(self, tp_rank: int, pp_rank: int) -> list[dict[str, Any]]:
+        """The state dict of each virtual chunk of one rank (memory-mapped)."""
+        path = self.rank_file(tp_rank, pp_rank)
+        payload = load_rank_file(path)
+        keys = ["model"] if self.vpp == 1 else [f"model{c}" for c in range(self.vpp)]
+        missing = [k for k in keys if k not in payload]
+        if missing:
+            raise CheckpointError(f"{path} has no {missing[0]!r} entry; is vpp right in its args?")
+        return [payload[k] for k in keys]

@@ -12,6 +12,7 @@ import difflib
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import hydra
@@ -65,9 +66,26 @@ def check_overrides(schema: type, argv: list[str]) -> None:
         raise ConfigError(f"unknown config key {key!r} in {arg!r}; {hint}")
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# mtrain's commands write nothing of Hydra's own (no outputs/ dir, no log files, no cwd change).
+QUIET_HYDRA = (
+    "hydra/job_logging=none",
+    "hydra/hydra_logging=none",
+    "hydra.output_subdir=null",
+    "hydra.run.dir=.",
+)
+
+
 def hydra_command(config_name: str, schema: type[T]) -> Callable[[Callable[[T], Any]], Callable]:
-    """Decorate `main(cfg: schema)` into a Hydra command reading `conf/<config_name>.yaml`."""
-    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+    """Decorate `main(cfg: schema)` into a Hydra command.
+
+    The schema gives keys, types and defaults; `conf/<config_name>.yaml`, when it exists, sets
+    values and config-group defaults on top of it.
+    """
+    schema_name = f"{config_name}_schema"
+    ConfigStore.instance().store(name=schema_name, node=schema)
+    has_yaml = (CONF_DIR / f"{config_name}.yaml").is_file()
 
     def decorate(main: Callable[[T], Any]) -> Callable:
         @exit_on_user_error
@@ -79,13 +97,18 @@ def hydra_command(config_name: str, schema: type[T]) -> Callable[[Callable[[T], 
         def task(cfg: DictConfig) -> Any:
             return run(cfg)
 
-        hydra_main = hydra.main(version_base="1.3", config_path="../conf", config_name=config_name)(
-            task
-        )
+        hydra_main = hydra.main(
+            version_base="1.3",
+            config_path=str(CONF_DIR),
+            config_name=config_name if has_yaml else schema_name,
+        )(task)
 
         @functools.wraps(main)
         def command() -> Any:
-            exit_on_user_error(check_overrides)(schema, sys.argv[1:])
+            user = sys.argv[1:]
+            exit_on_user_error(check_overrides)(schema, user)
+            given = {a.split("=", 1)[0] for a in user}
+            sys.argv[1:] = [q for q in QUIET_HYDRA if q.split("=", 1)[0] not in given] + user
             return hydra_main()
 
         return command

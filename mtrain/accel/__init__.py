@@ -1,0 +1,81 @@
+"""Device backends. Code outside this package says `accel.device()` / `accel.dist_backend()`,
+never a device literal.
+
+`activate("auto" | "cpu" | "cuda" | "npu")` picks the backend once per process, before megatron
+is imported by anything that runs on it, and applies its set-up (the CPU shim, torch_npu's
+device mapping, runtime environment defaults).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+import torch
+
+from mtrain.errors import ConfigError
+
+NAMES = ("cpu", "cuda", "npu")
+_active: ModuleType | None = None
+
+
+def npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        import torch_npu  # noqa: F401
+
+        return torch.npu.is_available()  # type: ignore[attr-defined]
+    except Exception:  # a broken CANN install is reported by `python -m mtrain.env`
+        return False
+
+
+def resolve(name: str = "auto") -> str:
+    """The backend name `name` stands for on this machine; refuse one that is not there."""
+    if name == "auto":
+        if npu_available():
+            return "npu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in NAMES:
+        raise ConfigError(f"device={name} is not one of auto, {', '.join(NAMES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no CUDA device; use device=cpu or auto")
+    if name == "npu" and not npu_available():
+        raise ConfigError(
+            "device=npu but torch_npu is not installed or sees no NPU; see the "
+            "README's 'Ascend NPU' section, or run `python -m mtrain.env`"
+        )
+    return name
+
+
+def module(name: str) -> ModuleType:
+    return importlib.import_module(f"mtrain.accel.{name}")
+
+
+def activate(name: str = "auto") -> ModuleType:
+    """Select and set up the backend for this process (idempotent for the same backend)."""
+    global _active
+    backend = module(resolve(name))
+    if _active is not None and _active is not backend:
+        raise RuntimeError(
+            f"backend {_active.NAME} is already active; cannot switch to "
+            f"{backend.NAME} in the same process"
+        )
+    backend.install_shim()
+    _active = backend
+    return backend
+
+
+def current() -> ModuleType:
+    if _active is None:
+        raise RuntimeError("no device backend is active; call mtrain.accel.activate() first")
+    return _active
+
+
+def device() -> torch.device:
+    return current().device()
+
+
+def dist_backend() -> str:
+    return current().DIST_BACKEND

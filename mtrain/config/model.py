@@ -1,0 +1,35 @@
+"""The `model` config group: a preset from conf/model/ or an HF directory's config.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from mtrain.errors import ConfigError
+from mtrain.models.spec import ModelSpec, load_hf_config
+
+
+@dataclass
+class ModelConfig(ModelSpec):
+    """A model preset: the architecture (ModelSpec's fields) plus how to get and lay it out."""
+
+    name: str = "custom"  # preset name, for logs
+    hf_dir: str | None = (
+        None  # HF model directory: tokenizer, and config.json checked against the preset
+    )
+    recommended_tp: int = 1  # tensor-parallel size that fits this model well on 64 GB devices
+    recommended_pp: int = 1  # pipeline-parallel size that goes with recommended_tp
+
+    def spec(self) -> ModelSpec:
+        """The validated architecture; with `hf_dir`, its config.json must agree with the preset."""
+        spec = ModelSpec(**{f.name: getattr(self, f.name) for f in fields(ModelSpec)})
+        spec.validate(f"model={self.name}")
+        if self.hf_dir is not None:
+            hf_spec, _ = load_hf_config(self.hf_dir)
+            for f in fields(ModelSpec):
+                ours, theirs = getattr(spec, f.name), getattr(hf_spec, f.name)
+                if ours != theirs:
+                    raise ConfigError(
+                        f"model.{f.name}={ours} (preset {self.name}) but {self.hf_dir}/config.json "
+                        f"has {theirs}; pick the matching +model= preset"
+                    )
+        return spec

@@ -1,0 +1,129 @@
+"""ModelSpec -> megatron-core `TransformerConfig`, layer spec and `GPTModel` chunks.
+
+This is one of the few seams that touch megatron-core internals: a newer megatron-core or a
+MindSpeed layer spec changes this file, not its callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mtrain.models.spec import ModelSpec
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class BuildOptions:
+    """How to build the model: precision, parallel layout and kernel choices."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    precision: str = "fp32"  # bf16 | fp16 | fp32
+    sequence_parallel: bool = False
+    # Fused kernels megatron-core can use on CUDA; off on CPU, where they do not exist.
+    fused_kernels: bool = False
+    recompute_granularity: str | None = None  # None | selective | full
+    recompute_num_layers: int | None = None
+    init_method_std: float = 0.02
+    seed_init_on_cpu: bool = True  # deterministic init independent of TP (use_cpu_initialization)
+    extra: dict[str, Any] = field(default_factory=dict)  # more TransformerConfig fields
+
+
+def transformer_config(spec: ModelSpec, opts: BuildOptions):
+    from megatron.core.transformer import TransformerConfig
+
+    family = spec.family_table
+    dtype = DTYPES[opts.precision]
+    recompute: dict[str, Any] = {}
+    if opts.recompute_granularity == "full":
+        recompute = dict(
+            recompute_granularity="full",
+            recompute_method="uniform",
+            recompute_num_layers=opts.recompute_num_layers or 1,
+        )
+    elif opts.recompute_granularity == "selective":
+        recompute = dict(recompute_granularity="selective")
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=family.qkv_bias,
+        qk_layernorm=family.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=opts.init_method_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=opts.precision == "bf16",
+        fp16=opts.precision == "fp16",
+        tensor_model_parallel_size=opts.tp,
+        pipeline_model_parallel_size=opts.pp,
+        virtual_pipeline_model_parallel_size=opts.vpp if opts.vpp > 1 else None,
+        sequence_parallel=opts.sequence_parallel,
+        use_cpu_initialization=opts.seed_init_on_cpu,
+        bias_activation_fusion=opts.fused_kernels,
+        masked_softmax_fusion=opts.fused_kernels,
+        bias_dropout_fusion=opts.fused_kernels,
+        apply_rope_fusion=opts.fused_kernels,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        **recompute,
+        **opts.extra,
+    )
+
+
+def layer_spec(spec: ModelSpec):
+    """megatron-core's local (no Transformer Engine) layer spec; checkpoint names follow it."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(
+        qk_layernorm=spec.family_table.qk_layernorm, normalization="RMSNorm"
+    )
+
+
+def build_model_chunks(spec: ModelSpec, opts: BuildOptions) -> list[torch.nn.Module]:
+    """The GPTModel chunk(s) of this pipeline rank: one, or `vpp` with the interleaved schedule.
+
+    Needs megatron's parallel_state to be initialised with the same tp/pp/vpp.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(spec, opts)
+    lspec = layer_spec(spec)
+    chunks = []
+    for chunk in range(opts.vpp):
+        if opts.vpp > 1:
+            parallel_state.set_virtual_pipeline_model_parallel_rank(chunk)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=lspec,
+            vocab_size=spec.padded_vocab_size(opts.tp),
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            parallel_output=True,
+            share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=spec.rope_theta,
+            rope_scaling=spec.rope_scaling_factor is not None,
+            rope_scaling_factor=spec.rope_scaling_factor or 8.0,
+        )
+        chunks.append(model)
+    if opts.vpp > 1:
+        parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+    return chunks

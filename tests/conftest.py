@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny HF models built on the spot (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtrain.models.spec import ModelSpec
+
+TINY = ModelSpec(
+    family="qwen3", num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+    num_query_groups=2, kv_channels=32, vocab_size=512, max_position_embeddings=512,
+    rope_theta=1e6, norm_epsilon=1e-6, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def tiny_spec(**changes) -> ModelSpec:
+    return replace(TINY, **changes)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """`tiny_hf(spec, dtype=..., shard=...)` -> directory of a saved random HF model (cached)."""
+    from mtrain.models.tiny import build_model
+
+    cache: dict[tuple, Path] = {}
+
+    def make(spec: ModelSpec = TINY, dtype: torch.dtype = torch.float32,
+             shard: str | None = "40KB") -> Path:
+        key = (tuple(vars(spec).items()), dtype, shard)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"hf_{spec.family}")
+            build_model(out, spec, seed=len(cache), dtype=dtype, max_shard_size=shard)
+            cache[key] = out
+        return cache[key]
+
+    return make
