@@ -19,8 +19,8 @@ from omegaconf import MISSING
 
 from converters.hf_io import HFReader
 from converters.layout import Dims, shard
-from converters.output import atomic_output_dir, check_output_dir
 from converters.stages import all_hf_tensors, stage_groups
+from mtrain.atomic import atomic_output_dir, check_output_dir
 from mtrain.checkpoint_format import (
     CHECKPOINT_VERSION,
     RELEASE,

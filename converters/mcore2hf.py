@@ -22,8 +22,8 @@ from omegaconf import MISSING
 from converters.hf2mcore import DTYPE_NAMES, _target_dtype
 from converters.hf_io import DEFAULT_MAX_SHARD_BYTES, HFShardedWriter
 from converters.layout import Dims, merge, shard_shape
-from converters.output import atomic_output_dir, check_output_dir
 from converters.stages import stage_groups
+from mtrain.atomic import atomic_output_dir, check_output_dir
 from mtrain.checkpoint_format import MegatronCheckpoint
 from mtrain.cli import hydra_command
 from mtrain.errors import CheckpointError, ConfigError

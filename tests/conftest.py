@@ -28,8 +28,9 @@ def tiny_hf(tmp_path_factory):
 
     cache: dict[tuple, Path] = {}
 
-    def make(spec: ModelSpec = TINY, dtype: torch.dtype = torch.float32,
-             shard: str | None = "40KB") -> Path:
+    def make(
+        spec: ModelSpec = TINY, dtype: torch.dtype = torch.float32, shard: str | None = "40KB"
+    ) -> Path:
         key = (tuple(vars(spec).items()), dtype, shard)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"hf_{spec.family}")

@@ -36,8 +36,9 @@ def hf_tensors(d: Path) -> dict[str, torch.Tensor]:
 
 def roundtrip(hf: Path, tmp: Path, tp: int, pp: int, **kw) -> Path:
     ckpt, out = tmp / f"ckpt_tp{tp}pp{pp}", tmp / f"hf_tp{tp}pp{pp}"
-    hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(ckpt), tp=tp, pp=pp,
-                                    vpp=kw.pop("vpp", 1)))
+    hf2mcore.convert(
+        HF2McoreConfig(hf_dir=str(hf), out_dir=str(ckpt), tp=tp, pp=pp, vpp=kw.pop("vpp", 1))
+    )
     mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(ckpt), out_dir=str(out), hf_dir=str(hf), **kw))
     return out
 
@@ -82,8 +83,9 @@ def test_megatron_layout_on_disk(tiny_hf, tmp_path):
     assert "decoder.layers.2.input_layernorm.weight" not in last["model"]  # local indices
     assert "embedding.word_embeddings.weight" in first["model"]
     assert "embedding.word_embeddings.weight" not in last["model"]
-    assert torch.equal(last["model"]["output_layer.weight"],
-                       first["model"]["embedding.word_embeddings.weight"])
+    assert torch.equal(
+        last["model"]["output_layer.weight"], first["model"]["embedding.word_embeddings.weight"]
+    )
     qkv = first["model"]["decoder.layers.0.self_attention.linear_qkv.weight"]
     assert tuple(qkv.shape) == ((4 // 2 + 2) * 32 * 2 // 2, 64)
 
@@ -133,13 +135,22 @@ def test_config_is_written_from_args_without_hf_dir(tiny_hf, tmp_path):
     hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(ckpt), tp=2, pp=2))
     mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(ckpt), out_dir=str(out)))
     ours, theirs = AutoConfig.from_pretrained(out), AutoConfig.from_pretrained(hf)
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_key_value_heads",
-                "head_dim", "vocab_size", "tie_word_embeddings", "intermediate_size"):
+    for key in (
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "tie_word_embeddings",
+        "intermediate_size",
+    ):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert_bit_identical(hf_tensors(hf), hf_tensors(out))
 
 
 # --- bad input ---------------------------------------------------------------------------------
+
 
 def test_tp_must_divide_kv_groups(tiny_hf, tmp_path):
     with pytest.raises(ConfigError, match=r"tp=4 must divide num_query_groups=2"):
@@ -185,8 +196,11 @@ def test_weights_that_contradict_config_are_refused(tiny_hf, tmp_path):
     config = json.loads((bad / "config.json").read_text())
     config["intermediate_size"] = 96
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"mlp.gate_proj.weight has shape \[128, 64\] but "
-                                              r"config.json implies \[96, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mlp.gate_proj.weight has shape \[128, 64\] but "
+        r"config.json implies \[96, 64\]",
+    ):
         hf2mcore.convert(HF2McoreConfig(hf_dir=str(bad), out_dir=str(tmp_path / "o")))
 
 
@@ -198,8 +212,11 @@ def test_checkpoint_tensors_must_match_args(tiny_hf, tmp_path):
     name = "decoder.layers.1.mlp.linear_fc2.weight"
     payload["model"][name] = payload["model"][name][:, :32].clone()
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match=rf"mp_rank_01.*{name} has shape \[64, 32\] but the "
-                                              r"checkpoint args imply \[64, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"mp_rank_01.*{name} has shape \[64, 32\] but the "
+        r"checkpoint args imply \[64, 64\]",
+    ):
         mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(ckpt), out_dir=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
 
@@ -212,8 +229,9 @@ def test_incomplete_checkpoint_names_the_missing_rank_file(tiny_hf, tmp_path):
         mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(ckpt), out_dir=str(tmp_path / "o")))
 
 
-def test_a_failure_mid_write_leaves_nothing_and_keeps_the_old_output(tiny_hf, tmp_path,
-                                                                     monkeypatch):
+def test_a_failure_mid_write_leaves_nothing_and_keeps_the_old_output(
+    tiny_hf, tmp_path, monkeypatch
+):
     out = tmp_path / "o"
     out.mkdir()
     (out / "old.txt").write_text("previous result")
@@ -228,27 +246,43 @@ def test_a_failure_mid_write_leaves_nothing_and_keeps_the_old_output(tiny_hf, tm
 
     monkeypatch.setattr(hf2mcore, "save_rank_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        hf2mcore.convert(HF2McoreConfig(hf_dir=str(tiny_hf()), out_dir=str(out), tp=2,
-                                        force=True))
+        hf2mcore.convert(HF2McoreConfig(hf_dir=str(tiny_hf()), out_dir=str(out), tp=2, force=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
     assert (out / "old.txt").read_text() == "previous result"
 
 
 def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "converters.hf2mcore", f"hf_dir={tmp_path / 'none'}",
-         f"out_dir={tmp_path / 'o'}", "tp=2"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "converters.hf2mcore",
+            f"hf_dir={tmp_path / 'none'}",
+            f"out_dir={tmp_path / 'o'}",
+            "tp=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == [f"error: {tmp_path / 'none' / 'config.json'} not found; hf_dir must be a "
-                     "Hugging Face model directory"]
+    assert lines == [
+        f"error: {tmp_path / 'none' / 'config.json'} not found; hf_dir must be a "
+        "Hugging Face model directory"
+    ]
     assert not (tmp_path / "o").exists()
 
 
 def test_cli_rejects_a_misspelt_key_with_a_suggestion():
-    proc = subprocess.run([sys.executable, "-m", "converters.mcore2hf", "ckpt_dir=a",
-                           "out_dir=b", "dtyp=bf16"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "converters.mcore2hf", "ckpt_dir=a", "out_dir=b", "dtyp=bf16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown config key 'dtyp' in 'dtyp=bf16'; did you mean dtype?"
+    assert (
+        proc.stderr.strip()
+        == "error: unknown config key 'dtyp' in 'dtyp=bf16'; did you mean dtype?"
+    )

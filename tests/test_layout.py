@@ -37,13 +37,15 @@ def shards_of(e: Entry, tensors, dims: Dims) -> list[torch.Tensor]:
     return [shard(e, list(e.hf), reader_of(tensors), t, dims) for t in range(dims.tp)]
 
 
-SPEC = tiny_spec(family="qwen2", num_attention_heads=8, num_query_groups=4, kv_channels=16,
-                 vocab_size=509)
+SPEC = tiny_spec(
+    family="qwen2", num_attention_heads=8, num_query_groups=4, kv_channels=16, vocab_size=509
+)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("name", ["self_attention.linear_qkv.weight",
-                                  "self_attention.linear_qkv.bias"])
+@pytest.mark.parametrize(
+    "name", ["self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"]
+)
 def test_qkv_shard_is_the_gqa_interleave_chunked(tp, name):
     dims = Dims.of(SPEC, tp)
     e = entry(name)
@@ -95,8 +97,9 @@ def test_vocab_is_padded_with_zero_rows_and_trimmed_back(tp):
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("e", QWEN2.layer + (QWEN2.embedding, QWEN2.final_norm),
-                         ids=lambda e: e.mcore)
+@pytest.mark.parametrize(
+    "e", QWEN2.layer + (QWEN2.embedding, QWEN2.final_norm), ids=lambda e: e.mcore
+)
 def test_merge_inverts_shard_bit_exactly(tp, e):
     dims = Dims.of(SPEC, tp)
     hf = random_hf(e, dims)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from mtrain.errors import ConfigError
 from mtrain.models.spec import ModelSpec, load_hf_config
@@ -33,3 +36,16 @@ class ModelConfig(ModelSpec):
                         f"has {theirs}; pick the matching +model= preset"
                     )
         return spec
+
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+
+def load_preset(name: str) -> ModelConfig:
+    """The conf/model/<name>.yaml preset over the schema."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"model preset {name!r} not found in {PRESET_DIR}; known: {known}")
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)

@@ -8,12 +8,21 @@ transformers model of any supported family.
 
 from __future__ import annotations
 
+import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import MISSING
 
+from mtrain.atomic import atomic_output_dir
+from mtrain.cli import hydra_command
+from mtrain.errors import ConfigError
+from mtrain.models.provider import DTYPES
 from mtrain.models.spec import ModelSpec, hf_config_from_spec
+
+log = logging.getLogger("mtrain.tiny")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -103,3 +112,34 @@ def build_model(
     if tokenizer:
         build_tokenizer(out_dir, vocab_size=min(spec.vocab_size, 512))
     return model
+
+
+@dataclass
+class TinyConfig:
+    out_dir: str = MISSING  # where the HF model directory is written
+    preset: str = "qwen3_tiny"  # a conf/model preset; keep it small, weights are random
+    seed: int = 0
+    dtype: str = "fp32"  # bf16 | fp16 | fp32
+    force: bool = False  # replace a non-empty out_dir
+
+
+@hydra_command("tiny", TinyConfig)
+def main(cfg: TinyConfig) -> None:
+    """`python -m mtrain.models.tiny out_dir=DIR`: a random tiny HF model + tokenizer."""
+    from mtrain.config.model import load_preset
+
+    spec = load_preset(cfg.preset).spec()
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype} is not one of {sorted(DTYPES)}")
+    with atomic_output_dir(Path(cfg.out_dir), cfg.force, []) as temp:
+        build_model(temp, spec, seed=cfg.seed, dtype=DTYPES[cfg.dtype])
+    log.info(
+        "tiny: %s model (%.2fM parameters) + tokenizer -> %s",
+        cfg.preset,
+        spec.num_parameters() / 1e6,
+        cfg.out_dir,
+    )
+
+
+if __name__ == "__main__":
+    main()

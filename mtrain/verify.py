@@ -1,0 +1,143 @@
+"""`torchrun ... -m mtrain.verify hf_dir=HF ckpt_dir=CKPT`: does a Megatron checkpoint reproduce
+the HF model's logits?
+
+Run it after a conversion, at the checkpoint's own TP/PP layout (any multiple of TP*PP processes).
+The HF reference is computed once, on rank 0 and on the CPU, before the device backend is set up
+(the CPU shim must not touch the transformers model), then broadcast to every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import MISSING
+
+from mtrain import accel, parallel
+from mtrain.checkpoint import load_model_weights
+from mtrain.checkpoint_format import MegatronCheckpoint
+from mtrain.cli import hydra_command
+from mtrain.errors import MtrainError
+from mtrain.models.provider import BuildOptions, build_model_chunks
+
+log = logging.getLogger("mtrain.verify")
+
+
+@dataclass
+class VerifyConfig:
+    hf_dir: str = MISSING  # the HF model the checkpoint was converted from
+    ckpt_dir: str = MISSING  # the Megatron checkpoint to check
+    device: str = "auto"  # auto | cpu | cuda | npu
+    batch: int = 2  # sequences of random tokens to compare on
+    seq_length: int = 32
+    seed: int = 0
+    tolerance: float = 1e-5  # max |logit difference| allowed (fp32 weights)
+    result_file: str | None = None  # also write {"max_abs_diff": ...} as JSON here
+
+
+def random_tokens(vocab: int, batch: int, seq_length: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq_length), generator=generator)
+
+
+def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def megatron_logits(
+    chunks: list[torch.nn.Module], tokens: torch.Tensor, vocab: int
+) -> torch.Tensor | None:
+    """Full-vocabulary logits on the last pipeline stage (None on the others)."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    captured: list[torch.Tensor] = []
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        positions = torch.arange(batch.shape[1], device=batch.device).expand_as(batch)
+        output = model(batch, positions, attention_mask=None)
+
+        def keep(logits):
+            captured.append(logits.detach())
+            return logits.sum() * 0.0, {}
+
+        return output, keep
+
+    for chunk in chunks:
+        chunk.eval()
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter([tokens]) for _ in chunks] if len(chunks) > 1 else iter([tokens]),
+            model=chunks,
+            num_microbatches=1,
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=True,
+        )
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(captured[0])
+    return full[..., :vocab].float()
+
+
+def checkpoint_max_diff(
+    ckpt_dir: str | Path, tokens: torch.Tensor, reference: torch.Tensor
+) -> float:
+    """Max |logits - reference| of a checkpoint at its own layout, known on every rank."""
+    ckpt = MegatronCheckpoint.open(Path(ckpt_dir))
+    parallel.init(ckpt.tp, ckpt.pp, ckpt.vpp)
+    try:
+        chunks = build_model_chunks(ckpt.spec, BuildOptions(tp=ckpt.tp, pp=ckpt.pp, vpp=ckpt.vpp))
+        chunks = [c.to(accel.device()) for c in chunks]
+        load_model_weights(chunks, ckpt_dir, ckpt.spec, ckpt.tp, ckpt.pp, ckpt.vpp)
+        logits = megatron_logits(chunks, tokens.to(accel.device()), ckpt.spec.vocab_size)
+        diff = torch.tensor([-1.0], device=accel.device())
+        if logits is not None:
+            diff[0] = (logits.cpu() - reference).abs().max()
+        torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+        return diff.item()
+    finally:
+        parallel.destroy()
+
+
+@hydra_command("verify", VerifyConfig)
+def main(cfg: VerifyConfig) -> None:
+    ckpt = MegatronCheckpoint.open(Path(cfg.ckpt_dir))
+    tokens = random_tokens(ckpt.spec.vocab_size, cfg.batch, cfg.seq_length, cfg.seed)
+    # Rank 0 alone loads the HF model, before the backend's set-up touches torch.
+    box = [hf_logits(cfg.hf_dir, tokens) if parallel.global_rank() == 0 else None]
+    accel.activate(cfg.device)
+    parallel.init_process_group()
+    torch.distributed.broadcast_object_list(box, src=0)
+    diff = checkpoint_max_diff(cfg.ckpt_dir, tokens, box[0])
+    ok = diff <= cfg.tolerance
+    log.info(
+        "verify: %s at tp=%d pp=%d: max |logits - HF| = %.3g (tolerance %.0e) -> %s",
+        cfg.ckpt_dir,
+        ckpt.tp,
+        ckpt.pp,
+        diff,
+        cfg.tolerance,
+        "OK" if ok else "MISMATCH",
+    )
+    if cfg.result_file and torch.distributed.get_rank() == 0:
+        Path(cfg.result_file).write_text(json.dumps({"max_abs_diff": diff, "ok": ok}) + "\n")
+    torch.distributed.destroy_process_group()
+    if not ok:
+        raise MtrainError(
+            f"{cfg.ckpt_dir}: logits differ from {cfg.hf_dir} by {diff:.3g} "
+            f"> tolerance {cfg.tolerance:g}"
+        )
+
+
+if __name__ == "__main__":
+    main()
