@@ -97,8 +97,7 @@ def convert(cfg: HF2McoreConfig) -> Path:
     reader = HFReader(hf_dir)
     dims = Dims.of(spec, cfg.tp)
     check_hf_tensors(reader, spec, dims)
-    with reader.session():
-        stored = reader(spec.family_table.embedding.hf[0], rows=slice(0, 1)).dtype
+    stored = reader.info(spec.family_table.embedding.hf[0]).dtype
     args = megatron_args(spec, cfg.tp, cfg.pp, DTYPE_NAMES.get(dtype or stored, "bfloat16"))
     args.virtual_pipeline_model_parallel_size = cfg.vpp if cfg.vpp > 1 else None
     if cfg.vpp > 1:

@@ -1,51 +1,112 @@
 """Reading and writing HF safetensors checkpoints tensor by tensor, never whole.
 
-The reader slices tensors straight out of the files (`safe_open(...).get_slice`), so a TP shard
-costs only its own bytes. Handles are opened per `session()`: closing them unmaps the files, which
-keeps resident memory at the size of what is being built, not of everything touched so far.
+Both sides do their own I/O on the (simple, stable) safetensors layout: an 8-byte little-endian
+header length, a JSON header of {name: dtype, shape, data_offsets}, then the raw bytes.
+
+- Reading uses `pread` of exactly the bytes a slice needs (for a column slice, row blocks of at
+  most `_BLOCK` bytes), into memory the caller then owns. Nothing is memory-mapped, so resident
+  memory is what is being built, not every page touched so far.
+- Writing plans every shard's header up front from the tensors' names, dtypes and shapes, then
+  streams each tensor to disk as soon as it exists; nothing waits in memory for a shard to fill.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mtrain.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # the HF default of "5GB"
+_BLOCK = 64 << 20  # bytes read at a time for a column slice
+_MAX_HEADER = 100 << 20  # safetensors' own limit
+
+DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Name -> where and what, from a safetensors file's header; refuses a malformed file."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > _MAX_HEADER:
+                raise ValueError(f"header of {length} bytes")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        base = 8 + length
+        return {
+            name: TensorInfo(
+                path.name, DTYPES[h["dtype"]], tuple(h["shape"]), base + h["data_offsets"][0]
+            )
+            for name, h in header.items()
+        }
+    except (OSError, ValueError, KeyError, struct.error) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err!r})") from None
+
+
+def _pread_into(fd: int, tensor: torch.Tensor, offset: int) -> None:
+    view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"unexpected end of file at byte {offset + done}")
+        done += n
 
 
 class HFReader:
-    """Lazy access to the tensors of an HF model directory (single file or sharded)."""
+    """Slice-level access to the tensors of an HF model directory (single file or sharded)."""
 
     def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
-        self.weight_map = self._weight_map()
-        self._handles: dict[str, object] | None = None
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self._files():
+            self.tensors.update(read_header(self.dir / file))
+        self._fds: dict[str, int] | None = None
 
-    def _weight_map(self) -> dict[str, str]:
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {name: info.file for name, info in self.tensors.items()}
+
+    def _files(self) -> list[str]:
         index = self.dir / INDEX_FILE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
                 raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
-            missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.dir / f).is_file()]
             if missing:
                 raise CheckpointError(f"{index} names {missing[0]}, which is not in {self.dir}")
-            return weight_map
-        single = self.dir / SINGLE_FILE
-        if single.is_file():
-            with safe_open(single, framework="pt") as f:
-                return {name: SINGLE_FILE for name in f.keys()}
+            return files
+        if (self.dir / SINGLE_FILE).is_file():
+            return [SINGLE_FILE]
         raise CheckpointError(
             f"{self.dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; only safetensors "
             "checkpoints are supported (save with `save_pretrained(..., safe_serialization=True)`)"
@@ -53,82 +114,154 @@ class HFReader:
 
     @contextmanager
     def session(self) -> Iterator[HFReader]:
-        """Keep file handles open for a batch of reads; they are closed (unmapped) on exit."""
-        self._handles = {}
+        """Keep file descriptors open for a batch of reads."""
+        self._fds = {}
         try:
             yield self
         finally:
-            self._handles = None
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds = None
 
-    def _slice(self, name: str):
-        if name not in self.weight_map:
+    def info(self, name: str) -> TensorInfo:
+        if name not in self.tensors:
             raise CheckpointError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
-        file = self.weight_map[name]
-        if self._handles is None:
-            raise RuntimeError("HFReader reads must happen inside `with reader.session():`")
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.dir / file, framework="pt")
-        return self._handles[file].get_slice(name)
+        return self.tensors[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self.info(name).shape
+
+    def _fd(self, file: str) -> int:
+        if self._fds is None:
+            raise RuntimeError("HFReader reads must happen inside `with reader.session():`")
+        if file not in self._fds:
+            self._fds[file] = os.open(self.dir / file, os.O_RDONLY)
+        return self._fds[file]
 
     def __call__(
         self, name: str, rows: slice | None = None, cols: slice | None = None
     ) -> torch.Tensor:
-        part = self._slice(name)
-        if rows is None and cols is None:
-            return part[:]
+        """Rows `rows` (dim 0) and columns `cols` (dim 1) of a tensor, in fresh memory."""
+        info = self.info(name)
+        fd = self._fd(info.file)
+        shape = info.shape
+        r0, r1, _ = (rows or slice(None)).indices(shape[0]) if shape else (0, 0, 1)
+        if not shape:  # a scalar
+            out = torch.empty((), dtype=info.dtype)
+            _pread_into(fd, out, info.offset)
+            return out
+        row_bytes = math.prod(shape[1:]) * info.dtype.itemsize
         if cols is None:
-            return part[rows]
-        return part[rows if rows is not None else slice(None), cols]
+            out = torch.empty((r1 - r0, *shape[1:]), dtype=info.dtype)
+            if out.numel():
+                _pread_into(fd, out, info.offset + r0 * row_bytes)
+            return out
+        c0, c1, _ = cols.indices(shape[1])
+        out = torch.empty((r1 - r0, c1 - c0, *shape[2:]), dtype=info.dtype)
+        step = max(1, _BLOCK // max(row_bytes, 1))
+        block = torch.empty((min(step, r1 - r0), *shape[1:]), dtype=info.dtype)
+        for start in range(r0, r1, step):
+            n = min(step, r1 - start)
+            _pread_into(fd, block[:n], info.offset + start * row_bytes)
+            out[start - r0 : start - r0 + n] = block[:n, c0:c1]
+        return out
+
+
+class _StreamedFile:
+    """One safetensors file whose header is written first and whose tensors follow in order."""
+
+    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in plan:
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {
+                "dtype": DTYPE_CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self.path = path
+        self.plan = plan
+        self.file: BinaryIO = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.next = 0
+        self.nbytes = offset
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, dtype, shape = self.plan[self.next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (expected, dtype, shape):
+            raise RuntimeError(
+                f"{self.path}: got {name} {tensor.dtype}{list(tensor.shape)}, "
+                f"planned {expected} {dtype}{list(shape)}"
+            )
+        data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
+        self.file.write(memoryview(data))
+        self.next += 1
+        if self.next == len(self.plan):
+            self.file.close()
 
 
 class HFShardedWriter:
-    """Writes tensors into safetensors shards of at most `max_shard_bytes`, then the index.
+    """Streams planned tensors into shards of at most `max_shard_bytes` (+ index when > 1).
 
-    A single shard is written as `model.safetensors` with no index, as `save_pretrained` does.
+    The plan (name, dtype, shape, in the order `add` will be called) fixes the shards and their
+    names up front: `model.safetensors` alone, or `model-0000i-of-0000N.safetensors` + index, as
+    `save_pretrained` names them. A tensor larger than the limit gets a shard of its own.
     """
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    def __init__(
+        self,
+        out_dir: Path,
+        plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ):
+        groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for item in plan:
+            nbytes = math.prod(item[2]) * item[1].itemsize
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(item)
+            size += nbytes
+        count = len(groups)
+        self.names = (
+            [SINGLE_FILE]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
         self.out_dir = out_dir
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
-        self.total_bytes = 0
-        self.largest_shard_bytes = 0
+        self._groups = groups
+        self._current: _StreamedFile | None = None
+        self._shard = -1
+        self.total_bytes = sum(math.prod(s) * d.itemsize for _, d, s in plan)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        temp = f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(self.out_dir / temp), metadata={"format": "pt"})
-        self._shards.append((temp, list(self._pending)))
-        self.largest_shard_bytes = max(self.largest_shard_bytes, self._pending_bytes)
-        self._pending, self._pending_bytes = {}, 0
+        if self._current is None or self._current.next == len(self._current.plan):
+            self._shard += 1
+            self._current = _StreamedFile(
+                self.out_dir / self.names[self._shard], self._groups[self._shard]
+            )
+        self._current.write(name, tensor)
 
     def finish(self) -> list[str]:
-        """Flush, give the shards their final names, write the index; returns the file names."""
-        if self._pending or not self._shards:
-            self._flush()
-        count = len(self._shards)
-        if count == 1:
-            (self.out_dir / self._shards[0][0]).rename(self.out_dir / SINGLE_FILE)
-            return [SINGLE_FILE]
-        weight_map: dict[str, str] = {}
-        names = []
-        for i, (temp, tensors) in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            (self.out_dir / temp).rename(self.out_dir / final)
-            weight_map.update(dict.fromkeys(tensors, final))
-            names.append(final)
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return names
+        """Check every planned tensor was written; write the index; return the file names."""
+        written = (
+            self._shard == len(self._groups) - 1
+            and self._current is not None
+            and (self._current.next == len(self._current.plan))
+        )
+        if not written:
+            raise RuntimeError("HFShardedWriter.finish() before every planned tensor was added")
+        if len(self.names) > 1:
+            weight_map = {
+                name: file for file, group in zip(self.names, self._groups) for name, _, _ in group
+            }
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.out_dir / INDEX_FILE).write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n"
+            )
+        return self.names

@@ -55,22 +55,40 @@ class McoreToHFConfig:
     force: bool = False  # replace a non-empty out_dir (only once the new one is complete)
 
 
-def _check_unknown_tensors(ckpt: MegatronCheckpoint, pp_rank: int, chunk: int) -> None:
-    known = {p.mcore for g in stage_groups(ckpt.spec, ckpt.pp, ckpt.vpp, pp_rank, chunk) for p in g}
-    if ckpt.spec.tie_word_embeddings:
-        known.add(ckpt.spec.family_table.output.mcore)  # a tied copy some tools write
-    state = ckpt.load_model_states(0, pp_rank)[chunk]
-    unknown = sorted(k for k in state if k not in known and not k.endswith("._extra_state"))
-    if unknown:
-        raise CheckpointError(
-            f"{ckpt.rank_file(0, pp_rank)}: tensor {unknown[0]} (and {len(unknown) - 1} more) is "
-            f"not part of a {ckpt.spec.family} model as the checkpoint args describe it"
-        )
-    missing = sorted(
-        k for k in known if k not in state and k != ckpt.spec.family_table.output.mcore
-    )
-    if missing:
-        raise CheckpointError(f"{ckpt.rank_file(0, pp_rank)}: tensor {missing[0]} is missing")
+def plan_hf_tensors(
+    ckpt: MegatronCheckpoint, dims: Dims, dtype: torch.dtype | None
+) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(HF name, dtype, shape) of every output tensor, in the order they will be produced.
+
+    Checks on the way that each stage holds exactly the tensors its args imply. Only the TP-rank-0
+    files are opened, and only their metadata is touched.
+    """
+    spec, family = ckpt.spec, ckpt.spec.family_table
+    plan = []
+    for pp_rank in range(ckpt.pp):
+        states = ckpt.load_model_states(0, pp_rank)
+        for chunk, state in enumerate(states):
+            groups = list(stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk))
+            known = {p.mcore for g in groups for p in g}
+            if spec.tie_word_embeddings:
+                known.add(family.output.mcore)  # the tied copy some tools write, or not
+            path = ckpt.rank_file(0, pp_rank)
+            unknown = sorted(k for k in state if k not in known and not k.endswith("._extra_state"))
+            if unknown:
+                raise CheckpointError(
+                    f"{path}: tensor {unknown[0]} (and {len(unknown) - 1} more) is not part of a "
+                    f"{spec.family} model as the checkpoint args describe it"
+                )
+            for group in groups:
+                for p in group:
+                    if p.entry is family.output and spec.tie_word_embeddings:
+                        continue
+                    if p.mcore not in state:
+                        raise CheckpointError(f"{path}: tensor {p.mcore} is missing")
+                    for name, shape in zip(p.hf, dims.hf_shapes(p.entry)):
+                        plan.append((name, dtype or state[p.mcore].dtype, shape))
+        del states
+    return plan
 
 
 def copy_side_files(hf_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
@@ -119,12 +137,11 @@ def convert(cfg: McoreToHFConfig) -> Path:
         ckpt.pp,
         out_dir,
     )
+    plan = plan_hf_tensors(ckpt, dims, dtype)
     with atomic_output_dir(out_dir, cfg.force, inputs) as temp:
-        writer = HFShardedWriter(temp, int(cfg.max_shard_size_gb * 1000**3))
-        written_dtype = None
+        writer = HFShardedWriter(temp, plan, int(cfg.max_shard_size_gb * 1000**3))
         for pp_rank in range(ckpt.pp):
             for chunk in range(ckpt.vpp):
-                _check_unknown_tensors(ckpt, pp_rank, chunk)
                 for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk):
                     # Reopen the rank files per layer: unmapping bounds the resident memory.
                     states = [ckpt.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)]
@@ -140,15 +157,13 @@ def convert(cfg: McoreToHFConfig) -> Path:
                                     f"{list(s.shape)} but the checkpoint args imply {list(want)}"
                                 )
                         for name, tensor in zip(p.hf, merge(p.entry, shards, dims)):
-                            tensor = tensor if dtype is None else tensor.to(dtype)
-                            written_dtype = written_dtype or tensor.dtype
-                            writer.add(name, tensor)
+                            writer.add(name, tensor if dtype is None else tensor.to(dtype))
                     del states
         files = writer.finish()
         if cfg.hf_dir is not None:
             copy_side_files(Path(cfg.hf_dir), temp, dtype)
         else:
-            config = hf_config_from_spec(spec, DTYPE_NAMES.get(written_dtype, "bfloat16"))
+            config = hf_config_from_spec(spec, DTYPE_NAMES.get(plan[0][1], "bfloat16"))
             (temp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     log.info(
         "mcore2hf: done in %.1fs, %d file(s), %.2f GB -> %s",

@@ -90,6 +90,20 @@ def test_megatron_layout_on_disk(tiny_hf, tmp_path):
     assert tuple(qkv.shape) == ((4 // 2 + 2) * 32 * 2 // 2, 64)
 
 
+def test_rank_files_hold_only_their_own_bytes(tiny_hf, tmp_path):
+    """Each tensor owns a storage of exactly its size: no other rank's data rides along."""
+    hf = tiny_hf(MODELS["qwen2-bias-untied"])
+    hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(tmp_path / "c"), tp=2, pp=2))
+    total = 0
+    for path in sorted((tmp_path / "c" / "release").glob("*/model_optim_rng.pt")):
+        for name, t in load_rank_file(path)["model"].items():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (path, name)
+            total += t.numel() * t.element_size()
+    nbytes = {n: t.numel() * t.element_size() for n, t in hf_tensors(hf).items()}
+    replicated = sum(b for n, b in nbytes.items() if "norm" in n)  # stored once per TP rank
+    assert total == sum(nbytes.values()) + (2 - 1) * replicated  # vocab 512: no padding
+
+
 def test_uneven_dtypes_survive_the_roundtrip(tiny_hf, tmp_path):
     hf = tiny_hf(MODELS["qwen3-untied-oddvocab"], shard=None)
     mixed = tmp_path / "mixed"
