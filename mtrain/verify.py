@@ -45,6 +45,9 @@ def random_tokens(vocab: int, batch: int, seq_length: int, seed: int) -> torch.T
 
 def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():

@@ -94,6 +94,9 @@ def build_model(
     parity test by luck.
     """
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     out_dir = Path(out_dir)
     raw = hf_config_from_spec(spec, dtype=str(dtype).removeprefix("torch."))
