@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from mtrain.checkpoint_format import MegatronCheckpoint
+from mtrain.checkpoint_format import (
+    CHECKPOINT_VERSION,
+    TRACKER,
+    MegatronCheckpoint,
+    iteration_dir_name,
+    load_rank_file,
+    rank_file,
+    save_rank_file,
+)
 from mtrain.errors import CheckpointError
 from mtrain.models.spec import ModelSpec
 
@@ -59,3 +74,163 @@ def load_model_weights(
             )
     log.info("loaded model weights from %s", ckpt.iter_dir)
     return ckpt
+
+
+# --- training checkpoints --------------------------------------------------------------------
+#
+# A save is all-or-nothing: every rank writes into `<save>/.partial_iter_XXXXXXX`, files are
+# fsynced, then rank 0 renames the directory to `iter_XXXXXXX` and only then updates the tracker
+# file (itself written to a temporary name and renamed). A crash at any point leaves the tracker
+# on the previous complete checkpoint. `save` must be on a filesystem all nodes share.
+
+DISTRIB_OPTIM_FILE = "distrib_optim.pt"
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a resumed run needs besides weights and optimizer."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def _rng_state() -> dict[str, Any]:
+    """This rank's RNG streams as plain Python values (bytes, not tensors), so they can be
+    gathered across ranks as objects and saved without pickled tensors."""
+    from megatron.core import tensor_parallel
+
+    name, keys, *rest = np.random.get_state()
+    tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return {
+        "random": random.getstate(),
+        "np": [name, keys.tobytes(), *rest],
+        "torch": torch.get_rng_state().numpy().tobytes(),
+        "tracker": {k: v.cpu().numpy().tobytes() for k, v in tracker.items()},
+    }
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    name, keys, *rest = state["np"]
+    np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32).copy(), *rest))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {k: _bytes_tensor(v) for k, v in state["tracker"].items()})
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_training_checkpoint(save_dir: str | Path, state: TrainState, model: list, optimizer,
+                             scheduler, args: argparse.Namespace, keep_last: int | None) -> Path:
+    """Collective: every rank calls it. Returns the final iteration directory."""
+    from megatron.core import parallel_state as ps
+
+    save_dir = Path(save_dir)
+    rank = torch.distributed.get_rank()
+    final = save_dir / iteration_dir_name(state.iteration)
+    partial = save_dir / f".partial_{final.name}"
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    torch.distributed.barrier()
+
+    # RNG states of every DP rank, so a resumed run continues each rank's stream.
+    rng = [None] * ps.get_data_parallel_world_size()
+    torch.distributed.all_gather_object(rng, _rng_state(), group=ps.get_data_parallel_group())
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    path = rank_file(partial, tp_rank, pp_rank, pp)
+    distributed = getattr(optimizer.config, "use_distributed_optimizer", False)
+    if distributed:  # collective over the DP group; DP rank 0 writes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        optimizer.save_parameter_state(str(path.parent / DISTRIB_OPTIM_FILE))
+    if ps.get_data_parallel_rank() == 0:
+        args = argparse.Namespace(**vars(args), iteration=state.iteration,
+                                  consumed_train_samples=state.consumed_samples)
+        payload = {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
+                   "iteration": state.iteration, "optimizer": optimizer.state_dict(),
+                   "opt_param_scheduler": scheduler.state_dict(), "rng_state": rng}
+        states = [getattr(m, "module", m).state_dict() for m in model]
+        if len(states) == 1:
+            payload["model"] = states[0]
+        else:
+            payload.update({f"model{i}": s for i, s in enumerate(states)})
+        save_rank_file(path, payload)
+        for written in path.parent.iterdir():
+            _fsync(written)
+    torch.distributed.barrier()
+
+    if rank == 0:
+        if final.exists():  # re-saving an iteration: the new copy replaces the old one
+            shutil.rmtree(final)
+        partial.rename(final)
+        tracker_tmp = save_dir / f".{TRACKER}.tmp"
+        tracker_tmp.write_text(f"{state.iteration}\n")
+        _fsync(tracker_tmp)
+        tracker_tmp.rename(save_dir / TRACKER)
+        _fsync(save_dir)
+        if keep_last is not None:
+            saved = sorted(p for p in save_dir.glob("iter_*") if p.is_dir())
+            for old in saved[:-keep_last]:
+                shutil.rmtree(old)
+        log.info("saved checkpoint %s", final)
+    torch.distributed.barrier()
+    return final
+
+
+def _load_distributed_shards(optimizer, path: Path) -> None:
+    """Two megatron-core 0.12.1 issues with torch's Adam (no Apex/TE), handled here:
+    `load_state_dict` gives every parameter's state the *same* "step" tensor, which Adam then
+    increments in place once per parameter (wrong bias correction from the first resumed step);
+    and the DP-zero loader expects a saved tensor for every state key, "step" included (KeyError).
+    So: set the steps aside while loading, then give each parameter its own copy."""
+    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    steps = [(state, state.pop("step")) for opt in inner for state in opt.state.values()
+             if "step" in state]
+    try:
+        optimizer.load_parameter_state(str(path))
+    finally:
+        for state, step in steps:
+            state["step"] = step.clone()
+
+
+@torch.no_grad()  # in fp32 the optimizer's main params are the model params themselves
+def load_training_checkpoint(load_dir: str | Path, model: list, optimizer, scheduler,
+                             spec: ModelSpec, tp: int, pp: int, vpp: int) -> TrainState:
+    """Collective: resume weights, optimizer, scheduler, RNG and data position."""
+    from megatron.core import parallel_state as ps
+
+    ckpt = load_model_weights(model, load_dir, spec, tp, pp, vpp)
+    payload = load_rank_file(ckpt.rank_file(ps.get_tensor_model_parallel_rank(),
+                                            ps.get_pipeline_model_parallel_rank()), mmap=False)
+    if "optimizer" not in payload:
+        raise CheckpointError(f"{ckpt.iter_dir} holds weights only (no optimizer state); to "
+                              "start training from it pass checkpoint.finetune=true")
+    optimizer.load_state_dict(payload["optimizer"])
+    if getattr(optimizer.config, "use_distributed_optimizer", False):
+        shard_file = ckpt.rank_file(ps.get_tensor_model_parallel_rank(),
+                                    ps.get_pipeline_model_parallel_rank()).parent / DISTRIB_OPTIM_FILE
+        if not shard_file.is_file():
+            raise CheckpointError(f"{shard_file} not found: the checkpoint was saved without "
+                                  "parallel.distributed_optimizer=true; resume with the same setting")
+        _load_distributed_shards(optimizer, shard_file)
+    scheduler.load_state_dict(payload["opt_param_scheduler"])
+    rng = payload.get("rng_state")
+    if rng is not None and len(rng) == ps.get_data_parallel_world_size():
+        _set_rng_state(rng[ps.get_data_parallel_rank()])
+    args = payload["args"]
+    return TrainState(iteration=int(payload["iteration"]),
+                      consumed_samples=int(getattr(args, "consumed_train_samples", 0)))

@@ -79,3 +79,11 @@ def device() -> torch.device:
 
 def dist_backend() -> str:
     return current().DIST_BACKEND
+
+
+def peak_tflops() -> float | None:
+    """Dense bf16 peak TFLOP/s of the active device, when known (see accel/peak.py)."""
+    from mtrain.accel.peak import peak_tflops as lookup
+
+    info = current().describe()
+    return lookup(info.get("gpu") or info.get("npu"))

@@ -1,0 +1,152 @@
+"""The structured configs of the training commands (pt, and later sft and dpo).
+
+Every key has a type, a default and a one-line comment; `conf/*.yaml` only sets values. All
+checks that can be made before a process group exists are made by `validate`, and each error
+names the keys involved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from mtrain.config.data import DataConfig
+from mtrain.config.model import ModelConfig
+from mtrain.errors import ConfigError
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+DECAY_STYLES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int | None = None  # tensor-parallel size; default: the model preset's recommended_tp
+    pp: int | None = None  # pipeline-parallel size; default: the model preset's recommended_pp
+    vpp: int = 1  # virtual pipeline chunks per stage (interleaved 1F1B); 1 = plain 1F1B
+    sequence_parallel: bool = False  # split activations along the sequence within TP (needs tp > 1)
+    distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
+    overlap_grad_reduce: bool = False  # overlap the DP gradient all-reduce with backward
+
+
+@dataclass
+class TrainConfig:
+    iters: int = MISSING  # optimizer steps to train for
+    micro_batch_size: int = 1  # sequences per forward pass per data-parallel rank
+    global_batch_size: int = 8  # sequences per optimizer step, over all DP ranks and micro-batches
+    seq_length: int = 2048  # tokens per sequence
+    lr: float = 1e-5  # peak learning rate
+    min_lr: float = 0.0  # learning rate at the end of the decay
+    warmup_iters: int = 0  # linear warm-up steps from 0 to lr
+    decay_style: str = "cosine"  # cosine | linear | constant, from the end of warm-up to `iters`
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "bf16"  # bf16 | fp16 (dynamic loss scaling) | fp32
+    seed: int = 1234  # model init, dropout and data order
+    recompute: str | None = None  # activation recomputation: null | selective | full
+    on_nan: str = "stop"  # a NaN/Inf loss or grad norm: stop (naming the iteration) | skip the step
+    init_std: float = 0.02  # std of the random init when training from scratch
+    exit_after_iters: int | None = None  # stop (saving a checkpoint) after N iterations of this run
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int | None = None  # save every N iterations (and always at the end)
+    keep_last: int | None = None  # keep only the N newest checkpoints in `save`; null keeps all
+    finetune: bool = False  # `load` gives weights only: iteration, optimizer and data restart
+
+
+@dataclass
+class LogConfig:
+    interval: int = 1  # iterations between progress lines
+    tensorboard_dir: str | None = None  # write tensorboard scalars here
+    wandb_project: str | None = None  # also log to Weights & Biases (needs `pip install wandb`)
+    peak_tflops: float | None = None  # per-device peak for MFU; default from the device table
+    all_ranks: bool = False  # log from every rank, not just rank 0
+
+
+@dataclass
+class TrainingCommandConfig:
+    """Top level of `python -m mtrain.pt` (and the base of sft/dpo)."""
+
+    model: ModelConfig = MISSING  # chosen with +model=<preset> (conf/model/)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    device: str = "auto"  # auto | cpu | cuda | npu
+    load: str | None = None  # checkpoint to start from (Megatron legacy format); default: resume `save`
+    save: str | None = None  # where checkpoints go
+    dry_run: bool = False  # validate the config and print the plan, then exit
+
+
+def resolve_layout(cfg: TrainingCommandConfig) -> tuple[int, int]:
+    tp = cfg.parallel.tp if cfg.parallel.tp is not None else cfg.model.recommended_tp
+    pp = cfg.parallel.pp if cfg.parallel.pp is not None else cfg.model.recommended_pp
+    return tp, pp
+
+
+def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
+    """Every check that needs no process group; returns the derived layout numbers."""
+    spec = cfg.model.spec()
+    tp, pp = resolve_layout(cfg)
+    par, tr = cfg.parallel, cfg.train
+    try:
+        spec.check_parallel(tp, pp, par.vpp)
+    except ConfigError as err:
+        raise ConfigError(f"parallel: {err}") from None
+    if world_size % (tp * pp):
+        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the "
+                          f"{world_size} processes started; launch a multiple of {tp * pp}")
+    dp = world_size // (tp * pp)
+    if par.vpp > 1 and pp == 1:
+        raise ConfigError(f"parallel.vpp={par.vpp} needs parallel.pp > 1")
+    if par.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if tr.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={tr.precision} is not one of {PRECISIONS}")
+    if tr.decay_style not in DECAY_STYLES:
+        raise ConfigError(f"train.decay_style={tr.decay_style} is not one of {DECAY_STYLES}")
+    if tr.recompute not in (None, "selective", "full"):
+        raise ConfigError(f"train.recompute={tr.recompute} is not one of null, selective, full")
+    if tr.on_nan not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nan={tr.on_nan} is not one of stop, skip")
+    for key in ("iters", "micro_batch_size", "global_batch_size", "seq_length"):
+        if getattr(tr, key) <= 0:
+            raise ConfigError(f"train.{key}={getattr(tr, key)} must be positive")
+    if tr.global_batch_size % (tr.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={tr.global_batch_size} must be a multiple of "
+            f"train.micro_batch_size={tr.micro_batch_size} x data-parallel size {dp}")
+    micro_batches = tr.global_batch_size // (tr.micro_batch_size * dp)
+    if par.vpp > 1 and micro_batches % pp:
+        raise ConfigError(f"the interleaved schedule (parallel.vpp={par.vpp}) needs the number of "
+                          f"micro-batches per step ({micro_batches}) to be a multiple of "
+                          f"parallel.pp={pp}")
+    if tr.seq_length > spec.max_position_embeddings:
+        raise ConfigError(f"train.seq_length={tr.seq_length} exceeds the model's "
+                          f"max_position_embeddings={spec.max_position_embeddings}")
+    if tr.warmup_iters > tr.iters:
+        raise ConfigError(f"train.warmup_iters={tr.warmup_iters} exceeds train.iters={tr.iters}")
+    if tr.exit_after_iters is not None and tr.exit_after_iters <= 0:
+        raise ConfigError(f"train.exit_after_iters={tr.exit_after_iters} must be positive")
+    if tr.min_lr > tr.lr:
+        raise ConfigError(f"train.min_lr={tr.min_lr} exceeds train.lr={tr.lr}")
+    ck = cfg.checkpoint
+    if ck.save_interval is not None and ck.save_interval <= 0:
+        raise ConfigError(f"checkpoint.save_interval={ck.save_interval} must be positive")
+    if ck.keep_last is not None and ck.keep_last <= 0:
+        raise ConfigError(f"checkpoint.keep_last={ck.keep_last} must be positive")
+    if ck.save_interval is not None and cfg.save is None:
+        raise ConfigError("checkpoint.save_interval is set but save is not; pass save=DIR")
+    if ck.finetune and cfg.load is None:
+        raise ConfigError("checkpoint.finetune=true needs load=CKPT_DIR")
+    if cfg.log.interval <= 0:
+        raise ConfigError(f"log.interval={cfg.log.interval} must be positive")
+    return {"spec": spec, "tp": tp, "pp": pp, "vpp": par.vpp, "dp": dp,
+            "micro_batches": micro_batches}

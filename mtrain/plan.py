@@ -1,0 +1,78 @@
+"""`dry_run=true`: validate a training config and print the layout and a memory estimate per
+device, without starting a process group or building the model.
+
+The estimate is for the most loaded pipeline stage. Weights in the training precision; fp32
+gradient buffers; Adam in fp32 (master weights + two moments), divided over DP with the
+distributed optimizer. Activations per layer and micro-batch follow Korthikanti et al. (2022):
+s*b*h*(34 + 5*a*s/h) bytes without recomputation (the 5as/h term is the attention matrix, absent
+with flash attention), 34*s*b*h with selective and 2*s*b*h with full recomputation, divided by TP,
+times the micro-batches the first 1F1B stage keeps in flight (min(pp, micro-batches)).
+"""
+
+from __future__ import annotations
+
+import os
+
+from mtrain.config.schema import TrainingCommandConfig, validate
+from mtrain.progress import flops_per_token
+
+GiB = 1024**3
+
+
+def memory_estimate(cfg: TrainingCommandConfig, layout: dict) -> dict[str, float]:
+    spec, tp, pp, dp = layout["spec"], layout["tp"], layout["pp"], layout["dp"]
+    tr = cfg.train
+    h, f, d = spec.hidden_size, spec.ffn_hidden_size, spec.kv_channels
+    q, kv = spec.num_attention_heads * d, spec.num_query_groups * d
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
+    layers = spec.num_layers // pp
+    vocab = spec.padded_vocab_size(tp) * h
+    first = layers * per_layer / tp + vocab / tp
+    last = layers * per_layer / tp + (vocab / tp if (not spec.tie_word_embeddings or pp > 1) else 0)
+    params = max(first, last) if pp > 1 else first + last - layers * per_layer / tp
+    weight_bytes = 4 if tr.precision == "fp32" else 2
+    optimizer_bytes = (8 if tr.precision == "fp32" else 12) / (
+        dp if cfg.parallel.distributed_optimizer else 1)
+    s, b, a = tr.seq_length, tr.micro_batch_size, spec.num_attention_heads
+    per_layer_act = {None: s * b * h * (34 + 5 * a * s / h), "selective": 34 * s * b * h,
+                     "full": 2 * s * b * h}[tr.recompute]
+    in_flight = min(pp, layout["micro_batches"])
+    activations = per_layer_act * layers / tp * in_flight
+    logits = 4 * s * b * spec.padded_vocab_size(tp) / tp * 2  # fp32 logits and their grad
+    return {
+        "parameters": params,
+        "weights": params * weight_bytes / GiB,
+        "gradients": params * 4 / GiB,
+        "optimizer": params * optimizer_bytes / GiB,
+        "activations": (activations + logits) / GiB,
+    }
+
+
+def describe_plan(cfg: TrainingCommandConfig) -> str:
+    """The human-readable plan; raises ConfigError on an invalid config."""
+    from mtrain.config.schema import resolve_layout
+
+    tp, pp = resolve_layout(cfg)
+    world = int(os.environ.get("WORLD_SIZE", tp * pp))
+    layout = validate(cfg, world)
+    spec, tr = layout["spec"], cfg.train
+    mem = memory_estimate(cfg, layout)
+    total = sum(v for k, v in mem.items() if k != "parameters")
+    tokens = tr.global_batch_size * tr.seq_length
+    lines = [
+        f"model      {cfg.model.name}: {spec.num_parameters() / 1e9:.2f} B parameters, "
+        f"{spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_attention_heads}"
+        f"/{spec.num_query_groups}, vocab {spec.vocab_size}",
+        f"layout     {world} devices = tp {tp} x pp {pp} x dp {layout['dp']}"
+        + (f", vpp {layout['vpp']}" if layout["vpp"] > 1 else "")
+        + (", sequence parallel" if cfg.parallel.sequence_parallel else "")
+        + (", distributed optimizer" if cfg.parallel.distributed_optimizer else ""),
+        f"batch      {tr.global_batch_size} x {tr.seq_length} tokens = {tokens:,} per step, "
+        f"{layout['micro_batches']} micro-batches of {tr.micro_batch_size} per DP rank",
+        f"compute    {flops_per_token(spec, tr.seq_length) * tokens / 1e15:.2f} PFLOP per step",
+        f"memory     per device (busiest stage, estimate): {total:.1f} GiB = weights "
+        f"{mem['weights']:.1f} + grads {mem['gradients']:.1f} + optimizer {mem['optimizer']:.1f}"
+        f" + activations {mem['activations']:.1f} ({tr.recompute or 'no'} recompute, "
+        f"{mem['parameters'] / 1e9:.2f} B parameters on the device)",
+    ]
+    return "\n".join(lines)

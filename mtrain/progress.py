@@ -1,0 +1,100 @@
+"""Progress lines, tensorboard scalars and the final summary of a training run.
+
+FLOPs per trained token (forward + backward) are the standard 6N plus attention estimate:
+6 * (matmul parameters: every linear layer and the output projection; the embedding lookup does
+no matmul) + 12 * layers * seq_length * (heads * head_dim), the attention scores and their use on
+the values, counted over the full (not causal) square as is customary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+from mtrain.models.spec import ModelSpec
+
+log = logging.getLogger("mtrain.train")
+
+
+def flops_per_token(spec: ModelSpec, seq_length: int) -> float:
+    h, f, d = spec.hidden_size, spec.ffn_hidden_size, spec.kv_channels
+    q, kv = spec.num_attention_heads * d, spec.num_query_groups * d
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f
+    matmul_params = spec.num_layers * per_layer + spec.vocab_size * h
+    return 6 * matmul_params + 12 * spec.num_layers * seq_length * q
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+@dataclass
+class Progress:
+    """Accumulates step figures between progress lines and writes them out."""
+
+    total_iters: int
+    tokens_per_iter: int
+    flops_per_iter: float
+    devices: int
+    peak_tflops: float | None
+    interval: int
+    tensorboard_dir: str | None = None
+    start_iter: int = 0
+    _writer: object = None
+    _t0: float = field(default_factory=time.perf_counter)
+    _last: float = field(default_factory=time.perf_counter)
+    _window_iters: int = 0
+    _window_skipped: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self.tensorboard_dir)
+
+    def step(self, iteration: int, metrics: dict[str, float], skipped: bool = False) -> None:
+        """Record one finished iteration; every `interval` iterations, log a line."""
+        self._window_iters += 1
+        self._window_skipped += int(skipped)
+        self.history.append({"iteration": iteration, **metrics})
+        if self._writer is not None:
+            for key, value in metrics.items():
+                self._writer.add_scalar(f"train/{key}", value, iteration)
+        if iteration % self.interval and iteration != self.total_iters:
+            return
+        now = time.perf_counter()
+        per_iter = (now - self._last) / self._window_iters
+        tokens_s = self.tokens_per_iter / per_iter
+        tflops = self.flops_per_iter / per_iter / self.devices / 1e12
+        parts = [f"iter {iteration}/{self.total_iters}"]
+        parts += [f"{k} {v:.4g}" for k, v in metrics.items()]
+        parts += [f"{tokens_s:,.0f} tok/s", f"{tflops:.3g} TFLOP/s/dev"]
+        if self.peak_tflops:
+            parts.append(f"MFU {100 * tflops / self.peak_tflops:.1f}%")
+        if self._window_skipped:
+            parts.append(f"skipped {self._window_skipped}")
+        done = iteration - self.start_iter
+        eta = (now - self._t0) / max(done, 1) * (self.total_iters - iteration)
+        parts += [f"elapsed {_fmt_time(now - self._t0)}", f"ETA {_fmt_time(eta)}"]
+        log.info(" | ".join(parts))
+        if self._writer is not None:
+            self._writer.add_scalar("perf/tokens_per_s", tokens_s, iteration)
+            self._writer.add_scalar("perf/tflops_per_device", tflops, iteration)
+            self._writer.flush()
+        self._last, self._window_iters, self._window_skipped = now, 0, 0
+
+    def summary(self) -> None:
+        elapsed = time.perf_counter() - self._t0
+        iters = len(self.history)
+        if iters:
+            losses = [h["loss"] for h in self.history if "loss" in h and math.isfinite(h["loss"])]
+            log.info("done: %d iterations in %s (%.2f s/iter); loss %.4g -> %.4g", iters,
+                     _fmt_time(elapsed), elapsed / iters, losses[0] if losses else float("nan"),
+                     losses[-1] if losses else float("nan"))
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,64 @@
+"""`python -m mtrain.pt +model=qwen3_32b model.hf_dir=HF load=CKPT save=OUT data.path=corpus.jsonl`
+
+Pretraining (or continued pretraining) on raw text: documents are tokenized once into a
+Megatron indexed dataset (cached), concatenated, and cut into `train.seq_length` windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mtrain.cli import hydra_command
+from mtrain.config.schema import TrainingCommandConfig
+from mtrain.data.pt import build_pt_dataset
+from mtrain.data.sampler import micro_batches
+from mtrain.errors import ConfigError
+from mtrain.plan import describe_plan
+from mtrain.trainer import Task, lm_loss, train
+
+log = logging.getLogger("mtrain.pt")
+
+
+@dataclass
+class PTConfig(TrainingCommandConfig):
+    """Pretraining: the shared training config; the data is raw text (`data.*`)."""
+
+
+def make_pt_task(cfg: PTConfig, layout: dict) -> Task:
+    if cfg.model.hf_dir is None:
+        raise ConfigError("model.hf_dir is required: pretraining tokenizes with the model's HF "
+                          "tokenizer (pass model.hf_dir=PATH)")
+    tr = cfg.train
+    num_samples = tr.iters * tr.global_batch_size
+
+    def build():
+        return build_pt_dataset(cfg.data, cfg.model.hf_dir, tr.seq_length, num_samples, tr.seed)
+
+    # One process per node tokenizes and indexes; the others then find everything cached.
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        dataset = build()
+    torch.distributed.barrier()
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        dataset = build()
+
+    def batches(consumed: int, dp_rank: int, dp: int):
+        return micro_batches(dataset, consumed, tr.micro_batch_size, tr.global_batch_size,
+                             dp_rank, dp)
+
+    return Task(name="pretraining", batches=batches, loss=lm_loss)
+
+
+@hydra_command("pt", PTConfig)
+def main(cfg: PTConfig) -> None:
+    if cfg.dry_run:
+        print(describe_plan(cfg))
+        return
+    train(cfg, make_pt_task)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The one training loop PT, SFT and DPO share, on megatron-core.
+
+A stage plugs in a `Task`: where its micro-batches come from and how its loss is computed. The
+loop does the rest: process groups, model, DDP, optimizer, schedule, checkpoints, logging.
+
+Loss semantics: every micro-batch returns (sum of token losses, number of loss tokens). The
+reported loss and the gradient are both the mean over all loss tokens of the global batch, across
+micro-batches and data-parallel ranks (megatron's `calculate_per_token_loss`): padding, prompt
+tokens or uneven micro-batches never reweight the tokens that count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtrain import accel, parallel
+from mtrain.checkpoint import (
+    TrainState,
+    load_model_weights,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from mtrain.checkpoint_format import RELEASE, TRACKER, read_tracker
+from mtrain.config.schema import TrainingCommandConfig, validate
+from mtrain.errors import MtrainError
+from mtrain.models.provider import BuildOptions, build_model_chunks
+from mtrain.models.spec import megatron_args
+from mtrain.progress import Progress, flops_per_token
+
+log = logging.getLogger("mtrain.train")
+
+Batch = dict[str, torch.Tensor]
+
+
+class TrainingError(MtrainError):
+    """Training cannot go on (e.g. a NaN loss); the message names the iteration."""
+
+
+@dataclass
+class Task:
+    """What a stage plugs into the loop."""
+
+    name: str
+    # (consumed_samples, dp_rank, dp_size) -> this rank's micro-batches, in order, forever
+    batches: Callable[[int, int, int], Iterator[Batch]]
+    # (batch, output of `forward`) -> (loss sum, loss token count, {metric: tensor([sum, count])})
+    loss: Callable[[Batch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+    # (model chunk, batch) -> output tensor; per-token losses on the last pipeline stage
+    forward: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None
+
+
+def lm_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return model(batch["tokens"], batch["position_ids"], attention_mask=None,
+                 labels=batch["labels"])
+
+
+def lm_loss(batch: Batch, token_losses: torch.Tensor):
+    mask = batch["loss_mask"].float()
+    total = (token_losses.float() * mask).sum()
+    count = mask.sum()
+    return total, count.int(), {"loss": torch.stack([total.detach(), count.detach()])}
+
+
+class _Preemption:
+    """SIGTERM (e.g. Slurm preemption) asks for a checkpoint and a clean exit at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("SIGTERM received: saving a checkpoint after this iteration, then exiting")
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank got the signal (collective)."""
+        flag = torch.tensor([int(self.requested)], device=accel.device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _build(cfg: TrainingCommandConfig, layout: dict[str, Any]):
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.utils import get_model_config
+
+    tr, par = cfg.train, cfg.parallel
+    opts = BuildOptions(
+        tp=layout["tp"], pp=layout["pp"], vpp=layout["vpp"], precision=tr.precision,
+        sequence_parallel=par.sequence_parallel, fused_kernels=accel.current().NAME != "cpu",
+        recompute_granularity=tr.recompute, init_method_std=tr.init_std,
+        extra={"calculate_per_token_loss": True},
+    )
+    chunks = [c.to(accel.device()) for c in build_model_chunks(layout["spec"], opts)]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+        use_distributed_optimizer=par.distributed_optimizer,
+    )
+    model = [
+        DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c,
+                                disable_bucketing=i > 0)
+        for i, c in enumerate(chunks)
+    ]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[tr.precision]
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
+            adam_beta1=tr.adam_beta1, adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps,
+            clip_grad=tr.clip_grad, bf16=tr.precision == "bf16", fp16=tr.precision == "fp16",
+            params_dtype=dtype, use_distributed_optimizer=par.distributed_optimizer,
+        ),
+        model,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if tr.warmup_iters else tr.lr, max_lr=tr.lr, min_lr=tr.min_lr,
+        lr_warmup_steps=tr.warmup_iters, lr_decay_steps=tr.iters, lr_decay_style=tr.decay_style,
+        start_wd=tr.weight_decay, end_wd=tr.weight_decay, wd_incr_steps=tr.iters,
+        wd_incr_style="constant",
+    )
+    config = get_model_config(model[0])
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    no_sync = [m.no_sync for m in model]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return model, optimizer, scheduler
+
+
+def _start(cfg: TrainingCommandConfig, layout, model, optimizer, scheduler) -> TrainState:
+    """Resume, fine-tune from weights, or start fresh; `save` with a checkpoint is resumed."""
+    source = cfg.load
+    if source is None and cfg.save is not None and (Path(cfg.save) / TRACKER).is_file():
+        source = cfg.save
+        log.info("resuming from %s (save= already holds a checkpoint)", source)
+    if source is None:
+        log.info("training from a random init (seed %d)", cfg.train.seed)
+        return TrainState()
+    args = (layout["spec"], layout["tp"], layout["pp"], layout["vpp"])
+    # A converted (release) checkpoint has weights only: it starts a fine-tune.
+    weights_only = cfg.checkpoint.finetune or read_tracker(Path(source)) == RELEASE
+    if weights_only:
+        load_model_weights(model, source, *args)
+        log.info("fine-tuning from the weights of %s (iteration and optimizer start afresh)",
+                 source)
+        return TrainState()
+    state = load_training_checkpoint(source, model, optimizer, scheduler, *args)
+    log.info("resumed at iteration %d (%d samples consumed)", state.iteration,
+             state.consumed_samples)
+    return state
+
+
+# Metrics a task may report, each as tensor([sum, weight]); a fixed order lets every rank
+# reduce them in one collective without exchanging names.
+METRICS = ("loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin",
+           "rewards/accuracy", "logps/chosen", "logps/rejected")
+
+
+def _reduce_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Weighted means of the micro-batch metrics over DP, known on every rank (collective)."""
+    from megatron.core import parallel_state as ps
+
+    sums = torch.zeros(len(METRICS), 2, device=accel.device())
+    for out in outputs:  # only the last pipeline stage has outputs
+        for name, value in out.items():
+            sums[METRICS.index(name)] += value.to(sums.device).float()
+    torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
+    torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+    return {name: s / w for name, (s, w) in zip(METRICS, sums.tolist()) if w > 0}
+
+
+def train(cfg: TrainingCommandConfig, make_task: Callable[[TrainingCommandConfig, dict], Task]
+          ) -> list[dict[str, float]]:
+    """Run a training command; returns the per-iteration metrics (rank 0 has them all)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    layout = validate(cfg, parallel.world_size())
+    accel.activate(cfg.device)
+    parallel.init(layout["tp"], layout["pp"], layout["vpp"], seed=cfg.train.seed)
+    spec, tr = layout["spec"], cfg.train
+    model, optimizer, scheduler = _build(cfg, layout)
+    state = _start(cfg, layout, model, optimizer, scheduler)
+    task = make_task(cfg, layout)
+    forward = task.forward or lm_forward
+    dp_rank, dp = ps.get_data_parallel_rank(), layout["dp"]
+    # One iterator per model chunk: with interleaving, every chunk draws each micro-batch.
+    iterators = [task.batches(state.consumed_samples, dp_rank, dp) for _ in model]
+
+    def forward_step(data_iterator, chunk):
+        batch = {k: v.to(accel.device(), non_blocking=True) for k, v in next(data_iterator).items()}
+        output = forward(chunk, batch)
+        return output, lambda out: task.loss(batch, out)
+
+    args = megatron_args(spec, layout["tp"], layout["pp"], {"bf16": "bfloat16",
+                         "fp16": "float16", "fp32": "float32"}[tr.precision])
+    args.virtual_pipeline_model_parallel_size = layout["vpp"] if layout["vpp"] > 1 else None
+    tokens_per_iter = tr.global_batch_size * tr.seq_length
+    progress = Progress(
+        total_iters=tr.iters, tokens_per_iter=tokens_per_iter,
+        flops_per_iter=flops_per_token(spec, tr.seq_length) * tokens_per_iter,
+        devices=parallel.world_size(),
+        peak_tflops=cfg.log.peak_tflops or accel.peak_tflops(), interval=cfg.log.interval,
+        tensorboard_dir=cfg.log.tensorboard_dir if torch.distributed.get_rank() == 0 else None,
+        start_iter=state.iteration,
+    )
+    log.info("training %s: %s, tp=%d pp=%d vpp=%d dp=%d, %d micro-batches of %d per step, "
+             "%d iterations", task.name, cfg.model.name, layout["tp"], layout["pp"],
+             layout["vpp"], dp, layout["micro_batches"], tr.micro_batch_size, tr.iters)
+    preemption = _Preemption()
+    fb = get_forward_backward_func()
+    try:
+        while state.iteration < tr.iters:
+            for m in model:
+                m.zero_grad_buffer()
+            optimizer.zero_grad()
+            outputs = fb(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                model=model, num_microbatches=layout["micro_batches"],
+                seq_length=tr.seq_length, micro_batch_size=tr.micro_batch_size,
+                forward_only=False,
+            )
+            metrics = _reduce_metrics(outputs)
+            metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate this step uses
+            loss = metrics.get("loss", float("nan"))
+            skipped = False
+            if not math.isfinite(loss):
+                if tr.on_nan == "stop":
+                    raise TrainingError(f"iteration {state.iteration + 1}: loss is {loss}; stopping "
+                                        "(train.on_nan=skip skips such steps instead)")
+                skipped = True
+            if not skipped:
+                ok, grad_norm, _ = optimizer.step()
+                if grad_norm is not None and not math.isfinite(grad_norm) and tr.on_nan == "stop":
+                    raise TrainingError(f"iteration {state.iteration + 1}: gradient norm is "
+                                        f"{grad_norm}; stopping")
+                skipped = not ok
+                if ok:
+                    scheduler.step(increment=1)
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+            state.iteration += 1
+            state.consumed_samples += tr.global_batch_size
+            if tr.precision == "fp16":
+                metrics["loss_scale"] = float(optimizer.get_loss_scale())
+            progress.step(state.iteration, metrics, skipped)
+            interval = cfg.checkpoint.save_interval
+            preempted = preemption.agreed()
+            done = state.iteration == tr.iters
+            exiting = preempted or (tr.exit_after_iters is not None
+                                    and state.iteration - progress.start_iter >= tr.exit_after_iters)
+            if cfg.save and (done or exiting or (interval and state.iteration % interval == 0)):
+                save_training_checkpoint(cfg.save, state, model, optimizer, scheduler, args,
+                                         cfg.checkpoint.keep_last)
+            if exiting and not done:
+                log.info("stopping at iteration %d (%s)%s", state.iteration,
+                            "SIGTERM" if preempted else "train.exit_after_iters",
+                            "; checkpoint saved" if cfg.save else "; no save= given, nothing saved")
+                break
+        progress.summary()
+        return progress.history
+    finally:
+        preemption.restore()
