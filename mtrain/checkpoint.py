@@ -121,7 +121,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32).copy(), *rest))
     torch.set_rng_state(_bytes_tensor(state["torch"]))
     tensor_parallel.get_cuda_rng_tracker().set_states(
-        {k: _bytes_tensor(v) for k, v in state["tracker"].items()})
+        {k: _bytes_tensor(v) for k, v in state["tracker"].items()}
+    )
 
 
 def _fsync(path: Path) -> None:
@@ -132,8 +133,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_training_checkpoint(save_dir: str | Path, state: TrainState, model: list, optimizer,
-                             scheduler, args: argparse.Namespace, keep_last: int | None) -> Path:
+def save_training_checkpoint(
+    save_dir: str | Path,
+    state: TrainState,
+    model: list,
+    optimizer,
+    scheduler,
+    args: argparse.Namespace,
+    keep_last: int | None,
+) -> Path:
     """Collective: every rank calls it. Returns the final iteration directory."""
     from megatron.core import parallel_state as ps
 
@@ -143,7 +151,8 @@ def save_training_checkpoint(save_dir: str | Path, state: TrainState, model: lis
     partial = save_dir / f".partial_{final.name}"
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
+        for stale in save_dir.glob(".partial_iter_*"):  # left by a crashed save
+            shutil.rmtree(stale)
         partial.mkdir()
     torch.distributed.barrier()
 
@@ -158,11 +167,17 @@ def save_training_checkpoint(save_dir: str | Path, state: TrainState, model: lis
         path.parent.mkdir(parents=True, exist_ok=True)
         optimizer.save_parameter_state(str(path.parent / DISTRIB_OPTIM_FILE))
     if ps.get_data_parallel_rank() == 0:
-        args = argparse.Namespace(**vars(args), iteration=state.iteration,
-                                  consumed_train_samples=state.consumed_samples)
-        payload = {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
-                   "iteration": state.iteration, "optimizer": optimizer.state_dict(),
-                   "opt_param_scheduler": scheduler.state_dict(), "rng_state": rng}
+        args = argparse.Namespace(
+            **vars(args), iteration=state.iteration, consumed_train_samples=state.consumed_samples
+        )
+        payload = {
+            "args": args,
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": state.iteration,
+            "optimizer": optimizer.state_dict(),
+            "opt_param_scheduler": scheduler.state_dict(),
+            "rng_state": rng,
+        }
         states = [getattr(m, "module", m).state_dict() for m in model]
         if len(states) == 1:
             payload["model"] = states[0]
@@ -198,8 +213,12 @@ def _load_distributed_shards(optimizer, path: Path) -> None:
     and the DP-zero loader expects a saved tensor for every state key, "step" included (KeyError).
     So: set the steps aside while loading, then give each parameter its own copy."""
     inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    steps = [(state, state.pop("step")) for opt in inner for state in opt.state.values()
-             if "step" in state]
+    steps = [
+        (state, state.pop("step"))
+        for opt in inner
+        for state in opt.state.values()
+        if "step" in state
+    ]
     try:
         optimizer.load_parameter_state(str(path))
     finally:
@@ -208,29 +227,49 @@ def _load_distributed_shards(optimizer, path: Path) -> None:
 
 
 @torch.no_grad()  # in fp32 the optimizer's main params are the model params themselves
-def load_training_checkpoint(load_dir: str | Path, model: list, optimizer, scheduler,
-                             spec: ModelSpec, tp: int, pp: int, vpp: int) -> TrainState:
+def load_training_checkpoint(
+    load_dir: str | Path,
+    model: list,
+    optimizer,
+    scheduler,
+    spec: ModelSpec,
+    tp: int,
+    pp: int,
+    vpp: int,
+) -> TrainState:
     """Collective: resume weights, optimizer, scheduler, RNG and data position."""
     from megatron.core import parallel_state as ps
 
     ckpt = load_model_weights(model, load_dir, spec, tp, pp, vpp)
-    payload = load_rank_file(ckpt.rank_file(ps.get_tensor_model_parallel_rank(),
-                                            ps.get_pipeline_model_parallel_rank()), mmap=False)
+    payload = load_rank_file(
+        ckpt.rank_file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()),
+        mmap=False,
+    )
     if "optimizer" not in payload:
-        raise CheckpointError(f"{ckpt.iter_dir} holds weights only (no optimizer state); to "
-                              "start training from it pass checkpoint.finetune=true")
+        raise CheckpointError(
+            f"{ckpt.iter_dir} holds weights only (no optimizer state); to "
+            "start training from it pass checkpoint.finetune=true"
+        )
     optimizer.load_state_dict(payload["optimizer"])
     if getattr(optimizer.config, "use_distributed_optimizer", False):
-        shard_file = ckpt.rank_file(ps.get_tensor_model_parallel_rank(),
-                                    ps.get_pipeline_model_parallel_rank()).parent / DISTRIB_OPTIM_FILE
+        shard_file = (
+            ckpt.rank_file(
+                ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+            ).parent
+            / DISTRIB_OPTIM_FILE
+        )
         if not shard_file.is_file():
-            raise CheckpointError(f"{shard_file} not found: the checkpoint was saved without "
-                                  "parallel.distributed_optimizer=true; resume with the same setting")
+            raise CheckpointError(
+                f"{shard_file} not found: the checkpoint was saved without "
+                "parallel.distributed_optimizer=true; resume with the same setting"
+            )
         _load_distributed_shards(optimizer, shard_file)
     scheduler.load_state_dict(payload["opt_param_scheduler"])
     rng = payload.get("rng_state")
     if rng is not None and len(rng) == ps.get_data_parallel_world_size():
         _set_rng_state(rng[ps.get_data_parallel_rank()])
     args = payload["args"]
-    return TrainState(iteration=int(payload["iteration"]),
-                      consumed_samples=int(getattr(args, "consumed_train_samples", 0)))
+    return TrainState(
+        iteration=int(payload["iteration"]),
+        consumed_samples=int(getattr(args, "consumed_train_samples", 0)),
+    )

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,12 +40,13 @@ def to_schema(cfg: DictConfig) -> Any:
 def _known_keys(schema: type, prefix: str = "") -> set[str]:
     """Every dotted key of a (nested) dataclass schema."""
     keys = set()
+    hints = typing.get_type_hints(schema)
     for field in dataclasses.fields(schema):
         key = prefix + field.name
         keys.add(key)
-        factory = field.default_factory
-        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
-            keys |= _known_keys(factory, key + ".")
+        sub = hints.get(field.name)
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            keys |= _known_keys(sub, key + ".")
     return keys
 
 
@@ -62,7 +64,9 @@ def check_overrides(schema: type, argv: list[str]) -> None:
         if key in known:
             continue
         guess = difflib.get_close_matches(key, sorted(known), n=1)
-        hint = f"did you mean {guess[0]}?" if guess else f"known keys: {', '.join(sorted(known))}"
+        group = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        siblings = sorted(k for k in known if k.startswith(group) and "." not in k[len(group) :])
+        hint = f"did you mean {guess[0]}?" if guess else f"known keys: {', '.join(siblings)}"
         raise ConfigError(f"unknown config key {key!r} in {arg!r}; {hint}")
 
 

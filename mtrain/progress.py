@@ -8,6 +8,7 @@ the values, counted over the full (not causal) square as is customary.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -43,6 +44,7 @@ class Progress:
     peak_tflops: float | None
     interval: int
     tensorboard_dir: str | None = None
+    metrics_file: str | None = None
     start_iter: int = 0
     _writer: object = None
     _t0: float = field(default_factory=time.perf_counter)
@@ -62,6 +64,9 @@ class Progress:
         self._window_iters += 1
         self._window_skipped += int(skipped)
         self.history.append({"iteration": iteration, **metrics})
+        if self.metrics_file:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(self.history[-1]) + "\n")
         if self._writer is not None:
             for key, value in metrics.items():
                 self._writer.add_scalar(f"train/{key}", value, iteration)
@@ -93,8 +98,13 @@ class Progress:
         iters = len(self.history)
         if iters:
             losses = [h["loss"] for h in self.history if "loss" in h and math.isfinite(h["loss"])]
-            log.info("done: %d iterations in %s (%.2f s/iter); loss %.4g -> %.4g", iters,
-                     _fmt_time(elapsed), elapsed / iters, losses[0] if losses else float("nan"),
-                     losses[-1] if losses else float("nan"))
+            log.info(
+                "done: %d iterations in %s (%.2f s/iter); loss %.4g -> %.4g",
+                iters,
+                _fmt_time(elapsed),
+                elapsed / iters,
+                losses[0] if losses else float("nan"),
+                losses[-1] if losses else float("nan"),
+            )
         if self._writer is not None:
             self._writer.close()

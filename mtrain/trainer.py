@@ -52,14 +52,17 @@ class Task:
     # (consumed_samples, dp_rank, dp_size) -> this rank's micro-batches, in order, forever
     batches: Callable[[int, int, int], Iterator[Batch]]
     # (batch, output of `forward`) -> (loss sum, loss token count, {metric: tensor([sum, count])})
-    loss: Callable[[Batch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+    loss: Callable[
+        [Batch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+    ]
     # (model chunk, batch) -> output tensor; per-token losses on the last pipeline stage
     forward: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None
 
 
 def lm_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    return model(batch["tokens"], batch["position_ids"], attention_mask=None,
-                 labels=batch["labels"])
+    return model(
+        batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
+    )
 
 
 def lm_loss(batch: Batch, token_losses: torch.Tensor):
@@ -102,35 +105,57 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any]):
 
     tr, par = cfg.train, cfg.parallel
     opts = BuildOptions(
-        tp=layout["tp"], pp=layout["pp"], vpp=layout["vpp"], precision=tr.precision,
-        sequence_parallel=par.sequence_parallel, fused_kernels=accel.current().NAME != "cpu",
-        recompute_granularity=tr.recompute, init_method_std=tr.init_std,
+        tp=layout["tp"],
+        pp=layout["pp"],
+        vpp=layout["vpp"],
+        precision=tr.precision,
+        sequence_parallel=par.sequence_parallel,
+        fused_kernels=accel.current().NAME != "cpu",
+        recompute_granularity=tr.recompute,
+        init_method_std=tr.init_std,
         extra={"calculate_per_token_loss": True},
     )
     chunks = [c.to(accel.device()) for c in build_model_chunks(layout["spec"], opts)]
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=par.overlap_grad_reduce,
         use_distributed_optimizer=par.distributed_optimizer,
     )
     model = [
-        DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c,
-                                disable_bucketing=i > 0)
+        DistributedDataParallel(
+            config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0
+        )
         for i, c in enumerate(chunks)
     ]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[tr.precision]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
-            adam_beta1=tr.adam_beta1, adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps,
-            clip_grad=tr.clip_grad, bf16=tr.precision == "bf16", fp16=tr.precision == "fp16",
-            params_dtype=dtype, use_distributed_optimizer=par.distributed_optimizer,
+            optimizer="adam",
+            lr=tr.lr,
+            min_lr=tr.min_lr,
+            weight_decay=tr.weight_decay,
+            adam_beta1=tr.adam_beta1,
+            adam_beta2=tr.adam_beta2,
+            adam_eps=tr.adam_eps,
+            clip_grad=tr.clip_grad,
+            bf16=tr.precision == "bf16",
+            fp16=tr.precision == "fp16",
+            params_dtype=dtype,
+            use_distributed_optimizer=par.distributed_optimizer,
         ),
         model,
     )
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if tr.warmup_iters else tr.lr, max_lr=tr.lr, min_lr=tr.min_lr,
-        lr_warmup_steps=tr.warmup_iters, lr_decay_steps=tr.iters, lr_decay_style=tr.decay_style,
-        start_wd=tr.weight_decay, end_wd=tr.weight_decay, wd_incr_steps=tr.iters,
+        optimizer,
+        init_lr=0.0 if tr.warmup_iters else tr.lr,
+        max_lr=tr.lr,
+        min_lr=tr.min_lr,
+        lr_warmup_steps=tr.warmup_iters,
+        lr_decay_steps=tr.iters,
+        lr_decay_style=tr.decay_style,
+        start_wd=tr.weight_decay,
+        end_wd=tr.weight_decay,
+        wd_incr_steps=tr.iters,
         wd_incr_style="constant",
     )
     config = get_model_config(model[0])
@@ -155,19 +180,29 @@ def _start(cfg: TrainingCommandConfig, layout, model, optimizer, scheduler) -> T
     weights_only = cfg.checkpoint.finetune or read_tracker(Path(source)) == RELEASE
     if weights_only:
         load_model_weights(model, source, *args)
-        log.info("fine-tuning from the weights of %s (iteration and optimizer start afresh)",
-                 source)
+        log.info(
+            "fine-tuning from the weights of %s (iteration and optimizer start afresh)", source
+        )
         return TrainState()
     state = load_training_checkpoint(source, model, optimizer, scheduler, *args)
-    log.info("resumed at iteration %d (%d samples consumed)", state.iteration,
-             state.consumed_samples)
+    log.info(
+        "resumed at iteration %d (%d samples consumed)", state.iteration, state.consumed_samples
+    )
     return state
 
 
 # Metrics a task may report, each as tensor([sum, weight]); a fixed order lets every rank
 # reduce them in one collective without exchanging names.
-METRICS = ("loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin",
-           "rewards/accuracy", "logps/chosen", "logps/rejected")
+METRICS = (
+    "loss",
+    "accuracy",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margin",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def _reduce_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -183,8 +218,9 @@ def _reduce_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     return {name: s / w for name, (s, w) in zip(METRICS, sums.tolist()) if w > 0}
 
 
-def train(cfg: TrainingCommandConfig, make_task: Callable[[TrainingCommandConfig, dict], Task]
-          ) -> list[dict[str, float]]:
+def train(
+    cfg: TrainingCommandConfig, make_task: Callable[[TrainingCommandConfig, dict], Task]
+) -> list[dict[str, float]]:
     """Run a training command; returns the per-iteration metrics (rank 0 has them all)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -206,21 +242,37 @@ def train(cfg: TrainingCommandConfig, make_task: Callable[[TrainingCommandConfig
         output = forward(chunk, batch)
         return output, lambda out: task.loss(batch, out)
 
-    args = megatron_args(spec, layout["tp"], layout["pp"], {"bf16": "bfloat16",
-                         "fp16": "float16", "fp32": "float32"}[tr.precision])
+    args = megatron_args(
+        spec,
+        layout["tp"],
+        layout["pp"],
+        {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[tr.precision],
+    )
     args.virtual_pipeline_model_parallel_size = layout["vpp"] if layout["vpp"] > 1 else None
     tokens_per_iter = tr.global_batch_size * tr.seq_length
     progress = Progress(
-        total_iters=tr.iters, tokens_per_iter=tokens_per_iter,
+        total_iters=tr.iters,
+        tokens_per_iter=tokens_per_iter,
         flops_per_iter=flops_per_token(spec, tr.seq_length) * tokens_per_iter,
         devices=parallel.world_size(),
-        peak_tflops=cfg.log.peak_tflops or accel.peak_tflops(), interval=cfg.log.interval,
+        peak_tflops=cfg.log.peak_tflops or accel.peak_tflops(),
+        interval=cfg.log.interval,
         tensorboard_dir=cfg.log.tensorboard_dir if torch.distributed.get_rank() == 0 else None,
+        metrics_file=cfg.log.metrics_file if torch.distributed.get_rank() == 0 else None,
         start_iter=state.iteration,
     )
-    log.info("training %s: %s, tp=%d pp=%d vpp=%d dp=%d, %d micro-batches of %d per step, "
-             "%d iterations", task.name, cfg.model.name, layout["tp"], layout["pp"],
-             layout["vpp"], dp, layout["micro_batches"], tr.micro_batch_size, tr.iters)
+    log.info(
+        "training %s: %s, tp=%d pp=%d vpp=%d dp=%d, %d micro-batches of %d per step, %d iterations",
+        task.name,
+        cfg.model.name,
+        layout["tp"],
+        layout["pp"],
+        layout["vpp"],
+        dp,
+        layout["micro_batches"],
+        tr.micro_batch_size,
+        tr.iters,
+    )
     preemption = _Preemption()
     fb = get_forward_backward_func()
     try:
@@ -231,8 +283,10 @@ def train(cfg: TrainingCommandConfig, make_task: Callable[[TrainingCommandConfig
             outputs = fb(
                 forward_step_func=forward_step,
                 data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                model=model, num_microbatches=layout["micro_batches"],
-                seq_length=tr.seq_length, micro_batch_size=tr.micro_batch_size,
+                model=model,
+                num_microbatches=layout["micro_batches"],
+                seq_length=tr.seq_length,
+                micro_batch_size=tr.micro_batch_size,
                 forward_only=False,
             )
             metrics = _reduce_metrics(outputs)
@@ -241,14 +295,17 @@ def train(cfg: TrainingCommandConfig, make_task: Callable[[TrainingCommandConfig
             skipped = False
             if not math.isfinite(loss):
                 if tr.on_nan == "stop":
-                    raise TrainingError(f"iteration {state.iteration + 1}: loss is {loss}; stopping "
-                                        "(train.on_nan=skip skips such steps instead)")
+                    raise TrainingError(
+                        f"iteration {state.iteration + 1}: loss is {loss}; stopping "
+                        "(train.on_nan=skip skips such steps instead)"
+                    )
                 skipped = True
             if not skipped:
                 ok, grad_norm, _ = optimizer.step()
                 if grad_norm is not None and not math.isfinite(grad_norm) and tr.on_nan == "stop":
-                    raise TrainingError(f"iteration {state.iteration + 1}: gradient norm is "
-                                        f"{grad_norm}; stopping")
+                    raise TrainingError(
+                        f"iteration {state.iteration + 1}: gradient norm is {grad_norm}; stopping"
+                    )
                 skipped = not ok
                 if ok:
                     scheduler.step(increment=1)
@@ -262,15 +319,21 @@ def train(cfg: TrainingCommandConfig, make_task: Callable[[TrainingCommandConfig
             interval = cfg.checkpoint.save_interval
             preempted = preemption.agreed()
             done = state.iteration == tr.iters
-            exiting = preempted or (tr.exit_after_iters is not None
-                                    and state.iteration - progress.start_iter >= tr.exit_after_iters)
+            exiting = preempted or (
+                tr.exit_after_iters is not None
+                and state.iteration - progress.start_iter >= tr.exit_after_iters
+            )
             if cfg.save and (done or exiting or (interval and state.iteration % interval == 0)):
-                save_training_checkpoint(cfg.save, state, model, optimizer, scheduler, args,
-                                         cfg.checkpoint.keep_last)
+                save_training_checkpoint(
+                    cfg.save, state, model, optimizer, scheduler, args, cfg.checkpoint.keep_last
+                )
             if exiting and not done:
-                log.info("stopping at iteration %d (%s)%s", state.iteration,
-                            "SIGTERM" if preempted else "train.exit_after_iters",
-                            "; checkpoint saved" if cfg.save else "; no save= given, nothing saved")
+                log.info(
+                    "stopping at iteration %d (%s)%s",
+                    state.iteration,
+                    "SIGTERM" if preempted else "train.exit_after_iters",
+                    "; checkpoint saved" if cfg.save else "; no save= given, nothing saved",
+                )
                 break
         progress.summary()
         return progress.history

@@ -64,6 +64,7 @@ class CheckpointConfig:
 class LogConfig:
     interval: int = 1  # iterations between progress lines
     tensorboard_dir: str | None = None  # write tensorboard scalars here
+    metrics_file: str | None = None  # append every iteration's metrics here as JSON lines
     wandb_project: str | None = None  # also log to Weights & Biases (needs `pip install wandb`)
     peak_tflops: float | None = None  # per-device peak for MFU; default from the device table
     all_ranks: bool = False  # log from every rank, not just rank 0
@@ -80,7 +81,9 @@ class TrainingCommandConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     device: str = "auto"  # auto | cpu | cuda | npu
-    load: str | None = None  # checkpoint to start from (Megatron legacy format); default: resume `save`
+    load: str | None = (
+        None  # checkpoint to start from (Megatron legacy format); default: resume `save`
+    )
     save: str | None = None  # where checkpoints go
     dry_run: bool = False  # validate the config and print the plan, then exit
 
@@ -101,8 +104,10 @@ def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
     except ConfigError as err:
         raise ConfigError(f"parallel: {err}") from None
     if world_size % (tp * pp):
-        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the "
-                          f"{world_size} processes started; launch a multiple of {tp * pp}")
+        raise ConfigError(
+            f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the "
+            f"{world_size} processes started; launch a multiple of {tp * pp}"
+        )
     dp = world_size // (tp * pp)
     if par.vpp > 1 and pp == 1:
         raise ConfigError(f"parallel.vpp={par.vpp} needs parallel.pp > 1")
@@ -122,15 +127,20 @@ def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
     if tr.global_batch_size % (tr.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size={tr.global_batch_size} must be a multiple of "
-            f"train.micro_batch_size={tr.micro_batch_size} x data-parallel size {dp}")
+            f"train.micro_batch_size={tr.micro_batch_size} x data-parallel size {dp}"
+        )
     micro_batches = tr.global_batch_size // (tr.micro_batch_size * dp)
     if par.vpp > 1 and micro_batches % pp:
-        raise ConfigError(f"the interleaved schedule (parallel.vpp={par.vpp}) needs the number of "
-                          f"micro-batches per step ({micro_batches}) to be a multiple of "
-                          f"parallel.pp={pp}")
+        raise ConfigError(
+            f"the interleaved schedule (parallel.vpp={par.vpp}) needs the number of "
+            f"micro-batches per step ({micro_batches}) to be a multiple of "
+            f"parallel.pp={pp}"
+        )
     if tr.seq_length > spec.max_position_embeddings:
-        raise ConfigError(f"train.seq_length={tr.seq_length} exceeds the model's "
-                          f"max_position_embeddings={spec.max_position_embeddings}")
+        raise ConfigError(
+            f"train.seq_length={tr.seq_length} exceeds the model's "
+            f"max_position_embeddings={spec.max_position_embeddings}"
+        )
     if tr.warmup_iters > tr.iters:
         raise ConfigError(f"train.warmup_iters={tr.warmup_iters} exceeds train.iters={tr.iters}")
     if tr.exit_after_iters is not None and tr.exit_after_iters <= 0:
@@ -148,5 +158,11 @@ def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError("checkpoint.finetune=true needs load=CKPT_DIR")
     if cfg.log.interval <= 0:
         raise ConfigError(f"log.interval={cfg.log.interval} must be positive")
-    return {"spec": spec, "tp": tp, "pp": pp, "vpp": par.vpp, "dp": dp,
-            "micro_batches": micro_batches}
+    return {
+        "spec": spec,
+        "tp": tp,
+        "pp": pp,
+        "vpp": par.vpp,
+        "dp": dp,
+        "micro_batches": micro_batches,
+    }

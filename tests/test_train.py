@@ -1,0 +1,183 @@
+"""The training loop on CPU processes, through the real `python -m mtrain.pt` command.
+
+Every run starts from a checkpoint converted from the same tiny HF model and reads the same
+tokenized corpus, in fp32, so layouts can be compared number for number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from converters import hf2mcore, mcore2hf
+from converters.hf2mcore import HF2McoreConfig
+from converters.mcore2hf import McoreToHFConfig
+from mtrain.models.tiny import corpus
+from tests.conftest import TINY
+from tests.torchrun import DIST_DIR, free_port
+
+pytestmark = pytest.mark.slow
+ITERS = 12
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_hf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    hf = tiny_hf(TINY)
+    with open(root / "corpus.jsonl", "w") as f:
+        for line in corpus(2000, seed=1):
+            f.write(json.dumps({"text": line}) + "\n")
+    for tp, pp in ((1, 1), (2, 2)):
+        hf2mcore.convert(
+            HF2McoreConfig(hf_dir=str(hf), out_dir=str(root / f"c{tp}{pp}"), tp=tp, pp=pp)
+        )
+    return root, hf
+
+
+def overrides(setup, tp: int, pp: int, **extra) -> list[str]:
+    root, hf = setup
+    args = {
+        "+model": "qwen3_tiny",
+        "model.hf_dir": hf,
+        "load": root / f"c{tp}{pp}",
+        "data.path": root / "corpus.jsonl",
+        "data.cache_dir": root / "cache",
+        "train.iters": ITERS,
+        "train.seq_length": 64,
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 2,
+        "train.precision": "fp32",
+        "train.lr": 1e-3,
+        "parallel.tp": tp,
+        "parallel.pp": pp,
+        "parallel.distributed_optimizer": "true",
+        "device": "cpu",
+        "log.interval": 4,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in args.items() if v is not None]
+
+
+def run_pt(
+    setup,
+    nproc: int,
+    tp: int,
+    pp: int,
+    name: str,
+    script: list[str] | None = None,
+    check: bool = True,
+    **extra,
+) -> tuple[list[dict], subprocess.CompletedProcess]:
+    metrics = setup[0] / f"{name}.jsonl"
+    metrics.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *(script or ["-m", "mtrain.pt"]),
+        *overrides(setup, tp, pp, **{"log.metrics_file": metrics, **extra}),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed:\n{(proc.stdout + proc.stderr)[-5000:]}")
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return [json.loads(line) for line in lines], proc
+
+
+def losses(history: list[dict]) -> list[float]:
+    return [h["loss"] for h in history]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """TP=2 x PP=2 on 4 processes, uninterrupted: the curve the other runs are held to."""
+    history, _ = run_pt(setup, 4, 2, 2, "tp2pp2")
+    return history
+
+
+def test_loss_decreases_on_a_small_corpus(reference):
+    assert len(reference) == ITERS
+    first, last = reference[0]["loss"], reference[-1]["loss"]
+    assert last < first - 0.3, losses(reference)
+
+
+def test_tp2pp2_and_tp1pp1_give_the_same_loss_curve(setup, reference):
+    single, _ = run_pt(setup, 1, 1, 1, "tp1pp1")
+    diffs = [abs(a - b) for a, b in zip(losses(reference), losses(single))]
+    assert len(diffs) == ITERS and max(diffs) < 1e-4, diffs
+
+
+def test_dp2_equals_dp1_with_twice_the_micro_batches(setup):
+    dp1, _ = run_pt(setup, 1, 1, 1, "dp1")  # 4 micro-batches of 2 per step
+    dp2, _ = run_pt(setup, 2, 1, 1, "dp2")  # 2 micro-batches of 2 per step on each rank
+    diffs = [abs(a - b) for a, b in zip(losses(dp1), losses(dp2))]
+    assert len(diffs) == ITERS and max(diffs) < 1e-5, diffs
+
+
+def test_interrupted_and_resumed_training_reproduces_the_loss_sequence(setup, reference):
+    save = setup[0] / "resume_ckpt"
+    first, _ = run_pt(setup, 4, 2, 2, "part1", save=save, **{"train.exit_after_iters": 5})
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+    second, proc = run_pt(setup, 4, 2, 2, "part2", save=save, load=None)  # resumes `save`
+    assert "resumed at iteration 5" in proc.stderr
+    assert losses(first) + losses(second) == losses(reference)  # exactly
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(setup):
+    root = setup[0]
+    save = root / "crash_ckpt"
+    _, proc = run_pt(
+        setup,
+        1,
+        1,
+        1,
+        "crash",
+        script=[str(DIST_DIR / "crash_in_save.py")],
+        check=False,
+        save=save,
+        **{"checkpoint.save_interval": 3},
+    )
+    assert proc.returncode != 0
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert (save / ".partial_iter_0000006").is_dir() and not (save / "iter_0000006").exists()
+    mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(save), out_dir=str(root / "crash_hf")))
+    resumed, proc = run_pt(
+        setup, 1, 1, 1, "after_crash", save=save, load=None, **{"checkpoint.save_interval": 3}
+    )
+    assert "resumed at iteration 3" in proc.stderr and len(resumed) == ITERS - 3
+    assert not (save / ".partial_iter_0000006").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(setup):
+    root, _ = setup
+    save, metrics = root / "sigterm_ckpt", root / "sigterm.jsonl"
+    metrics.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mtrain.pt",
+        *overrides(setup, 1, 1, save=save, **{"train.iters": 10_000, "log.metrics_file": metrics}),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 2
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    iteration = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= iteration < 10_000 and (save / f"iter_{iteration:07d}").is_dir()
+    assert "SIGTERM" in err
