@@ -30,10 +30,15 @@ def to_schema(cfg: DictConfig) -> Any:
     """The validated dataclass behind `cfg`, refusing any key left unset."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(
-            f"missing required key(s) {', '.join(missing)}: pass them as "
-            f"{' '.join(m + '=...' for m in missing)}"
-        )
+        hints = []
+        for key in missing:
+            group = CONF_DIR / key
+            if group.is_dir():  # a config group: name its presets
+                presets = sorted(p.stem for p in group.glob("*.yaml"))
+                hints.append(f"+{key}=<{'|'.join(presets)}>")
+            else:
+                hints.append(f"{key}=...")
+        raise ConfigError(f"missing required key(s) {', '.join(missing)}: pass {' '.join(hints)}")
     return OmegaConf.to_object(cfg)
 
 

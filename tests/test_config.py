@@ -1,0 +1,110 @@
+"""Training config validation (before any process group) and the dry-run plan."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mtrain.config.model import load_preset
+from mtrain.config.schema import TrainingCommandConfig, validate
+from mtrain.errors import ConfigError
+from mtrain.plan import memory_estimate
+
+
+def config(preset="qwen3_tiny", **changes) -> TrainingCommandConfig:
+    cfg = TrainingCommandConfig(model=load_preset(preset))
+    cfg.train.iters, cfg.train.seq_length = 10, 128
+    cfg.data.path = "corpus.jsonl"
+    for key, value in changes.items():
+        group, name = key.split("__") if "__" in key else (None, key)
+        setattr(getattr(cfg, group) if group else cfg, name, value)
+    return cfg
+
+
+def test_layout_defaults_to_the_presets_recommendation():
+    layout = validate(config("qwen3_32b"), world_size=32)
+    assert (layout["tp"], layout["pp"], layout["dp"]) == (8, 2, 2)
+    assert layout["micro_batches"] == 8 // (1 * 2)
+
+
+@pytest.mark.parametrize(
+    "changes, world, message",
+    [
+        (dict(parallel__tp=3), 6, r"parallel: tp=3 must divide num_query_groups=2"),
+        (
+            dict(parallel__pp=3),
+            3,
+            r"parallel: pp=3 must divide num_layers=4; try pp in \[1, 2, 4\]",
+        ),
+        (dict(parallel__tp=2, parallel__pp=2), 6, r"= 4 does not divide the 6 processes"),
+        (
+            dict(train__global_batch_size=6, parallel__tp=1, parallel__pp=1),
+            4,
+            r"train.global_batch_size=6 must be a multiple of train.micro_batch_size=1 x "
+            r"data-parallel size 4",
+        ),
+        (dict(parallel__vpp=2, parallel__pp=1), 2, r"parallel.vpp=2 needs parallel.pp > 1"),
+        (dict(parallel__sequence_parallel=True, parallel__tp=1), 4, r"needs parallel.tp > 1"),
+        (dict(train__seq_length=4096), 4, r"train.seq_length=4096 exceeds .*=512"),
+        (dict(train__precision="fp8"), 4, r"train.precision=fp8 is not one of"),
+        (dict(train__decay_style="wsd"), 4, r"train.decay_style=wsd is not one of"),
+        (dict(train__min_lr=1.0), 4, r"train.min_lr=1.0 exceeds train.lr"),
+        (dict(load=None, checkpoint__finetune=True), 4, r"checkpoint.finetune=true needs load="),
+        (dict(checkpoint__save_interval=5), 4, r"checkpoint.save_interval is set but save is not"),
+    ],
+)
+def test_invalid_combinations_name_their_keys(changes, world, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(config(**changes), world_size=world)
+
+
+def test_memory_estimate_shrinks_with_the_distributed_optimizer():
+    cfg = config("qwen3_32b", train__seq_length=4096)
+    plain = memory_estimate(cfg, validate(cfg, 32))
+    cfg.parallel.distributed_optimizer = True
+    sharded = memory_estimate(cfg, validate(cfg, 32))
+    assert sharded["optimizer"] == pytest.approx(plain["optimizer"] / 2)
+    # 32.8 B parameters over tp 8 x pp 2: the busiest stage holds ~2.1 B
+    assert 1.9e9 < plain["parameters"] < 2.3e9
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mtrain.pt", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_dry_run_of_qwen3_32b_prints_the_plan_without_building_anything():
+    proc = run(
+        "+model=qwen3_32b",
+        "dry_run=true",
+        "train.iters=100",
+        "train.seq_length=4096",
+        "train.global_batch_size=64",
+        "data.path=corpus.jsonl",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "16 devices = tp 8 x pp 2 x dp 1" in proc.stdout
+    assert "32.76 B parameters" in proc.stdout and "GiB" in proc.stdout
+
+
+def test_bad_training_config_is_one_line_and_exit_code_2():
+    proc = run(
+        "+model=qwen3_32b",
+        "dry_run=true",
+        "train.iters=100",
+        "parallel.tp=3",
+        "data.path=corpus.jsonl",
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: parallel: tp=3 must divide num_query_groups=8 and "
+        "num_attention_heads=64; try tp in [1, 2, 4, 8]"
+    )
+
+
+def test_missing_model_preset_is_explained():
+    proc = run("dry_run=true", "train.iters=1", "data.path=x")
+    assert proc.returncode == 2 and "model" in proc.stderr and "+model=" in proc.stderr
