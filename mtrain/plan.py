@@ -32,10 +32,14 @@ def memory_estimate(cfg: TrainingCommandConfig, layout: dict) -> dict[str, float
     params = max(first, last) if pp > 1 else first + last - layers * per_layer / tp
     weight_bytes = 4 if tr.precision == "fp32" else 2
     optimizer_bytes = (8 if tr.precision == "fp32" else 12) / (
-        dp if cfg.parallel.distributed_optimizer else 1)
+        dp if cfg.parallel.distributed_optimizer else 1
+    )
     s, b, a = tr.seq_length, tr.micro_batch_size, spec.num_attention_heads
-    per_layer_act = {None: s * b * h * (34 + 5 * a * s / h), "selective": 34 * s * b * h,
-                     "full": 2 * s * b * h}[tr.recompute]
+    per_layer_act = {
+        None: s * b * h * (34 + 5 * a * s / h),
+        "selective": 34 * s * b * h,
+        "full": 2 * s * b * h,
+    }[tr.recompute]
     in_flight = min(pp, layout["micro_batches"])
     activations = per_layer_act * layers / tp * in_flight
     logits = 4 * s * b * spec.padded_vocab_size(tp) / tp * 2  # fp32 logits and their grad

@@ -30,8 +30,10 @@ class PTConfig(TrainingCommandConfig):
 
 def make_pt_task(cfg: PTConfig, layout: dict) -> Task:
     if cfg.model.hf_dir is None:
-        raise ConfigError("model.hf_dir is required: pretraining tokenizes with the model's HF "
-                          "tokenizer (pass model.hf_dir=PATH)")
+        raise ConfigError(
+            "model.hf_dir is required: pretraining tokenizes with the model's HF "
+            "tokenizer (pass model.hf_dir=PATH)"
+        )
     tr = cfg.train
     num_samples = tr.iters * tr.global_batch_size
 
@@ -46,8 +48,9 @@ def make_pt_task(cfg: PTConfig, layout: dict) -> Task:
         dataset = build()
 
     def batches(consumed: int, dp_rank: int, dp: int):
-        return micro_batches(dataset, consumed, tr.micro_batch_size, tr.global_batch_size,
-                             dp_rank, dp)
+        return micro_batches(
+            dataset, consumed, tr.micro_batch_size, tr.global_batch_size, dp_rank, dp
+        )
 
     return Task(name="pretraining", batches=batches, loss=lm_loss)
 

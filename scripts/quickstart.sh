@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # mtrain quickstart: CPU only, nothing downloaded, a few minutes on 2 cores.
 #
-#   1. build a tiny random Qwen3 model and a tokenizer (HF format)
+#   1. build a tiny random Qwen3 model, a tokenizer (HF format) and a small text corpus
 #   2. convert it to Megatron shards at TP=2 x PP=2
 #   3. run it in megatron-core on 4 CPU processes and compare its logits with transformers'
 #   4. convert it back to HF and check every tensor is bit-identical to step 1
+#   5. pretrain it for a few steps at TP=2 x PP=2 on the corpus, saving a checkpoint
 #
 # Usage: bash scripts/quickstart.sh [OUT_DIR]     (default: quickstart_out)
 set -euo pipefail
@@ -14,20 +15,31 @@ PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 step() { printf '\n== %s\n' "$*"; }
 
-step "1/4 tiny Qwen3 + tokenizer -> $OUT/hf"
-$PY -m mtrain.models.tiny out_dir="$OUT/hf" force=true
+step "1/5 tiny Qwen3 + tokenizer -> $OUT/hf, sample corpus -> $OUT/corpus.jsonl"
+$PY -m mtrain.models.tiny out_dir="$OUT/hf" force=true corpus_file="$OUT/corpus.jsonl"
 
-step "2/4 HF -> Megatron TP=2 PP=2 -> $OUT/mcore_tp2pp2"
+step "2/5 HF -> Megatron TP=2 PP=2 -> $OUT/mcore_tp2pp2"
 $PY -m converters.hf2mcore hf_dir="$OUT/hf" out_dir="$OUT/mcore_tp2pp2" tp=2 pp=2 force=true
 
-step "3/4 logits in megatron-core (4 CPU processes) vs transformers"
+step "3/5 logits in megatron-core (4 CPU processes) vs transformers"
 $PY -m torch.distributed.run --nproc_per_node 4 --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29517}" \
     -m mtrain.verify hf_dir="$OUT/hf" ckpt_dir="$OUT/mcore_tp2pp2" device=cpu \
     result_file="$OUT/parity.json" 2> >(grep -v -E "^W[0-9]{4}|^\*{10,}|OMP_NUM_THREADS|Setting OMP" >&2)
 
-step "4/4 Megatron -> HF -> $OUT/hf_back, compared with step 1"
+step "4/5 Megatron -> HF -> $OUT/hf_back, compared with step 1"
 $PY -m converters.mcore2hf ckpt_dir="$OUT/mcore_tp2pp2" out_dir="$OUT/hf_back" hf_dir="$OUT/hf" force=true
 $PY -m converters.compare a="$OUT/hf" b="$OUT/hf_back"
 
-printf '\nquickstart done: parity %s\n  HF model     %s/hf\n  Megatron     %s/mcore_tp2pp2\n  round trip   %s/hf_back\n' \
-    "$(cat "$OUT/parity.json")" "$OUT" "$OUT" "$OUT"
+step "5/5 pretraining 20 steps at TP=2 PP=2 (4 CPU processes) -> $OUT/pt"
+rm -rf "$OUT/pt"
+$PY -m torch.distributed.run --nproc_per_node 4 --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29517}" \
+    -m mtrain.pt +model=qwen3_tiny model.hf_dir="$OUT/hf" load="$OUT/mcore_tp2pp2" save="$OUT/pt" \
+    data.path="$OUT/corpus.jsonl" data.cache_dir="$OUT/cache" device=cpu \
+    parallel.tp=2 parallel.pp=2 train.iters=20 train.seq_length=128 train.global_batch_size=8 \
+    train.micro_batch_size=2 train.lr=1e-3 train.warmup_iters=2 log.interval=5 \
+    log.metrics_file="$OUT/pt_metrics.jsonl" 2> >(grep -v -E "^W[0-9]{4}|^\*{10,}|OMP_NUM_THREADS|Setting OMP" >&2)
+
+printf '\nquickstart done: parity %s\n  HF model     %s/hf\n  Megatron     %s/mcore_tp2pp2\n  round trip   %s/hf_back\n  pretrained   %s/pt (loss %s -> %s)\n' \
+    "$(cat "$OUT/parity.json")" "$OUT" "$OUT" "$OUT" "$OUT" \
+    "$($PY -c "import json,sys; print(round(json.loads(open(sys.argv[1]).readline())['loss'], 3))" "$OUT/pt_metrics.jsonl")" \
+    "$($PY -c "import json,sys; print(round(json.loads(open(sys.argv[1]).readlines()[-1])['loss'], 3))" "$OUT/pt_metrics.jsonl")"

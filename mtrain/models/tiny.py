@@ -8,6 +8,7 @@ transformers model of any supported family.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -52,6 +53,17 @@ def corpus(lines: int = 2000, seed: int = 0) -> list[str]:
             words.append(str(rng.randint(0, 9999)))
         out.append(" ".join(words) + rng.choice([".", "?", "!", ","]))
     return out
+
+
+def write_corpus(path: str | Path, lines: int, seed: int = 0) -> None:
+    """`corpus()` as JSONL records with a `text` field, written all-or-nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w") as f:
+        for line in corpus(lines, seed):
+            f.write(json.dumps({"text": line}) + "\n")
+    temp.rename(path)
 
 
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 512):
@@ -124,6 +136,8 @@ class TinyConfig:
     seed: int = 0
     dtype: str = "fp32"  # bf16 | fp16 | fp32
     force: bool = False  # replace a non-empty out_dir
+    corpus_file: str | None = None  # also write a synthetic JSONL text corpus here (sample data)
+    corpus_lines: int = 2000  # documents in that corpus
 
 
 @hydra_command("tiny", TinyConfig)
@@ -142,6 +156,9 @@ def main(cfg: TinyConfig) -> None:
         spec.num_parameters() / 1e6,
         cfg.out_dir,
     )
+    if cfg.corpus_file:
+        write_corpus(cfg.corpus_file, cfg.corpus_lines, cfg.seed)
+        log.info("tiny: %d-document JSONL corpus -> %s", cfg.corpus_lines, cfg.corpus_file)
 
 
 if __name__ == "__main__":
