@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from mtrain.errors import ConfigError
 from mtrain.models.spec import ModelSpec
 
 log = logging.getLogger("mtrain.train")
@@ -45,8 +46,11 @@ class Progress:
     interval: int
     tensorboard_dir: str | None = None
     metrics_file: str | None = None
+    wandb_project: str | None = None
+    run_config: dict | None = None  # recorded with the wandb run
     start_iter: int = 0
     _writer: object = None
+    _wandb: object = None
     _t0: float = field(default_factory=time.perf_counter)
     _last: float = field(default_factory=time.perf_counter)
     _window_iters: int = 0
@@ -58,6 +62,14 @@ class Progress:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(self.tensorboard_dir)
+        if self.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError(
+                    "log.wandb_project is set but wandb is not installed; pip install wandb"
+                ) from None
+            self._wandb = wandb.init(project=self.wandb_project, config=self.run_config or {})
 
     def step(self, iteration: int, metrics: dict[str, float], skipped: bool = False) -> None:
         """Record one finished iteration; every `interval` iterations, log a line."""
@@ -70,6 +82,8 @@ class Progress:
         if self._writer is not None:
             for key, value in metrics.items():
                 self._writer.add_scalar(f"train/{key}", value, iteration)
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=iteration)
         if iteration % self.interval and iteration != self.total_iters:
             return
         now = time.perf_counter()
@@ -108,3 +122,5 @@ class Progress:
             )
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()

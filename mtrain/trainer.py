@@ -11,6 +11,7 @@ tokens or uneven micro-batches never reweight the tokens that count.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import signal
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from mtrain import accel, parallel
+from mtrain import log as mlog
 from mtrain.checkpoint import (
     TrainState,
     load_model_weights,
@@ -30,7 +33,7 @@ from mtrain.checkpoint import (
 )
 from mtrain.checkpoint_format import RELEASE, TRACKER, read_tracker
 from mtrain.config.schema import TrainingCommandConfig, validate
-from mtrain.errors import MtrainError
+from mtrain.errors import ConfigError, MtrainError
 from mtrain.models.provider import BuildOptions, build_model_chunks
 from mtrain.models.spec import megatron_args
 from mtrain.progress import Progress, flops_per_token
@@ -104,6 +107,15 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any]):
     from megatron.core.utils import get_model_config
 
     tr, par = cfg.train, cfg.parallel
+    fused_norm = any(
+        importlib.util.find_spec(m) for m in ("apex", "transformer_engine", "mindspeed")
+    )
+    if par.sequence_parallel and not fused_norm:
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs a fused RMSNorm (Transformer "
+            "Engine or Apex on CUDA, MindSpeed on NPU); megatron-core's torch norm "
+            "does not support it"
+        )
     opts = BuildOptions(
         tp=layout["tp"],
         pp=layout["pp"],
@@ -180,6 +192,9 @@ def _start(cfg: TrainingCommandConfig, layout, model, optimizer, scheduler) -> T
     weights_only = cfg.checkpoint.finetune or read_tracker(Path(source)) == RELEASE
     if weights_only:
         load_model_weights(model, source, *args)
+        # bf16/fp16: the optimizer's fp32 master weights were copied at construction; refresh
+        # them, or the first step would write the random init back over the loaded weights.
+        optimizer.reload_model_params()
         log.info(
             "fine-tuning from the weights of %s (iteration and optimizer start afresh)", source
         )
@@ -226,6 +241,7 @@ def train(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     layout = validate(cfg, parallel.world_size())
+    mlog.setup(all_ranks=cfg.log.all_ranks)
     accel.activate(cfg.device)
     parallel.init(layout["tp"], layout["pp"], layout["vpp"], seed=cfg.train.seed)
     spec, tr = layout["spec"], cfg.train
@@ -259,6 +275,8 @@ def train(
         interval=cfg.log.interval,
         tensorboard_dir=cfg.log.tensorboard_dir if torch.distributed.get_rank() == 0 else None,
         metrics_file=cfg.log.metrics_file if torch.distributed.get_rank() == 0 else None,
+        wandb_project=cfg.log.wandb_project if torch.distributed.get_rank() == 0 else None,
+        run_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
         start_iter=state.iteration,
     )
     log.info(

@@ -76,19 +76,21 @@ def megatron_logits(
 
     for chunk in chunks:
         chunk.eval()
+    # One sequence per micro-batch: the interleaved schedule needs at least PP micro-batches.
+    rows = list(tokens.split(1))
     with torch.no_grad():
         get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=[iter([tokens]) for _ in chunks] if len(chunks) > 1 else iter([tokens]),
+            data_iterator=[iter(rows) for _ in chunks] if len(chunks) > 1 else iter(rows),
             model=chunks,
-            num_microbatches=1,
+            num_microbatches=len(rows),
             seq_length=tokens.shape[1],
-            micro_batch_size=tokens.shape[0],
+            micro_batch_size=1,
             forward_only=True,
         )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    full = tensor_parallel.gather_from_tensor_model_parallel_region(captured[0])
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(torch.cat(captured))
     return full[..., :vocab].float()
 
 

@@ -37,6 +37,9 @@ def setup(tiny_hf, tmp_path_factory):
         hf2mcore.convert(
             HF2McoreConfig(hf_dir=str(hf), out_dir=str(root / f"c{tp}{pp}"), tp=tp, pp=pp)
         )
+    hf2mcore.convert(
+        HF2McoreConfig(hf_dir=str(hf), out_dir=str(root / "c22_vpp2"), tp=2, pp=2, vpp=2)
+    )
     return root, hf
 
 
@@ -117,6 +120,16 @@ def test_tp2pp2_and_tp1pp1_give_the_same_loss_curve(setup, reference):
     assert len(diffs) == ITERS and max(diffs) < 1e-4, diffs
 
 
+def test_interleaved_schedule_gives_the_same_loss_curve(setup, reference):
+    """PP=2 x VPP=2 (1 layer per chunk) vs plain 1F1B: with PP=2 both pipeline neighbours are
+    one rank, where batched p2p could swap activations and gradients."""
+    interleaved, _ = run_pt(
+        setup, 4, 2, 2, "vpp2", load=setup[0] / "c22_vpp2", **{"parallel.vpp": 2}
+    )
+    diffs = [abs(a - b) for a, b in zip(losses(reference), losses(interleaved))]
+    assert len(diffs) == ITERS and max(diffs) < 1e-5, diffs
+
+
 def test_dp2_equals_dp1_with_twice_the_micro_batches(setup):
     dp1, _ = run_pt(setup, 1, 1, 1, "dp1")  # 4 micro-batches of 2 per step
     dp2, _ = run_pt(setup, 2, 1, 1, "dp2")  # 2 micro-batches of 2 per step on each rank
@@ -181,3 +194,30 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(setup):
     iteration = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= iteration < 10_000 and (save / f"iter_{iteration:07d}").is_dir()
     assert "SIGTERM" in err
+
+
+def test_bf16_finetune_starts_from_the_loaded_weights(setup):
+    """At lr=0 a step must leave the weights as loaded: the optimizer's fp32 master copy has to
+    come from the checkpoint, not from the random init the model was built with."""
+    import torch
+
+    from tests.test_convert import hf_tensors
+
+    root, hf = setup
+    save = root / "bf16_ckpt"
+    run_pt(
+        setup,
+        1,
+        1,
+        1,
+        "bf16",
+        save=save,
+        **{"train.iters": 1, "train.precision": "bf16", "train.lr": 0.0, "train.min_lr": 0.0},
+    )
+    out = root / "bf16_hf"
+    mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(save), out_dir=str(out)))
+    original, trained = hf_tensors(hf), hf_tensors(out)
+    assert sorted(original) == sorted(trained)
+    assert any(t.dtype == torch.bfloat16 for t in trained.values())
+    for name, tensor in original.items():  # bf16 matrices; megatron keeps some norms in fp32
+        assert torch.equal(trained[name], tensor.to(trained[name].dtype)), name

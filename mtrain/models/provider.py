@@ -81,6 +81,10 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         apply_rope_fusion=opts.fused_kernels,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        # With PP=2 both pipeline neighbours are the same rank: batched p2p sends activations and
+        # gradients to it over one group, where they can be matched to the wrong receive (seen
+        # with the interleaved schedule on gloo). The unbatched path uses one group per direction.
+        batch_p2p_comm=opts.pp != 2,
         **recompute,
         **opts.extra,
     )
