@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import MISSING
 
 from converters.hf_io import HFReader
@@ -30,13 +29,12 @@ from mtrain.checkpoint_format import (
     write_tracker,
 )
 from mtrain.cli import hydra_command
+from mtrain.dtypes import DTYPE_NAMES, parse_dtype
 from mtrain.errors import CheckpointError, ConfigError
 from mtrain.models.spec import ModelSpec, load_hf_config, megatron_args
 
 log = logging.getLogger("converters.hf2mcore")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 # Tensors some HF checkpoints carry that are not weights of the model.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -51,14 +49,6 @@ class HF2McoreConfig:
     vpp: int = 1  # virtual pipeline chunks per stage (interleaved schedule); 1 = off
     dtype: str | None = None  # bf16 | fp16 | fp32; default keeps each tensor's own dtype
     force: bool = False  # replace a non-empty out_dir (only once the new one is complete)
-
-
-def _target_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ConfigError(f"dtype={name} is not supported; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def check_hf_tensors(reader: HFReader, spec: ModelSpec, dims: Dims) -> None:
@@ -88,7 +78,7 @@ def check_hf_tensors(reader: HFReader, spec: ModelSpec, dims: Dims) -> None:
 
 def convert(cfg: HF2McoreConfig) -> Path:
     hf_dir, out_dir = Path(cfg.hf_dir), Path(cfg.out_dir)
-    dtype = _target_dtype(cfg.dtype)
+    dtype = parse_dtype(cfg.dtype)
     check_output_dir(out_dir, cfg.force, [hf_dir])
     spec, _ = load_hf_config(hf_dir)
     if cfg.vpp > 1 and cfg.pp == 1:

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from omegaconf import MISSING
 
-from converters.hf2mcore import DTYPE_NAMES, _target_dtype
 from converters.hf_io import DEFAULT_MAX_SHARD_BYTES, HFShardedWriter
 from converters.layout import Dims, merge, shard_shape
 from converters.stages import stage_groups
 from mtrain.atomic import atomic_output_dir, check_output_dir
 from mtrain.checkpoint_format import MegatronCheckpoint
 from mtrain.cli import hydra_command
+from mtrain.dtypes import DTYPE_NAMES, parse_dtype
 from mtrain.errors import CheckpointError, ConfigError
 from mtrain.models.spec import (
     hf_config_from_spec,
@@ -109,7 +109,7 @@ def copy_side_files(hf_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
 
 def convert(cfg: McoreToHFConfig) -> Path:
     ckpt_dir, out_dir = Path(cfg.ckpt_dir), Path(cfg.out_dir)
-    dtype = _target_dtype(cfg.dtype)
+    dtype = parse_dtype(cfg.dtype)
     check_output_dir(out_dir, cfg.force, [ckpt_dir])
     ckpt = MegatronCheckpoint.open(ckpt_dir, cfg.iteration)
     spec = ckpt.spec

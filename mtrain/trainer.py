@@ -33,6 +33,7 @@ from mtrain.checkpoint import (
 )
 from mtrain.checkpoint_format import RELEASE, TRACKER, read_tracker
 from mtrain.config.schema import TrainingCommandConfig, validate
+from mtrain.dtypes import DTYPE_NAMES, DTYPES
 from mtrain.errors import ConfigError, MtrainError
 from mtrain.models.provider import BuildOptions, build_model_chunks
 from mtrain.models.spec import megatron_args
@@ -139,7 +140,7 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any]):
         )
         for i, c in enumerate(chunks)
     ]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[tr.precision]
+    dtype = DTYPES[tr.precision]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -262,7 +263,7 @@ def train(
         spec,
         layout["tp"],
         layout["pp"],
-        {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[tr.precision],
+        DTYPE_NAMES[DTYPES[tr.precision]],
     )
     args.virtual_pipeline_model_parallel_size = layout["vpp"] if layout["vpp"] > 1 else None
     tokens_per_iter = tr.global_batch_size * tr.seq_length

@@ -20,7 +20,7 @@ from converters.hf2mcore import HF2McoreConfig
 from converters.mcore2hf import McoreToHFConfig
 from mtrain.models.tiny import corpus
 from tests.conftest import TINY
-from tests.torchrun import DIST_DIR, free_port
+from tests.torchrun import DIST_DIR, ENV, launch
 
 pytestmark = pytest.mark.slow
 ITERS = 12
@@ -79,20 +79,12 @@ def run_pt(
 ) -> tuple[list[dict], subprocess.CompletedProcess]:
     metrics = setup[0] / f"{name}.jsonl"
     metrics.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
+    proc = launch(
+        nproc,
         *(script or ["-m", "mtrain.pt"]),
         *overrides(setup, tp, pp, **{"log.metrics_file": metrics, **extra}),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{name} failed:\n{(proc.stdout + proc.stderr)[-5000:]}")
+        check=check,
+    )
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     return [json.loads(line) for line in lines], proc
 
@@ -181,8 +173,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(setup):
         "mtrain.pt",
         *overrides(setup, 1, 1, save=save, **{"train.iters": 10_000, "log.metrics_file": metrics}),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV}
+    )
     deadline = time.time() + 120
     while time.time() < deadline and (
         not metrics.exists() or len(metrics.read_text().splitlines()) < 2

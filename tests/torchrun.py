@@ -1,4 +1,4 @@
-"""The one helper multi-process tests use: run a worker script under torchrun on this machine."""
+"""The one helper multi-process tests use: launch something under torchrun on this machine."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 DIST_DIR = Path(__file__).parent / "dist"
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def free_port() -> int:
@@ -17,8 +18,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> str:
-    """Run tests/dist/<script> on `nproc` CPU processes; return its output, fail with its tail."""
+def launch(
+    nproc: int, *target: str, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """torchrun `target` (a script path, or "-m", module, then its arguments) on `nproc` CPU
+    processes; with `check`, a failure raises with the tail of its output."""
     cmd = [
         sys.executable,
         "-m",
@@ -26,12 +30,20 @@ def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> str:
         f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
-        str(DIST_DIR / script),
-        *map(str, args),
+        *map(str, target),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise AssertionError(f"{script} failed with exit code {proc.returncode}:\n{out[-6000:]}")
-    return out
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV}
+    )
+    if check and proc.returncode != 0:
+        out = proc.stdout + proc.stderr
+        raise AssertionError(
+            f"{' '.join(cmd[3:])} failed with exit code {proc.returncode}:\n{out[-6000:]}"
+        )
+    return proc
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> str:
+    """Run tests/dist/<script>; return its output."""
+    proc = launch(nproc, DIST_DIR / script, *args, timeout=timeout)
+    return proc.stdout + proc.stderr

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mtrain.dtypes import DTYPES
 from mtrain.models.spec import ModelSpec
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass

@@ -19,8 +19,7 @@ from omegaconf import MISSING
 
 from mtrain.atomic import atomic_output_dir
 from mtrain.cli import hydra_command
-from mtrain.errors import ConfigError
-from mtrain.models.provider import DTYPES
+from mtrain.dtypes import parse_dtype
 from mtrain.models.spec import ModelSpec, hf_config_from_spec
 
 log = logging.getLogger("mtrain.tiny")
@@ -146,10 +145,9 @@ def main(cfg: TinyConfig) -> None:
     from mtrain.config.model import load_preset
 
     spec = load_preset(cfg.preset).spec()
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype={cfg.dtype} is not one of {sorted(DTYPES)}")
+    dtype = parse_dtype(cfg.dtype)
     with atomic_output_dir(Path(cfg.out_dir), cfg.force, []) as temp:
-        build_model(temp, spec, seed=cfg.seed, dtype=DTYPES[cfg.dtype])
+        build_model(temp, spec, seed=cfg.seed, dtype=dtype)
     log.info(
         "tiny: %s model (%.2fM parameters) + tokenizer -> %s",
         cfg.preset,

@@ -1,0 +1,1 @@
+"""Training data: raw corpora -> tokenized indexed datasets -> samples -> micro-batches."""
