@@ -180,17 +180,23 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any]):
 
 
 def _start(cfg: TrainingCommandConfig, layout, model, optimizer, scheduler) -> TrainState:
-    """Resume, fine-tune from weights, or start fresh; `save` with a checkpoint is resumed."""
-    source = cfg.load
-    if source is None and cfg.save is not None and (Path(cfg.save) / TRACKER).is_file():
-        source = cfg.save
-        log.info("resuming from %s (save= already holds a checkpoint)", source)
+    """Resume `save` if it holds a checkpoint (a resubmitted job repeats its command line,
+    `load=` included); else start from `load` (weights only for a converted checkpoint or with
+    checkpoint.finetune=true); else from a random init."""
+    resuming = cfg.save is not None and (Path(cfg.save) / TRACKER).is_file()
+    source = cfg.save if resuming else cfg.load
     if source is None:
         log.info("training from a random init (seed %d)", cfg.train.seed)
         return TrainState()
+    if resuming and cfg.load is not None:
+        log.info(
+            "save=%s already holds a checkpoint: resuming it (load= only starts a run)", cfg.save
+        )
     args = (layout["spec"], layout["tp"], layout["pp"], layout["vpp"])
     # A converted (release) checkpoint has weights only: it starts a fine-tune.
-    weights_only = cfg.checkpoint.finetune or read_tracker(Path(source)) == RELEASE
+    weights_only = not resuming and (
+        cfg.checkpoint.finetune or read_tracker(Path(source)) == RELEASE
+    )
     if weights_only:
         load_model_weights(model, source, *args)
         # bf16/fp16: the optimizer's fp32 master weights were copied at construction; refresh

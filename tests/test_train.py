@@ -133,7 +133,8 @@ def test_interrupted_and_resumed_training_reproduces_the_loss_sequence(setup, re
     save = setup[0] / "resume_ckpt"
     first, _ = run_pt(setup, 4, 2, 2, "part1", save=save, **{"train.exit_after_iters": 5})
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
-    second, proc = run_pt(setup, 4, 2, 2, "part2", save=save, load=None)  # resumes `save`
+    # The job is resubmitted with the very same command line: `save` wins over `load`.
+    second, proc = run_pt(setup, 4, 2, 2, "part2", save=save)
     assert "resumed at iteration 5" in proc.stderr
     assert losses(first) + losses(second) == losses(reference)  # exactly
 
@@ -157,7 +158,7 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(setup):
     assert (save / ".partial_iter_0000006").is_dir() and not (save / "iter_0000006").exists()
     mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(save), out_dir=str(root / "crash_hf")))
     resumed, proc = run_pt(
-        setup, 1, 1, 1, "after_crash", save=save, load=None, **{"checkpoint.save_interval": 3}
+        setup, 1, 1, 1, "after_crash", save=save, **{"checkpoint.save_interval": 3}
     )
     assert "resumed at iteration 3" in proc.stderr and len(resumed) == ITERS - 3
     assert not (save / ".partial_iter_0000006").exists()
