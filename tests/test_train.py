@@ -131,11 +131,14 @@ def test_dp2_equals_dp1_with_twice_the_micro_batches(setup):
 
 def test_interrupted_and_resumed_training_reproduces_the_loss_sequence(setup, reference):
     save = setup[0] / "resume_ckpt"
-    first, _ = run_pt(setup, 4, 2, 2, "part1", save=save, **{"train.exit_after_iters": 5})
+    keep = {"checkpoint.keep_last": 1, "checkpoint.save_interval": 3}
+    first, _ = run_pt(setup, 4, 2, 2, "part1", save=save, **{"train.exit_after_iters": 5}, **keep)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000005"]  # 3 was pruned
     # The job is resubmitted with the very same command line: `save` wins over `load`.
-    second, proc = run_pt(setup, 4, 2, 2, "part2", save=save)
+    second, proc = run_pt(setup, 4, 2, 2, "part2", save=save, **keep)
     assert "resumed at iteration 5" in proc.stderr
+    assert sorted(p.name for p in save.glob("iter_*")) == [f"iter_{ITERS:07d}"]
     assert losses(first) + losses(second) == losses(reference)  # exactly
 
 
@@ -215,3 +218,26 @@ def test_bf16_finetune_starts_from_the_loaded_weights(setup):
     assert any(t.dtype == torch.bfloat16 for t in trained.values())
     for name, tensor in original.items():  # bf16 matrices; megatron keeps some norms in fp32
         assert torch.equal(trained[name], tensor.to(trained[name].dtype)), name
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nan_loss_stops_naming_the_iteration_or_is_skipped(setup, monkeypatch, mode):
+    monkeypatch.setenv("NAN_AT", "3")
+    monkeypatch.setenv("MICRO_BATCHES", "4")  # global batch 8 / micro-batch 2, one DP rank
+    history, proc = run_pt(
+        setup,
+        1,
+        1,
+        1,
+        f"nan_{mode}",
+        script=[str(DIST_DIR / "nan_at_step.py")],
+        check=False,
+        **{"train.on_nan": mode, "train.iters": 4},
+    )
+    if mode == "stop":  # the worker exits 2; torchrun reports any failed worker as 1
+        assert proc.returncode != 0 and len(history) == 2
+        assert "error: iteration 3: loss is nan; stopping" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert len(history) == 4 and "skipped 1" in proc.stderr
+        assert "grad_norm" not in history[2] and "grad_norm" in history[3]
