@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from mtrain.cli import hydra_command
-from mtrain.config.schema import TrainingCommandConfig
-from mtrain.data.pt import build_pt_dataset
+from mtrain.config.schema import TrainingCommandConfig, iters_for_epochs
+from mtrain.data.indexed import IndexedTokens
+from mtrain.data.pt import build_pt_dataset, prepare_corpus
 from mtrain.data.sampler import micro_batches
 from mtrain.errors import ConfigError
 from mtrain.plan import describe_plan
@@ -35,17 +36,29 @@ def make_pt_task(cfg: PTConfig, layout: dict) -> Task:
             "tokenizer (pass model.hf_dir=PATH)"
         )
     tr = cfg.train
+    first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+    def node_first(step):
+        """One process per node does `step` (tokenizing, indexing); the others then find it
+        cached."""
+        result = step() if first_on_node else None
+        torch.distributed.barrier()
+        return result if first_on_node else step()
+
+    if tr.epochs is not None:
+        prefixes = node_first(lambda: prepare_corpus(cfg.data, cfg.model.hf_dir))
+        samples = sum((IndexedTokens(p).num_tokens - 1) // tr.seq_length for p in prefixes)
+        log.info(
+            "data: %d samples of %d tokens per epoch; %g epochs = %d iterations",
+            samples,
+            tr.seq_length,
+            tr.epochs,
+            iters_for_epochs(tr, samples),
+        )
     num_samples = tr.iters * tr.global_batch_size
-
-    def build():
-        return build_pt_dataset(cfg.data, cfg.model.hf_dir, tr.seq_length, num_samples, tr.seed)
-
-    # One process per node tokenizes and indexes; the others then find everything cached.
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        dataset = build()
-    torch.distributed.barrier()
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        dataset = build()
+    dataset = node_first(
+        lambda: build_pt_dataset(cfg.data, cfg.model.hf_dir, tr.seq_length, num_samples, tr.seed)
+    )
 
     def batches(consumed: int, dp_rank: int, dp: int):
         return micro_batches(

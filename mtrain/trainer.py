@@ -252,9 +252,9 @@ def train(
     accel.activate(cfg.device)
     parallel.init(layout["tp"], layout["pp"], layout["vpp"], seed=cfg.train.seed)
     spec, tr = layout["spec"], cfg.train
+    task = make_task(cfg, layout)  # may resolve train.epochs into train.iters
     model, optimizer, scheduler = _build(cfg, layout)
     state = _start(cfg, layout, model, optimizer, scheduler)
-    task = make_task(cfg, layout)
     forward = task.forward or lm_forward
     dp_rank, dp = ps.get_data_parallel_rank(), layout["dp"]
     # One iterator per model chunk: with interleaving, every chunk draws each micro-batch.

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mtrain.config.model import load_preset
-from mtrain.config.schema import TrainingCommandConfig, validate
+from mtrain.config.schema import TrainingCommandConfig, iters_for_epochs, validate
 from mtrain.errors import ConfigError
 from mtrain.plan import memory_estimate
 
@@ -108,3 +108,17 @@ def test_bad_training_config_is_one_line_and_exit_code_2():
 def test_missing_model_preset_is_explained():
     proc = run("dry_run=true", "train.iters=1", "data.path=x")
     assert proc.returncode == 2 and "model" in proc.stderr and "+model=" in proc.stderr
+
+
+@pytest.mark.parametrize("iters, epochs", [(None, None), (10, 1.0)])
+def test_exactly_one_of_iters_and_epochs(iters, epochs):
+    with pytest.raises(ConfigError, match="exactly one of train.iters and train.epochs"):
+        validate(config(train__iters=iters, train__epochs=epochs), world_size=4)
+
+
+def test_epochs_become_whole_global_batches():
+    cfg = config(train__iters=None, train__epochs=2.5, train__global_batch_size=8)
+    validate(cfg, world_size=4)
+    assert iters_for_epochs(cfg.train, samples_per_epoch=100) == 31  # floor(250 / 8)
+    with pytest.raises(ConfigError, match="holds 5 samples .* fewer than one global batch"):
+        iters_for_epochs(cfg.train, samples_per_epoch=5)

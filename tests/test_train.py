@@ -241,3 +241,15 @@ def test_a_nan_loss_stops_naming_the_iteration_or_is_skipped(setup, monkeypatch,
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert len(history) == 4 and "skipped 1" in proc.stderr
         assert "grad_norm" not in history[2] and "grad_norm" in history[3]
+
+
+def test_epochs_set_the_iterations_from_the_data_size(setup):
+    from transformers import AutoTokenizer
+
+    root, hf = setup
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    texts = [json.loads(line)["text"] for line in open(root / "corpus.jsonl")]
+    tokens = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # + end of document
+    expected = int(0.25 * ((tokens - 1) // 64) / 8)
+    history, _ = run_pt(setup, 1, 1, 1, "epochs", **{"train.iters": None, "train.epochs": 0.25})
+    assert len(history) == expected > 0

@@ -7,6 +7,7 @@ names the keys involved.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,8 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    iters: int = MISSING  # optimizer steps to train for
+    iters: int | None = None  # optimizer steps to train for (or give train.epochs)
+    epochs: float | None = None  # passes over the data; sets iters once the data size is known
     micro_batch_size: int = 1  # sequences per forward pass per data-parallel rank
     global_batch_size: int = 8  # sequences per optimizer step, over all DP ranks and micro-batches
     seq_length: int = 2048  # tokens per sequence
@@ -88,6 +90,25 @@ class TrainingCommandConfig:
     dry_run: bool = False  # validate the config and print the plan, then exit
 
 
+def check_iters(tr: TrainConfig) -> None:
+    """The checks that need `train.iters` (known late when set through train.epochs)."""
+    if tr.iters is not None and tr.warmup_iters > tr.iters:
+        raise ConfigError(f"train.warmup_iters={tr.warmup_iters} exceeds train.iters={tr.iters}")
+
+
+def iters_for_epochs(tr: TrainConfig, samples_per_epoch: int) -> int:
+    """Resolve train.epochs into train.iters (whole global batches, at least one)."""
+    if samples_per_epoch < tr.global_batch_size:
+        raise ConfigError(
+            f"the data holds {samples_per_epoch} samples of train.seq_length="
+            f"{tr.seq_length}, fewer than one global batch "
+            f"({tr.global_batch_size}); add data or lower the batch size"
+        )
+    tr.iters = max(1, math.floor(tr.epochs * samples_per_epoch / tr.global_batch_size))
+    check_iters(tr)
+    return tr.iters
+
+
 def resolve_layout(cfg: TrainingCommandConfig) -> tuple[int, int]:
     tp = cfg.parallel.tp if cfg.parallel.tp is not None else cfg.model.recommended_tp
     pp = cfg.parallel.pp if cfg.parallel.pp is not None else cfg.model.recommended_pp
@@ -121,8 +142,12 @@ def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"train.recompute={tr.recompute} is not one of null, selective, full")
     if tr.on_nan not in ("stop", "skip"):
         raise ConfigError(f"train.on_nan={tr.on_nan} is not one of stop, skip")
+    if (tr.iters is None) == (tr.epochs is None):
+        raise ConfigError("give exactly one of train.iters and train.epochs")
+    if tr.epochs is not None and tr.epochs <= 0:
+        raise ConfigError(f"train.epochs={tr.epochs} must be positive")
     for key in ("iters", "micro_batch_size", "global_batch_size", "seq_length"):
-        if getattr(tr, key) <= 0:
+        if getattr(tr, key) is not None and getattr(tr, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(tr, key)} must be positive")
     if tr.global_batch_size % (tr.micro_batch_size * dp):
         raise ConfigError(
@@ -141,8 +166,7 @@ def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
             f"train.seq_length={tr.seq_length} exceeds the model's "
             f"max_position_embeddings={spec.max_position_embeddings}"
         )
-    if tr.warmup_iters > tr.iters:
-        raise ConfigError(f"train.warmup_iters={tr.warmup_iters} exceeds train.iters={tr.iters}")
+    check_iters(tr)
     if tr.exit_after_iters is not None and tr.exit_after_iters <= 0:
         raise ConfigError(f"train.exit_after_iters={tr.exit_after_iters} must be positive")
     if tr.min_lr > tr.lr:
