@@ -35,6 +35,7 @@ from mtrain.checkpoint_format import RELEASE, TRACKER, read_tracker
 from mtrain.config.schema import TrainingCommandConfig, validate
 from mtrain.dtypes import DTYPE_NAMES, DTYPES
 from mtrain.errors import ConfigError, MtrainError
+from mtrain.freeze import apply_freeze, keep_frozen_tied_embedding_reducible
 from mtrain.models.provider import BuildOptions, build_model_chunks
 from mtrain.models.spec import megatron_args
 from mtrain.progress import Progress, flops_per_token
@@ -129,6 +130,25 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any]):
         extra={"calculate_per_token_loss": True},
     )
     chunks = [c.to(accel.device()) for c in build_model_chunks(layout["spec"], opts)]
+    if cfg.finetuning_type == "freeze":
+        spec = layout["spec"]
+        trainable, total = apply_freeze(
+            chunks, list(cfg.freeze.trainable), spec.num_layers, spec.tie_word_embeddings
+        )
+        log.info(
+            "freeze: this rank trains %d of %d parameters (%.1f%%)",
+            trainable,
+            total,
+            100 * trainable / max(total, 1),
+        )
+        fewest = torch.tensor([trainable], device=accel.device())
+        torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
+        if fewest.item() == 0:
+            raise ConfigError(
+                f"freeze.trainable={list(cfg.freeze.trainable)} leaves a pipeline stage with "
+                "nothing to train, which megatron-core's optimizer cannot handle; name something "
+                "on every stage (e.g. output_layer with tied embeddings) or lower parallel.pp"
+            )
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=par.overlap_grad_reduce,
@@ -140,6 +160,8 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any]):
         )
         for i, c in enumerate(chunks)
     ]
+    if cfg.finetuning_type == "freeze":
+        keep_frozen_tied_embedding_reducible(model)
     dtype = DTYPES[tr.precision]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(

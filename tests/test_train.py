@@ -253,3 +253,29 @@ def test_epochs_set_the_iterations_from_the_data_size(setup):
     expected = int(0.25 * ((tokens - 1) // 64) / 8)
     history, _ = run_pt(setup, 1, 1, 1, "epochs", **{"train.iters": None, "train.epochs": 0.25})
     assert len(history) == expected > 0
+
+
+def test_freeze_trains_only_the_named_parameters(setup):
+    """TP=2 x PP=2: the last layer and the (tied) embedding train, everything else comes out of
+    training bit-identical."""
+    import torch
+
+    from tests.test_convert import hf_tensors
+
+    root, hf = setup
+    save = root / "freeze_ckpt"
+    run_pt(
+        setup,
+        4,
+        2,
+        2,
+        "freeze",
+        save=save,
+        finetuning_type="freeze",
+        **{"freeze.trainable": "[layers.-1:,output_layer]", "train.iters": 3},
+    )
+    mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(save), out_dir=str(root / "freeze_hf")))
+    before, after = hf_tensors(hf), hf_tensors(root / "freeze_hf")
+    trained = {n for n in before if not torch.equal(before[n], after[n])}
+    expected = {n for n in before if n.startswith("model.layers.3.") or "embed_tokens" in n}
+    assert trained == expected

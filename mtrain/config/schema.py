@@ -73,6 +73,13 @@ class LogConfig:
 
 
 @dataclass
+class FreezeConfig:
+    trainable: list[str] = field(
+        default_factory=list
+    )  # patterns of what trains, see mtrain/freeze.py
+
+
+@dataclass
 class TrainingCommandConfig:
     """Top level of `python -m mtrain.pt` (and the base of sft/dpo)."""
 
@@ -82,6 +89,8 @@ class TrainingCommandConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    finetuning_type: str = "full"  # full | freeze (only freeze.trainable trains)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
     device: str = "auto"  # auto | cpu | cuda | npu
     load: str | None = (
         None  # checkpoint to start from (Megatron legacy format); default: resume `save`
@@ -180,6 +189,14 @@ def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError("checkpoint.save_interval is set but save is not; pass save=DIR")
     if ck.finetune and cfg.load is None:
         raise ConfigError("checkpoint.finetune=true needs load=CKPT_DIR")
+    if cfg.finetuning_type not in ("full", "freeze"):
+        hint = "; LoRA is not available yet" if cfg.finetuning_type == "lora" else ""
+        raise ConfigError(f"finetuning_type={cfg.finetuning_type} is not one of full, freeze{hint}")
+    if cfg.finetuning_type == "freeze" and not cfg.freeze.trainable:
+        raise ConfigError(
+            "finetuning_type=freeze needs freeze.trainable, e.g. "
+            "freeze.trainable=[layers.-4:,output_layer]"
+        )
     if cfg.log.interval <= 0:
         raise ConfigError(f"log.interval={cfg.log.interval} must be positive")
     return {
