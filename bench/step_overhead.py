@@ -65,7 +65,8 @@ def timed_batches(stamps: list[float]):
 
 def run_mtrain(steps: int, device: str) -> list[float]:
     from mtrain.config.schema import TrainingCommandConfig
-    from mtrain.trainer import Task, lm_loss, train
+    from mtrain.losses import lm_loss
+    from mtrain.trainer import Task, train
 
     model = ModelConfig(**{f.name: getattr(SPEC, f.name) for f in fields(ModelSpec)}, name="bench")
     cfg = TrainingCommandConfig(model=model, device=device)

@@ -56,6 +56,7 @@ class Progress:
     _window_iters: int = 0
     _window_skipped: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    evaluations: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self):
         if self.tensorboard_dir:
@@ -106,6 +107,22 @@ class Progress:
             self._writer.add_scalar("perf/tflops_per_device", tflops, iteration)
             self._writer.flush()
         self._last, self._window_iters, self._window_skipped = now, 0, 0
+
+    def evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
+        """Log a validation result and send it to every sink, as eval/<name>."""
+        log.info(
+            "eval @ iter %d | %s", iteration, " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        )
+        named = {f"eval/{k}": v for k, v in metrics.items()}
+        self.evaluations.append({"iteration": iteration, **named})
+        if self.metrics_file:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(self.evaluations[-1]) + "\n")
+        if self._writer is not None:
+            for key, value in named.items():
+                self._writer.add_scalar(key, value, iteration)
+        if self._wandb is not None:
+            self._wandb.log(named, step=iteration)
 
     def summary(self) -> None:
         elapsed = time.perf_counter() - self._t0

@@ -18,8 +18,9 @@ from mtrain.data.indexed import IndexedTokens
 from mtrain.data.pt import build_pt_dataset, prepare_corpus
 from mtrain.data.sampler import micro_batches
 from mtrain.errors import ConfigError
+from mtrain.losses import lm_loss
 from mtrain.plan import describe_plan
-from mtrain.trainer import Task, lm_loss, train
+from mtrain.trainer import Task, train
 
 log = logging.getLogger("mtrain.pt")
 

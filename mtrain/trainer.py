@@ -36,6 +36,7 @@ from mtrain.config.schema import TrainingCommandConfig, validate
 from mtrain.dtypes import DTYPE_NAMES, DTYPES
 from mtrain.errors import ConfigError, MtrainError
 from mtrain.freeze import apply_freeze, keep_frozen_tied_embedding_reducible
+from mtrain.losses import lm_forward, lm_loss_and_accuracy, logits_forward
 from mtrain.models.provider import BuildOptions, build_model_chunks
 from mtrain.models.spec import megatron_args
 from mtrain.progress import Progress, flops_per_token
@@ -61,20 +62,12 @@ class Task:
         [Batch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
     ]
     # (model chunk, batch) -> output tensor; per-token losses on the last pipeline stage
-    forward: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None
-
-
-def lm_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    return model(
-        batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
-    )
-
-
-def lm_loss(batch: Batch, token_losses: torch.Tensor):
-    mask = batch["loss_mask"].float()
-    total = (token_losses.float() * mask).sum()
-    count = mask.sum()
-    return total, count.int(), {"loss": torch.stack([total.detach(), count.detach()])}
+    forward: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_forward
+    # (dp_rank, dp_size) -> this rank's validation micro-batches, one pass; None: no validation
+    eval_batches: Callable[[int, int], Iterator[Batch]] | None = None
+    eval_samples: int = 0  # validation samples (whole global batches of them are evaluated)
+    eval_forward: Callable[[torch.nn.Module, Batch], torch.Tensor] = logits_forward
+    eval_loss: Callable = lm_loss_and_accuracy
 
 
 class _Preemption:
@@ -249,8 +242,8 @@ METRICS = (
 )
 
 
-def _reduce_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Weighted means of the micro-batch metrics over DP, known on every rank (collective)."""
+def _metric_sums(outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """[sum, weight] per METRICS entry over micro-batches and DP, on every rank (collective)."""
     from megatron.core import parallel_state as ps
 
     sums = torch.zeros(len(METRICS), 2, device=accel.device())
@@ -259,7 +252,47 @@ def _reduce_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
             sums[METRICS.index(name)] += value.to(sums.device).float()
     torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
     torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+    return sums
+
+
+def _means(sums: torch.Tensor) -> dict[str, float]:
     return {name: s / w for name, (s, w) in zip(METRICS, sums.tolist()) if w > 0}
+
+
+def evaluate(
+    model, task: Task, cfg: TrainingCommandConfig, layout, dp_rank: int
+) -> dict[str, float]:
+    """One pass over the validation set (whole global batches, at most eval.max_batches)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tr = cfg.train
+    batches = task.eval_samples // tr.global_batch_size
+    if cfg.eval.max_batches is not None:
+        batches = min(batches, cfg.eval.max_batches)
+    iterators = [task.eval_batches(dp_rank, layout["dp"]) for _ in model]
+
+    def forward_step(data_iterator, chunk):
+        batch = {k: v.to(accel.device(), non_blocking=True) for k, v in next(data_iterator).items()}
+        return task.eval_forward(chunk, batch), lambda out: task.eval_loss(batch, out)
+
+    for m in model:
+        m.eval()
+    sums = torch.zeros(len(METRICS), 2, device=accel.device())
+    with torch.no_grad():
+        for _ in range(batches):
+            outputs = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                model=model,
+                num_microbatches=layout["micro_batches"],
+                seq_length=tr.seq_length,
+                micro_batch_size=tr.micro_batch_size,
+                forward_only=True,
+            )
+            sums += _metric_sums(outputs)
+    for m in model:
+        m.train()
+    return _means(sums)
 
 
 def train(
@@ -277,7 +310,7 @@ def train(
     task = make_task(cfg, layout)  # may resolve train.epochs into train.iters
     model, optimizer, scheduler = _build(cfg, layout)
     state = _start(cfg, layout, model, optimizer, scheduler)
-    forward = task.forward or lm_forward
+    forward = task.forward
     dp_rank, dp = ps.get_data_parallel_rank(), layout["dp"]
     # One iterator per model chunk: with interleaving, every chunk draws each micro-batch.
     iterators = [task.batches(state.consumed_samples, dp_rank, dp) for _ in model]
@@ -336,7 +369,7 @@ def train(
                 micro_batch_size=tr.micro_batch_size,
                 forward_only=False,
             )
-            metrics = _reduce_metrics(outputs)
+            metrics = _means(_metric_sums(outputs))
             metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate this step uses
             loss = metrics.get("loss", float("nan"))
             skipped = False
@@ -363,6 +396,13 @@ def train(
             if tr.precision == "fp16":
                 metrics["loss_scale"] = float(optimizer.get_loss_scale())
             progress.step(state.iteration, metrics, skipped)
+            every = cfg.eval.interval
+            if (
+                task.eval_batches
+                and every
+                and (state.iteration % every == 0 or state.iteration == tr.iters)
+            ):
+                progress.evaluation(state.iteration, evaluate(model, task, cfg, layout, dp_rank))
             interval = cfg.checkpoint.save_interval
             preempted = preemption.agreed()
             done = state.iteration == tr.iters

@@ -279,3 +279,13 @@ def test_freeze_trains_only_the_named_parameters(setup):
     trained = {n for n in before if not torch.equal(before[n], after[n])}
     expected = {n for n in before if n.startswith("model.layers.3.") or "embed_tokens" in n}
     assert trained == expected
+
+
+@pytest.mark.parametrize("tp, pp, nproc", [(2, 2, 4), (1, 1, 2)])
+def test_validation_loss_and_accuracy_equal_the_hf_models(setup, tp, pp, nproc):
+    root, hf = setup
+    result = root / f"eval_{tp}{pp}.json"
+    launch(nproc, DIST_DIR / "eval_parity.py", hf, root / f"c{tp}{pp}", tp, pp, result)
+    out = json.loads(result.read_text())
+    for key in ("eval/loss", "eval/accuracy"):
+        assert abs(out["ours"][key] - out["reference"][key]) < 1e-5, (key, out)

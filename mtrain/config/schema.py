@@ -73,6 +73,12 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    interval: int | None = None  # validate every N iterations and at the end; null = never
+    max_batches: int | None = None  # global batches per validation; null = the whole set
+
+
+@dataclass
 class FreezeConfig:
     trainable: list[str] = field(
         default_factory=list
@@ -89,6 +95,7 @@ class TrainingCommandConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     finetuning_type: str = "full"  # full | freeze (only freeze.trainable trains)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     device: str = "auto"  # auto | cpu | cuda | npu
@@ -197,6 +204,10 @@ def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
             "finetuning_type=freeze needs freeze.trainable, e.g. "
             "freeze.trainable=[layers.-4:,output_layer]"
         )
+    for key in ("interval", "max_batches"):
+        value = getattr(cfg.eval, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"eval.{key}={value} must be positive")
     if cfg.log.interval <= 0:
         raise ConfigError(f"log.interval={cfg.log.interval} must be positive")
     return {
