@@ -66,6 +66,15 @@ def init_process_group(timeout_minutes: int = 30) -> None:
     )
 
 
+def node_first(step):
+    """Run `step` (e.g. tokenizing a corpus into a shared cache) on one process per node first;
+    the others run it after a barrier, when everything they need is cached. Collective."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    result = step() if first else None
+    dist.barrier()
+    return result if first else step()
+
+
 def destroy() -> None:
     """Drop megatron's groups (the torch.distributed group stays, for another layout)."""
     from megatron.core import parallel_state

@@ -7,11 +7,9 @@ Megatron indexed dataset (cached), concatenated, and cut into `train.seq_length`
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
-import torch
-
+from mtrain import parallel
 from mtrain.cli import hydra_command
 from mtrain.config.schema import TrainingCommandConfig, iters_for_epochs
 from mtrain.data.indexed import IndexedTokens
@@ -37,17 +35,8 @@ def make_pt_task(cfg: PTConfig, layout: dict) -> Task:
             "tokenizer (pass model.hf_dir=PATH)"
         )
     tr = cfg.train
-    first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
-
-    def node_first(step):
-        """One process per node does `step` (tokenizing, indexing); the others then find it
-        cached."""
-        result = step() if first_on_node else None
-        torch.distributed.barrier()
-        return result if first_on_node else step()
-
     if tr.epochs is not None:
-        prefixes = node_first(lambda: prepare_corpus(cfg.data, cfg.model.hf_dir))
+        prefixes = parallel.node_first(lambda: prepare_corpus(cfg.data, cfg.model.hf_dir))
         samples = sum((IndexedTokens(p).num_tokens - 1) // tr.seq_length for p in prefixes)
         log.info(
             "data: %d samples of %d tokens per epoch; %g epochs = %d iterations",
@@ -57,7 +46,7 @@ def make_pt_task(cfg: PTConfig, layout: dict) -> Task:
             iters_for_epochs(tr, samples),
         )
     num_samples = tr.iters * tr.global_batch_size
-    dataset = node_first(
+    dataset = parallel.node_first(
         lambda: build_pt_dataset(cfg.data, cfg.model.hf_dir, tr.seq_length, num_samples, tr.seed)
     )
 

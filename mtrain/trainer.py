@@ -68,6 +68,7 @@ class Task:
     eval_samples: int = 0  # validation samples (whole global batches of them are evaluated)
     eval_forward: Callable[[torch.nn.Module, Batch], torch.Tensor] = logits_forward
     eval_loss: Callable = lm_loss_and_accuracy
+    attention_mask: bool = False  # batches carry "attention_mask" (e.g. packed samples)
 
 
 class _Preemption:
@@ -91,7 +92,7 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _build(cfg: TrainingCommandConfig, layout: dict[str, Any]):
+def _build(cfg: TrainingCommandConfig, layout: dict[str, Any], task: Task):
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -120,6 +121,7 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any]):
         fused_kernels=accel.current().NAME != "cpu",
         recompute_granularity=tr.recompute,
         init_method_std=tr.init_std,
+        explicit_attention_mask=task.attention_mask,
         extra={"calculate_per_token_loss": True},
     )
     chunks = [c.to(accel.device()) for c in build_model_chunks(layout["spec"], opts)]
@@ -308,7 +310,7 @@ def train(
     parallel.init(layout["tp"], layout["pp"], layout["vpp"], seed=cfg.train.seed)
     spec, tr = layout["spec"], cfg.train
     task = make_task(cfg, layout)  # may resolve train.epochs into train.iters
-    model, optimizer, scheduler = _build(cfg, layout)
+    model, optimizer, scheduler = _build(cfg, layout, task)
     state = _start(cfg, layout, model, optimizer, scheduler)
     forward = task.forward
     dp_rank, dp = ps.get_data_parallel_rank(), layout["dp"]

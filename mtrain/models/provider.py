@@ -31,6 +31,9 @@ class BuildOptions:
     recompute_num_layers: int | None = None
     init_method_std: float = 0.02
     seed_init_on_cpu: bool = True  # deterministic init independent of TP (use_cpu_initialization)
+    # Batches carry their own attention mask (packed samples): the layers must apply it rather
+    # than the implicit causal one (megatron's fused causal softmax ignores a given mask).
+    explicit_attention_mask: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # more TransformerConfig fields
 
 
@@ -89,13 +92,19 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
     )
 
 
-def layer_spec(spec: ModelSpec):
+def layer_spec(spec: ModelSpec, explicit_attention_mask: bool = False):
     """megatron-core's local (no Transformer Engine) layer spec; checkpoint names follow it."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.enums import AttnMaskType
 
-    return get_gpt_layer_local_spec(
+    lspec = get_gpt_layer_local_spec(
         qk_layernorm=spec.family_table.qk_layernorm, normalization="RMSNorm"
     )
+    if explicit_attention_mask:
+        # RoPE still sees positions 0..s-1 of the packed row, which is exact: its scores depend
+        # only on the distance between tokens, the same within a packed sample as alone.
+        lspec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding
+    return lspec
 
 
 def build_model_chunks(spec: ModelSpec, opts: BuildOptions) -> list[torch.nn.Module]:
@@ -107,7 +116,7 @@ def build_model_chunks(spec: ModelSpec, opts: BuildOptions) -> list[torch.nn.Mod
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config(spec, opts)
-    lspec = layer_spec(spec)
+    lspec = layer_spec(spec, opts.explicit_attention_mask)
     chunks = []
     for chunk in range(opts.vpp):
         if opts.vpp > 1:
