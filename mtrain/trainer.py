@@ -261,37 +261,43 @@ def _means(sums: torch.Tensor) -> dict[str, float]:
     return {name: s / w for name, (s, w) in zip(METRICS, sums.tolist()) if w > 0}
 
 
+def _run_schedule(model, iterators, forward, loss, layout, tr, forward_only: bool):
+    """One global batch through megatron's pipeline schedule; returns the metric sums."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, chunk):
+        batch = {k: v.to(accel.device(), non_blocking=True) for k, v in next(data_iterator).items()}
+        return forward(chunk, batch), lambda out: loss(batch, out)
+
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=model,
+        num_microbatches=layout["micro_batches"],
+        seq_length=tr.seq_length,
+        micro_batch_size=tr.micro_batch_size,
+        forward_only=forward_only,
+    )
+    return _metric_sums(outputs)
+
+
 def evaluate(
     model, task: Task, cfg: TrainingCommandConfig, layout, dp_rank: int
 ) -> dict[str, float]:
     """One pass over the validation set (whole global batches, at most eval.max_batches)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     tr = cfg.train
     batches = task.eval_samples // tr.global_batch_size
     if cfg.eval.max_batches is not None:
         batches = min(batches, cfg.eval.max_batches)
     iterators = [task.eval_batches(dp_rank, layout["dp"]) for _ in model]
-
-    def forward_step(data_iterator, chunk):
-        batch = {k: v.to(accel.device(), non_blocking=True) for k, v in next(data_iterator).items()}
-        return task.eval_forward(chunk, batch), lambda out: task.eval_loss(batch, out)
-
     for m in model:
         m.eval()
     sums = torch.zeros(len(METRICS), 2, device=accel.device())
     with torch.no_grad():
         for _ in range(batches):
-            outputs = get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                model=model,
-                num_microbatches=layout["micro_batches"],
-                seq_length=tr.seq_length,
-                micro_batch_size=tr.micro_batch_size,
-                forward_only=True,
+            sums += _run_schedule(
+                model, iterators, task.eval_forward, task.eval_loss, layout, tr, forward_only=True
             )
-            sums += _metric_sums(outputs)
     for m in model:
         m.train()
     return _means(sums)
@@ -302,7 +308,6 @@ def train(
 ) -> list[dict[str, float]]:
     """Run a training command; returns the per-iteration metrics (rank 0 has them all)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     layout = validate(cfg, parallel.world_size())
     mlog.setup(all_ranks=cfg.log.all_ranks)
@@ -312,15 +317,9 @@ def train(
     task = make_task(cfg, layout)  # may resolve train.epochs into train.iters
     model, optimizer, scheduler = _build(cfg, layout, task)
     state = _start(cfg, layout, model, optimizer, scheduler)
-    forward = task.forward
     dp_rank, dp = ps.get_data_parallel_rank(), layout["dp"]
     # One iterator per model chunk: with interleaving, every chunk draws each micro-batch.
     iterators = [task.batches(state.consumed_samples, dp_rank, dp) for _ in model]
-
-    def forward_step(data_iterator, chunk):
-        batch = {k: v.to(accel.device(), non_blocking=True) for k, v in next(data_iterator).items()}
-        output = forward(chunk, batch)
-        return output, lambda out: task.loss(batch, out)
 
     args = megatron_args(
         spec,
@@ -356,22 +355,16 @@ def train(
         tr.iters,
     )
     preemption = _Preemption()
-    fb = get_forward_backward_func()
     try:
         while state.iteration < tr.iters:
             for m in model:
                 m.zero_grad_buffer()
             optimizer.zero_grad()
-            outputs = fb(
-                forward_step_func=forward_step,
-                data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                model=model,
-                num_microbatches=layout["micro_batches"],
-                seq_length=tr.seq_length,
-                micro_batch_size=tr.micro_batch_size,
-                forward_only=False,
+            metrics = _means(
+                _run_schedule(
+                    model, iterators, task.forward, task.loss, layout, tr, forward_only=False
+                )
             )
-            metrics = _means(_metric_sums(outputs))
             metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate this step uses
             loss = metrics.get("loss", float("nan"))
             skipped = False
