@@ -1,0 +1,139 @@
+"""Conversations -> token ids and the spans that carry loss, by rendering prefixes.
+
+For an assistant message at index k the template renders
+
+    prompt_k = render(messages[:k], add_generation_prompt=True)    ...<|im_start|>assistant\\n
+    turn_k   = render(messages[:k + 1])                             ...<|im_start|>assistant\\n{content}<|im_end|>\\n
+
+and both must be prefixes of the whole conversation's rendering. The turn's trained tokens are
+those between the two, up to and including the last end-of-turn token (so the header is not
+trained, the end token is, and a separator written after it is not). A template that rewrites
+earlier turns once a later one is added (Qwen3's own drops past reasoning) breaks the prefix
+property; it is refused, naming the conversation, rather than trained with misplaced masks.
+
+The whole rendering is tokenized once, in a batch. Where a prefix ends exactly between two
+tokens of that encoding (the encoding's char -> token map says so, for fast tokenizers), that
+token index is the boundary. Otherwise, and always with a slow tokenizer or `exact=True`, the
+prefix is tokenized on its own and its tokens must be a prefix of the whole encoding: the token
+form of the prefix property, which is what makes training see the prompt as inference will.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mtrain.errors import ConfigError
+
+Span = tuple[int, int]  # trained tokens [start, stop) of one conversation
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    spans: list[Span]  # increasing, disjoint
+
+    def labels(self) -> list[int]:
+        """HF convention: labels[i] = ids[i] where trained, else -100 (no shift)."""
+        labels = [-100] * len(self.ids)
+        for a, b in self.spans:
+            labels[a:b] = self.ids[a:b]
+        return labels
+
+
+class ChatEncoder:
+    """Tokenize conversations with one template and `train_on` rule (assistant | last | all)."""
+
+    def __init__(self, tokenizer, template, train_on: str, exact: bool = False):
+        self.tokenizer, self.template, self.train_on = tokenizer, template, train_on
+        self.backend = None if exact else getattr(tokenizer, "backend_tokenizer", None)
+        vocab = tokenizer.get_vocab()
+        ends = {vocab[t] for t in template.end_tokens if t in vocab}
+        if tokenizer.eos_token_id is not None:
+            ends.add(tokenizer.eos_token_id)
+        self.end_ids = frozenset(ends)
+
+    def encode(
+        self, conversations: list[list[dict]], where: list[str] | None = None
+    ) -> list[Encoded]:
+        where = where or [f"conversation {n + 1}" for n in range(len(conversations))]
+        render = self.template.render
+        full = render(conversations, False)
+        if self.train_on == "all":
+            return [Encoded(x, [(0, len(x))]) for x in self._tokenize(full)]
+        encs = self.backend.encode_batch(full, add_special_tokens=False) if self.backend else None
+        ids = [e.ids for e in encs] if encs is not None else self._tokenize(full)
+
+        jobs = []  # (conversation, message index of an assistant turn to train)
+        for i, conv in enumerate(conversations):
+            turns = [k for k, m in enumerate(conv) if m["role"] == "assistant"]
+            jobs += [(i, k) for k in (turns[-1:] if self.train_on == "last" else turns)]
+        prompts = render([conversations[i][:k] for i, k in jobs], True)
+        # A turn that ends the conversation renders as the whole; only inner turns need rendering.
+        turn_texts = [full[i] for i, _ in jobs]
+        inner = [j for j, (i, k) in enumerate(jobs) if k + 1 < len(conversations[i])]
+        rendered = render([conversations[jobs[j][0]][: jobs[j][1] + 1] for j in inner], False)
+        for j, text in zip(inner, rendered):
+            turn_texts[j] = text
+
+        bounds: dict[tuple[int, int], int] = {}  # (job, 0 prompt | 1 turn) -> token index
+        unresolved = []
+        for j, (i, k) in enumerate(jobs):
+            text, prompt, turn = full[i], prompts[j], turn_texts[j]
+            if not (turn.startswith(prompt) and text.startswith(turn)):
+                raise _not_prefix(where[i], k, prompt, turn, text)
+            for side, chars in enumerate((len(prompt), len(turn))):
+                t = _token_starting_at(encs[i] if encs else None, chars, len(text), len(ids[i]))
+                if t is None:
+                    unresolved.append((j, side, (prompt, turn)[side]))
+                else:
+                    bounds[j, side] = t
+        if unresolved:
+            alone = self._tokenize([text for _, _, text in unresolved])
+            for (j, side, _), prefix in zip(unresolved, alone):
+                i, k = jobs[j]
+                if ids[i][: len(prefix)] != prefix:
+                    raise ConfigError(
+                        f"{where[i]}: the tokens of messages[:{k + side}] rendered alone are not a "
+                        "prefix of the conversation's tokens (a token spans the turn boundary); "
+                        "the model would see the prompt differently in training and inference"
+                    )
+                bounds[j, side] = len(prefix)
+
+        spans: list[list[Span]] = [[] for _ in conversations]
+        end_ids = self.end_ids
+        for j, (i, _) in enumerate(jobs):
+            a, b, x = bounds[j, 0], bounds[j, 1], ids[i]
+            stop = next((t + 1 for t in range(b - 1, a - 1, -1) if x[t] in end_ids), b)
+            if stop > a:
+                spans[i].append((a, stop))
+        return [Encoded(x, s) for x, s in zip(ids, spans)]
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is not None:
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _token_starting_at(enc, c: int, n_chars: int, n_tokens: int) -> int | None:
+    """The index of the token starting at char `c` of the encoded text, if one does (so `c`
+    falls between two tokens); None when unknown (no offsets) or when a token spans `c`."""
+    if c == n_chars:
+        return n_tokens
+    if enc is None:
+        return 0 if c == 0 else None
+    t = enc.char_to_token(c)  # the first token covering char c
+    return t if t is not None and enc.token_to_chars(t)[0] == c else None
+
+
+def _not_prefix(where: str, k: int, prompt: str, turn: str, full: str) -> ConfigError:
+    if full.startswith(turn):
+        what, text, other = f"messages[:{k}] with the generation prompt", prompt, turn
+    else:
+        what, text, other = f"messages[:{k + 1}]", turn, full
+    n = next((n for n, (a, b) in enumerate(zip(text, other)) if a != b), min(len(text), len(other)))
+    return ConfigError(
+        f"{where}: the chat template renders {what} as {text[n : n + 30]!r}... at char {n}, but "
+        f"the longer conversation as {other[n : n + 30]!r}...: it rewrites earlier turns (as "
+        "Qwen3's own template drops past reasoning), so assistant turns cannot be masked; use "
+        "data.train_on=last, or a built-in data.template"
+    )
