@@ -10,21 +10,12 @@ import pytest
 from converters import hf2mcore, mcore2hf
 from converters.hf2mcore import HF2McoreConfig
 from converters.mcore2hf import McoreToHFConfig
+from mtrain.models.tiny import write_chat_task
 from tests.conftest import TINY
 from tests.torchrun import launch
 
 pytestmark = pytest.mark.slow
 PAIRS = ["".join(p) for p in itertools.product("abcd", repeat=2)]
-
-
-def write_task(path):
-    with open(path, "w") as f:
-        for s in PAIRS:
-            messages = [
-                {"role": "user", "content": f"reverse: {s}"},
-                {"role": "assistant", "content": s[::-1]},
-            ]
-            f.write(json.dumps({"messages": messages}) + "\n")
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
@@ -36,7 +27,7 @@ def test_tiny_model_learns_to_reverse_strings_and_answers_in_transformers(
 
     hf = tiny_hf(TINY)
     hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(tmp_path / "c"), tp=2, pp=2))
-    write_task(tmp_path / "reverse.jsonl")
+    write_chat_task(tmp_path / "reverse.jsonl")
     metrics = tmp_path / "metrics.jsonl"
     launch(
         4,

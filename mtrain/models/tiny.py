@@ -65,6 +65,25 @@ def write_corpus(path: str | Path, lines: int, seed: int = 0) -> None:
     temp.rename(path)
 
 
+def write_chat_task(path: str | Path, letters: str = "abcd", length: int = 2) -> None:
+    """Every string of `length` over `letters` and its reversal, as OpenAI-style conversations
+    (`{"messages": [user, assistant]}`), written all-or-nothing: a task a tiny model can learn."""
+    import itertools
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w") as f:
+        for chars in itertools.product(letters, repeat=length):
+            s = "".join(chars)
+            messages = [
+                {"role": "user", "content": f"reverse: {s}"},
+                {"role": "assistant", "content": s[::-1]},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    temp.rename(path)
+
+
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 512):
     """Train a byte-level BPE tokenizer and save it as an HF fast tokenizer in `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -137,6 +156,7 @@ class TinyConfig:
     force: bool = False  # replace a non-empty out_dir
     corpus_file: str | None = None  # also write a synthetic JSONL text corpus here (sample data)
     corpus_lines: int = 2000  # documents in that corpus
+    chat_file: str | None = None  # also write a small SFT task here (OpenAI messages JSONL)
 
 
 @hydra_command("tiny", TinyConfig)
@@ -154,6 +174,9 @@ def main(cfg: TinyConfig) -> None:
         spec.num_parameters() / 1e6,
         cfg.out_dir,
     )
+    if cfg.chat_file:
+        write_chat_task(cfg.chat_file)
+        log.info("tiny: string-reversal SFT task -> %s", cfg.chat_file)
     if cfg.corpus_file:
         write_corpus(cfg.corpus_file, cfg.corpus_lines, cfg.seed)
         log.info("tiny: %d-document JSONL corpus -> %s", cfg.corpus_lines, cfg.corpus_file)
