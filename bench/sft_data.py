@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -118,8 +120,8 @@ def main() -> None:
         waste[packing] = train.stats
     lengths = train.lengths
     print(
-        f"skewed set: {len(skewed):,} samples, tokens per sample median {int(sorted(lengths)[len(lengths) // 2])}, "
-        f"max {int(lengths.max())}, seq_length {args.seq}"
+        f"skewed set: {len(skewed):,} samples, tokens per sample: median "
+        f"{int(np.median(lengths))}, max {int(lengths.max())}; seq_length {args.seq}"
     )
     for packing, s in waste.items():
         print(

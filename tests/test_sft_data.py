@@ -46,7 +46,9 @@ CONVERSATION = [
     {"role": "assistant", "content": A2},
 ]
 RECORDS = {  # the same conversation in every layout
-    "alpaca": {"system": SYSTEM, "history": [[Q1, A1]], "instruction": Q2, "input": "", "output": A2},
+    "alpaca": {
+        "system": SYSTEM, "history": [[Q1, A1]], "instruction": Q2, "input": "", "output": A2,
+    },
     "sharegpt": {
         "system": SYSTEM,
         "conversations": [
@@ -191,7 +193,8 @@ def test_columns_rename_fields(tmp_path):
 
 def test_openai_text_parts_are_joined(tmp_path):
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
-    path = write(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "c"}]}])  # fmt: skip
+    messages = [{"role": "user", "content": parts}, {"role": "assistant", "content": "c"}]
+    path = write(tmp_path / "d.jsonl", [{"messages": messages}])  # fmt: skip
     assert load_conversations(cfg(), path)[0][0] == {"role": "user", "content": "ab"}
 
 
@@ -287,8 +290,10 @@ def test_builtin_templates_render_the_published_formats(llama_tok, name, thinkin
     template = resolve_template(name, llama_tok, thinking=thinking)
     assert template.render([TWO_TURNS], False) == [EXPECTED[name, thinking]]
     (prompt,) = template.render([TWO_TURNS[:4]], True)
-    assert prompt == EXPECTED[name, thinking].rsplit(GENERATION_PROMPT[name, thinking], 1)[0] + (
-        GENERATION_PROMPT[name, thinking]
+    assert (
+        prompt
+        == EXPECTED[name, thinking].rsplit(GENERATION_PROMPT[name, thinking], 1)[0]
+        + (GENERATION_PROMPT[name, thinking])
     )
 
 
@@ -321,6 +326,27 @@ def test_qwen3_builtin_renders_a_turn_as_qwen3s_own_template(tok, answer):
         enable_thinking=False,
     )  # fmt: skip
     assert resolve_template("qwen3", tok, thinking="off").render([convo[:2]], True) == [no_think]
+
+
+@pytest.mark.parametrize(
+    "family, expected", [("qwen2", "qwen2_5"), ("qwen3", "qwen3"), (None, None)]
+)
+def test_auto_without_a_chat_template_picks_the_model_familys(tmp_path, tok_dir, family, expected):
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(str(tok_dir))
+    plain.chat_template = None
+    plain.save_pretrained(str(tmp_path))
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    if family:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": family}))
+    plain = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert not plain.chat_template
+    if expected is None:
+        with pytest.raises(ConfigError, match="has no chat_template.*set data.template"):
+            resolve_template("auto", plain)
+    else:
+        assert resolve_template("auto", plain).fmt.name == expected
 
 
 def test_builtin_template_needs_its_special_tokens(tok):
@@ -405,6 +431,29 @@ def test_template_that_rewrites_earlier_turns_is_refused(tok):
         "<think>\n\n</think>\n\nbye<|im_end|>"
     )
     assert got["input_ids"] == tok.apply_chat_template(TWO_TURNS, return_dict=False)
+
+
+def test_turn_boundary_inside_a_token_is_a_bad_record(tmp_path, tok, tok_dir):
+    """A header ending in a space that BPE merges into the answer's first word: the prompt's
+    tokens are not a prefix of the conversation's, so the record cannot be masked faithfully."""
+    spaced = tok.__class__.from_pretrained(str(tok_dir))
+    spaced.chat_template = (
+        "{% for m in messages %}{{ m.role + ': ' + m.content + '<|im_end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    convo = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(DataError, match="conversation 1: a token spans the boundary before"):
+        tokenize_conversation(convo, spaced, cfg(template="tokenizer"))
+    dumped = tmp_path / "tok_spaced"
+    spaced.save_pretrained(str(dumped))
+    ok = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "!"}]
+    path = write_conversations(tmp_path / "d.jsonl", [ok, convo, ok])
+    config = cfg(path=str(path), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match=r"d\.jsonl:2: a token spans the boundary"):
+        build_sft_datasets(config, str(dumped), 32, 0)
+    config.skip_bad = True
+    train, _ = build_sft_datasets(config, str(dumped), 32, 0)
+    assert train.stats["samples"] == 2
 
 
 # --- datasets, packing, truncation ----------------------------------------------------------------
@@ -513,12 +562,17 @@ def test_truncation_right_keeps_the_beginning_and_drop_drops(tmp_path, tok, tok_
 
 
 def test_validation_split_is_deterministic_and_disjoint(tmp_path, tok_dir):
-    convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(200)]  # fmt: skip
+    convs = [
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+        for i in range(200)
+    ]
     path = write_conversations(tmp_path / "d.jsonl", convs)
     config = cfg(path=str(path), val_ratio=0.1, cache_dir=str(tmp_path / "c"))
 
     def ids(ds) -> set:
-        return {tuple(ds[i]["tokens"][ds[i]["loss_mask"].argmax() :].tolist()) for i in range(len(ds))}
+        return {
+            tuple(ds[i]["tokens"][ds[i]["loss_mask"].argmax() :].tolist()) for i in range(len(ds))
+        }
 
     train, val = build_sft_datasets(config, str(tok_dir), 32, seed=0)
     assert (train.stats["samples"], val.stats["samples"]) == (180, 20)
@@ -562,8 +616,14 @@ def test_cache_is_reused_and_keyed_by_settings(tmp_path, tok_dir, monkeypatch, c
         )  # fmt: skip
     assert "(cached)" in caplog.text
     assert all(torch.equal(first[i]["tokens"], again[i]["tokens"]) for i in range(len(first)))
-    for change in ({"train_on": "last"}, {"system": "S"}, {"template": "qwen3"}, {"thinking": "off"}):
-        build_sft_datasets(cfg(path=str(path), cache_dir=str(tmp_path / "c"), **change), str(tok_dir), 128, 0)  # fmt: skip
+    for change in (
+        {"train_on": "last"},
+        {"system": "S"},
+        {"template": "qwen3"},
+        {"thinking": "off"},
+    ):
+        config = cfg(path=str(path), cache_dir=str(tmp_path / "c"), **change)
+        build_sft_datasets(config, str(tok_dir), 128, 0)
     assert len(set((tmp_path / "c").glob("*.json")) - entries) == 4
 
 

@@ -26,14 +26,10 @@ class SFTDataConfig:
     path: Any = MISSING  # a .jsonl/.json/.parquet file of conversations, or a list of them
     weights: list[float] | None = None  # blending weight per path; default: every file once
     format: str = "auto"  # auto (detected per file) | alpaca | sharegpt | openai
-    columns: dict[str, str] | None = (
-        None  # renamed fields, e.g. {instruction: prompt, output: answer}
-    )
+    columns: dict[str, str] | None = None  # renames, e.g. {instruction: prompt, output: answer}
     template: str = "auto"  # auto | tokenizer | qwen3 | qwen2_5 | llama3 (auto: tokenizer's own)
     system: str | None = None  # system prompt replacing the data's own (or added where none)
-    thinking: str = (
-        "on"  # qwen3 <think> blocks: on | off | keep (tokenizer template: enable_thinking)
-    )
+    thinking: str = "on"  # qwen3 <think> blocks: on | off | keep; else passed as enable_thinking
     train_on: str = "assistant"  # loss on: assistant (every turn) | last (final turn) | all tokens
     truncation: str = "right"  # samples over seq_length: right (keep the beginning) | drop
     packing: bool = False  # pack samples into seq_length sequences (needs cu_seqlens attention)

@@ -31,7 +31,9 @@ DEFAULT_COLUMNS = {
         "instruction": "instruction", "input": "input", "output": "output",
         "system": "system", "history": "history",
     },
-    "sharegpt": {"messages": "conversations", "role": "from", "content": "value", "system": "system"},
+    "sharegpt": {
+        "messages": "conversations", "role": "from", "content": "value", "system": "system",
+    },
     "openai": {"messages": "messages", "role": "role", "content": "content", "system": "system"},
 }  # fmt: skip
 

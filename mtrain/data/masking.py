@@ -1,9 +1,9 @@
 """Conversations -> token ids and the spans that carry loss, by rendering prefixes.
 
-For an assistant message at index k the template renders
+For an assistant message at index k the template renders (ChatML shown)
 
-    prompt_k = render(messages[:k], add_generation_prompt=True)    ...<|im_start|>assistant\\n
-    turn_k   = render(messages[:k + 1])                             ...<|im_start|>assistant\\n{content}<|im_end|>\\n
+    prompt_k = render(messages[:k], add_generation_prompt=True)  ...<|im_start|>assistant\\n
+    turn_k   = render(messages[:k + 1])            ...<|im_start|>assistant\\n{content}<|im_end|>\\n
 
 and both must be prefixes of the whole conversation's rendering. The turn's trained tokens are
 those between the two, up to and including the last end-of-turn token (so the header is not
@@ -16,13 +16,17 @@ tokens of that encoding (the encoding's char -> token map says so, for fast toke
 token index is the boundary. Otherwise, and always with a slow tokenizer or `exact=True`, the
 prefix is tokenized on its own and its tokens must be a prefix of the whole encoding: the token
 form of the prefix property, which is what makes training see the prompt as inference will.
+Where that fails the data is at fault, not the template (e.g. a message starting with a space
+that the tokenizer merges into the header's last token): the conversation is a bad record.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from mtrain.errors import ConfigError
+from mtrain.errors import ConfigError, DataError
 
 Span = tuple[int, int]  # trained tokens [start, stop) of one conversation
 
@@ -40,6 +44,13 @@ class Encoded:
         return labels
 
 
+class Rendered(NamedTuple):
+    full: list[str]  # each conversation
+    jobs: list[tuple[int, int]]  # (conversation, message index) of each assistant turn to train
+    prompts: list[str]  # per job: messages[:k] with the generation prompt
+    turns: list[str]  # per job: messages[:k + 1]
+
+
 class ChatEncoder:
     """Tokenize conversations with one template and `train_on` rule (assistant | last | all)."""
 
@@ -53,27 +64,48 @@ class ChatEncoder:
         self.end_ids = frozenset(ends)
 
     def encode(
-        self, conversations: list[list[dict]], where: list[str] | None = None
-    ) -> list[Encoded]:
-        where = where or [f"conversation {n + 1}" for n in range(len(conversations))]
+        self,
+        conversations: list[list[dict]],
+        where: list[str] | None = None,
+        bad: Callable[[str, DataError], None] | None = None,
+    ) -> list[Encoded | None]:
+        """One `Encoded` per conversation (`render`, then `tokenize`)."""
+        return self.tokenize(self.render(conversations), where, bad)
+
+    def render(self, conversations: list[list[dict]]) -> Rendered:
+        """Every text the masks of `conversations` need (pure Python: a thread can run it while
+        the tokenizer, which releases the GIL, works on another batch)."""
         render = self.template.render
         full = render(conversations, False)
         if self.train_on == "all":
-            return [Encoded(x, [(0, len(x))]) for x in self._tokenize(full)]
-        encs = self.backend.encode_batch(full, add_special_tokens=False) if self.backend else None
-        ids = [e.ids for e in encs] if encs is not None else self._tokenize(full)
-
-        jobs = []  # (conversation, message index of an assistant turn to train)
+            return Rendered(full, [], [], [])
+        jobs = []
         for i, conv in enumerate(conversations):
             turns = [k for k, m in enumerate(conv) if m["role"] == "assistant"]
             jobs += [(i, k) for k in (turns[-1:] if self.train_on == "last" else turns)]
         prompts = render([conversations[i][:k] for i, k in jobs], True)
         # A turn that ends the conversation renders as the whole; only inner turns need rendering.
-        turn_texts = [full[i] for i, _ in jobs]
+        turns = [full[i] for i, _ in jobs]
         inner = [j for j, (i, k) in enumerate(jobs) if k + 1 < len(conversations[i])]
         rendered = render([conversations[jobs[j][0]][: jobs[j][1] + 1] for j in inner], False)
         for j, text in zip(inner, rendered):
-            turn_texts[j] = text
+            turns[j] = text
+        return Rendered(full, jobs, prompts, turns)
+
+    def tokenize(
+        self,
+        rendered: Rendered,
+        where: list[str] | None = None,
+        bad: Callable[[str, DataError], None] | None = None,
+    ) -> list[Encoded | None]:
+        """One `Encoded` per conversation. A conversation whose turn boundary falls inside a
+        token is passed to `bad(where, error)` and comes back as None; without `bad` it raises."""
+        full, jobs, prompts, turn_texts = rendered
+        where = where or [f"conversation {n + 1}" for n in range(len(full))]
+        if self.train_on == "all":
+            return [Encoded(x, [(0, len(x))]) for x in self._tokenize(full)]
+        encs = self.backend.encode_batch(full, add_special_tokens=False) if self.backend else None
+        ids = [e.ids for e in encs] if encs is not None else self._tokenize(full)
 
         bounds: dict[tuple[int, int], int] = {}  # (job, 0 prompt | 1 turn) -> token index
         unresolved = []
@@ -87,26 +119,35 @@ class ChatEncoder:
                     unresolved.append((j, side, (prompt, turn)[side]))
                 else:
                     bounds[j, side] = t
-        if unresolved:
-            alone = self._tokenize([text for _, _, text in unresolved])
-            for (j, side, _), prefix in zip(unresolved, alone):
-                i, k = jobs[j]
-                if ids[i][: len(prefix)] != prefix:
-                    raise ConfigError(
-                        f"{where[i]}: the tokens of messages[:{k + side}] rendered alone are not a "
-                        "prefix of the conversation's tokens (a token spans the turn boundary); "
-                        "the model would see the prompt differently in training and inference"
-                    )
+        rejected = set()
+        for (j, side, _), prefix in zip(unresolved, self._tokenize([u[2] for u in unresolved])):
+            i, k = jobs[j]
+            if ids[i][: len(prefix)] == prefix:
                 bounds[j, side] = len(prefix)
+            elif i not in rejected:
+                rejected.add(i)
+                err = DataError(
+                    f"a token spans the boundary {'before' if side == 0 else 'after'} assistant "
+                    f"message {k + 1} (its tokens alone differ from the conversation's), so the "
+                    "prompt would be tokenized differently in training and in inference; "
+                    "strip whitespace at the start and end of messages"
+                )
+                if bad is None:
+                    raise DataError(f"{where[i]}: {err}")
+                bad(where[i], err)
 
-        spans: list[list[Span]] = [[] for _ in conversations]
+        spans: list[list[Span]] = [[] for _ in full]
         end_ids = self.end_ids
         for j, (i, _) in enumerate(jobs):
+            if i in rejected:
+                continue
             a, b, x = bounds[j, 0], bounds[j, 1], ids[i]
             stop = next((t + 1 for t in range(b - 1, a - 1, -1) if x[t] in end_ids), b)
             if stop > a:
                 spans[i].append((a, stop))
-        return [Encoded(x, s) for x, s in zip(ids, spans)]
+        return [
+            None if i in rejected else Encoded(x, s) for i, (x, s) in enumerate(zip(ids, spans))
+        ]
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         if self.backend is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from mtrain.data.pt import blend
 from mtrain.data.sft_cache import ChatTokenizer, TokenizedFile, tokenize_file
 from mtrain.data.templates import resolve_template
 from mtrain.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "SFTDataset", "block_causal_mask", "build_sft_datasets", "load_conversations",
@@ -59,7 +63,9 @@ def load_conversations(cfg: SFTDataConfig, paths) -> list[list[dict]]:
     return out
 
 
-def tokenize_conversation(messages: list[dict], tokenizer, cfg: SFTDataConfig) -> dict:
+def tokenize_conversation(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, cfg: SFTDataConfig
+) -> dict[str, list[int]]:
     """{"input_ids", "labels"} of one conversation; labels are -100 except on trained tokens,
     at the same positions as input_ids (not shifted)."""
     template = resolve_template(cfg.template, tokenizer, cfg.system, cfg.thinking)
@@ -97,7 +103,7 @@ class SFTDataset(torch.utils.data.Dataset):
         untrained = keep & (first >= lengths)  # e.g. a prompt longer than seq_length
         keep &= ~untrained
         self.refs, self.lengths = picks[keep], lengths[keep]
-        rng = np.random.default_rng([seed, 7])
+        rng = np.random.default_rng(seed)
         if pack:
             bins = packing.best_fit_decreasing(self.lengths, seq_length)
             bins = [bins[b] for b in rng.permutation(len(bins))]
@@ -105,9 +111,8 @@ class SFTDataset(torch.utils.data.Dataset):
             bins = [[i] for i in rng.permutation(len(self.refs)).tolist()]
         self.order = np.array([i for b in bins for i in b], dtype=np.int64)
         self.bounds = np.cumsum([0] + [len(b) for b in bins], dtype=np.int64)
-        full = [int(self.lengths[b].sum()) == seq_length for b in bins]
-        self.cu_len = max((len(b) + 2 - f for b, f in zip(bins, full)), default=3)
-        self.cu_len = max(self.cu_len, 3)
+        # cu_seqlens holds 0, the end of every sample, and seq_length closing any padding.
+        self.cu_len = max([3] + [len(b) + 1 + (self.lengths[b].sum() < seq_length) for b in bins])
         tokens = int(self.lengths.sum())
         self.stats = {
             "samples": len(self.refs),
@@ -148,7 +153,7 @@ class SFTDataset(torch.utils.data.Dataset):
 def build_sft_datasets(
     cfg: SFTDataConfig, tokenizer_dir: str, seq_length: int, seed: int
 ) -> tuple[SFTDataset, SFTDataset | None]:
-    """(train, validation or None): tokenized through the cache, split, blended, ordered by `seed`."""
+    """(train, validation or None), tokenized through the cache; `seed` orders the samples."""
     cfg.validate()
     chat = ChatTokenizer(cfg, tokenizer_dir)
     files = [tokenize_file(Path(p), cfg, chat) for p in cfg.paths()]
@@ -168,6 +173,8 @@ def build_sft_datasets(
         pools = [np.arange(len(f)) for f in val_files]
         return train, make(val_files, _concat(pools), "validation")
     if cfg.val_ratio > 0:
+        if not sum(map(len, val_pools)):
+            raise ConfigError(f"data.val_ratio={cfg.val_ratio} holds out no sample; raise it")
         return train, make(files, _concat(val_pools), "validation")
     return train, None
 
@@ -200,15 +207,15 @@ def blended_picks(pools: list[np.ndarray], weights: list[float] | None, seed: in
     picks[:, 0] = source
     for k, pool in enumerate(pools):
         at = source == k
-        draws = int(at.sum())
-        if draws and not len(pool):
-            raise DataError(
-                f"data.weights gives file {k + 1} weight {weights[k]} but it has no samples"
-            )
-        passes = -(-draws // max(len(pool), 1))
+        if not at.any():
+            continue
+        if not len(pool):
+            raise DataError(f"data.weights gives file {k + 1} weight {weights[k]}, but no samples")
+        # The j-th draw of a file is sample j of its passes, each pass a fresh seeded order.
         rng = np.random.default_rng([seed, k])
-        order = np.concatenate([rng.permutation(len(pool)) for _ in range(passes)] or [[]])
-        picks[at, 1] = pool[order[index[at]].astype(np.int64)] if draws else 0
+        passes = -(-int(at.sum()) // len(pool))
+        order = np.concatenate([rng.permutation(len(pool)) for _ in range(passes)])
+        picks[at, 1] = pool[order[index[at]]]
     return picks
 
 

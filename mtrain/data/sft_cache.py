@@ -1,4 +1,4 @@
-"""SFT files -> tokenized samples with loss masks, once: the content-addressed cache behind SFT data.
+"""SFT files -> tokenized samples with loss masks, once: the content-addressed cache of SFT data.
 
 An entry is `<cache>/<stem>-sft-<key>.*`, where the key hashes the file's bytes, the tokenizer
 (its files), the chat template (its source, or the built-in's name and version, with
@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
 
@@ -148,22 +150,33 @@ def _write(path: Path, prefix: Path, cfg: SFTDataConfig, chat: ChatTokenizer) ->
     firsts: list[int] = []
     trained = 0
     try:
-        with open(temps[".bin"], "wb") as ids_out, open(temps[".mask.bin"], "wb") as mask_out:
-            batch, where = [], []
+        with (
+            open(temps[".bin"], "wb") as ids_out,
+            open(temps[".mask.bin"], "wb") as mask_out,
+            ThreadPoolExecutor(1) as renderer,
+        ):
+            # Batch n+1 is read and rendered (Python) while batch n is tokenized (Rust, no GIL).
             reading = formats.conversations(path, cfg.format, cfg.columns, stats)
-            for item in chain(reading, [None]):
-                if item is not None:
-                    where.append(item[0])
-                    batch.append(item[1])
-                if batch and (item is None or len(batch) == BATCH):
-                    encoded = chat.encoder.encode(batch, where)
+            pending = None  # (locations, rendering in progress) of the batch read last
+            for batch in chain(_batches(reading, BATCH), [None]):
+                submitted = None
+                if batch is not None:
+                    conversations = [c for _, c in batch]
+                    submitted = (
+                        [w for w, _ in batch],
+                        renderer.submit(chat.encoder.render, conversations),
+                    )
+                if pending is not None:
+                    where, rendering = pending
+                    encoded = chat.encoder.tokenize(rendering.result(), where, stats.bad_record)
+                    encoded = [e for e in encoded if e is not None]
                     ids, mask = _flatten(encoded, chat.dtype, path)
                     ids_out.write(ids.tobytes())
                     mask_out.write(mask.tobytes())
                     lengths += [len(e.ids) for e in encoded]
                     firsts += [_first_trained(e) for e in encoded]
                     trained += int(mask.sum(dtype=np.int64))
-                    batch, where = [], []
+                pending = submitted
             for f in (ids_out, mask_out):
                 f.flush()
                 os.fsync(f.fileno())
@@ -190,6 +203,17 @@ def _write(path: Path, prefix: Path, cfg: SFTDataConfig, chat: ChatTokenizer) ->
     finally:
         for temp in temps.values():
             temp.unlink(missing_ok=True)
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _flatten(encoded: list[Encoded], dtype: np.dtype, path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -2,27 +2,30 @@
 
 `data.template=tokenizer` renders with the tokenizer's own Jinja `chat_template`
 (`tokenizer.apply_chat_template`), so any HF chat model works as its authors format it. The
-built-in templates are a table of formats, written from the models' published templates:
+built-in templates are a table of formats, written from the models' published templates
+(assumptions where a published template does more are stated here):
 
-    qwen2_5  <|im_start|>{role}\\n{content}<|im_end|>\\n per message (ChatML). With no system
-             message, Qwen2.5's default "You are Qwen, created by Alibaba Cloud. You are a helpful
-             assistant." is inserted, as its template does.
+    qwen2_5  ChatML: "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message. With no system
+             message, Qwen2.5's default "You are Qwen, created by Alibaba Cloud. You are a
+             helpful assistant." is inserted, as its template does.
     qwen3    the same ChatML, no default system prompt. Assistant turns follow `data.thinking`:
              keep  the content as it is in the data;
-             on    Qwen3's rendering of a final assistant turn: "<think>\\n{reasoning}\\n</think>
-                   \\n\\n{answer}", with reasoning and answer split at "</think>" (stripped of
-                   newlines as Qwen3's template does) and an empty block when there is none;
-             off   reasoning removed and the turn starts with the empty "<think>\\n\\n</think>\\n\\n"
-                   that Qwen3's template adds to the generation prompt when enable_thinking=False.
-                   Here it is part of the assistant header, so it is not trained: the model learns
-                   to answer after it without learning to skip thinking on its own.
-             Unlike Qwen3's template, reasoning is treated alike in every assistant turn (Qwen3
-             drops it from turns before the last user message). That keeps each rendering a
-             prefix of the next one, which multi-turn loss masks need.
-    llama3   <|begin_of_text|> then <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>
-             per message, content stripped of surrounding whitespace (Llama 3's `| trim`); no
-             default system prompt (Llama 3.1's dated system header is not reproduced: use
-             data.template=tokenizer for it).
+             on    Qwen3's rendering of a final assistant turn:
+                   "<think>\\n{reasoning}\\n</think>\\n\\n{answer}", reasoning and answer split
+                   at "</think>" and stripped of newlines as Qwen3's template does; an empty
+                   block when there is no reasoning;
+             off   reasoning removed, the turn opens with the empty "<think>\\n\\n</think>\\n\\n"
+                   that Qwen3's template appends to the generation prompt when
+                   enable_thinking=False. It belongs to the header, so it is not trained: the
+                   model learns to answer after it, not to skip thinking on its own.
+             Unlike Qwen3's template, every assistant turn is treated alike (Qwen3 drops the
+             reasoning of turns before the last user message), so each rendering stays a prefix
+             of the next one, which multi-turn loss masks need.
+    llama3   "<|begin_of_text|>", then per message
+             "<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>", the content
+             stripped of surrounding whitespace (Llama 3's `| trim`); no default system prompt
+             (Llama 3.1's dated system header is not reproduced: use data.template=tokenizer).
+             Tool calls and tool roles of any template are not handled.
 
 `data.system` replaces the data's system prompt, or adds one where there is none.
 `auto` uses the tokenizer's template when it has one, else the built-in one for the model family
@@ -76,7 +79,9 @@ BUILTIN = {
         ChatFormat(
             "llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", "<|eot_id|>",
             begin="<|begin_of_text|>", strip=True,
-            specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+            specials=(
+                "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+            ),
         ),
     )
 }  # fmt: skip
