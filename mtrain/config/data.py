@@ -44,16 +44,22 @@ class DataConfig:
             raise ConfigError(f"data.workers={self.workers} must be >= 1")
         if not self.text_key:
             raise ConfigError("data.text_key is empty; name the field that holds the text")
-        if self.weights is not None:
-            weights = list(self.weights)
-            if len(weights) != len(paths):
-                raise ConfigError(
-                    f"data.weights gives {len(weights)} weight(s) for {len(paths)} path(s) in "
-                    "data.path; give one weight per path"
-                )
-            negative = [w for w in weights if w < 0]
-            if negative:
-                raise ConfigError(f"data.weights={weights} has a negative weight {negative[0]}")
-            if sum(weights) <= 0:
-                raise ConfigError(f"data.weights={weights} sum to zero; give a positive weight")
+        check_weights(self.weights, paths)
         return self
+
+
+def check_weights(weights: list[float] | None, paths: list[str]) -> None:
+    """`data.weights`, when given: one non-negative weight per path, not all zero."""
+    if weights is None:
+        return
+    weights = list(weights)
+    if len(weights) != len(paths):
+        raise ConfigError(
+            f"data.weights gives {len(weights)} weight(s) for {len(paths)} path(s) in "
+            "data.path; give one weight per path"
+        )
+    negative = [w for w in weights if w < 0]
+    if negative:
+        raise ConfigError(f"data.weights={weights} has a negative weight {negative[0]}")
+    if sum(weights) <= 0:
+        raise ConfigError(f"data.weights={weights} sum to zero; give a positive weight")

@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from mtrain.config.data import check_weights
 from mtrain.errors import ConfigError
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai")
@@ -66,15 +67,7 @@ class SFTDataConfig:
                 )
             if not isinstance(column, str) or not column:
                 raise ConfigError(f"data.columns.{name}={column!r} must name a field")
-        if self.weights is not None:
-            weights = list(self.weights)
-            if len(weights) != len(paths):
-                raise ConfigError(
-                    f"data.weights gives {len(weights)} weight(s) for {len(paths)} path(s) in "
-                    "data.path; give one weight per path"
-                )
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ConfigError(f"data.weights={weights} must be >= 0 with a positive sum")
+        check_weights(self.weights, paths)
         if not 0.0 <= self.val_ratio < 1.0:
             raise ConfigError(f"data.val_ratio={self.val_ratio} must be in [0, 1)")
         if self.val_ratio > 0 and self.val_path is not None:

@@ -196,11 +196,7 @@ class Tokenization:
 
 def _prepare_file(path: Path, fmt: str, cfg: DataConfig, tokenization: Tokenization) -> Prepared:
     start = time.perf_counter()
-    root = cfg.cache_root()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"data.cache_dir={root} cannot be created ({err.strerror})") from None
+    root = ready_cache_root(cfg)
     settings = {
         "version": CACHE_VERSION,
         "content": _content_hash(path, root),
@@ -329,3 +325,13 @@ def _file_digest(path: Path) -> str:
         while block := f.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
+
+
+def ready_cache_root(cfg) -> Path:
+    """The cache directory of a data config (`data.cache_dir`), created if needed."""
+    root = cfg.cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"data.cache_dir={root} cannot be created ({err.strerror})") from None
+    return root

@@ -125,14 +125,7 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
-    try:
-        table = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    table = sources.open_parquet(path)
     row = 0
     for batch in table.iter_batches(batch_size=PARQUET_BATCH):
         for record in batch.to_pylist():

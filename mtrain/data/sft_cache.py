@@ -29,7 +29,7 @@ import numpy as np
 from mtrain.config.data import DataConfig
 from mtrain.config.sft_data import SFTDataConfig
 from mtrain.data import formats
-from mtrain.data.corpus import Tokenization, _content_hash, temp_suffix
+from mtrain.data.corpus import Tokenization, _content_hash, ready_cache_root, temp_suffix
 from mtrain.data.indexed import IndexedTokens, token_dtype, write_index
 from mtrain.data.masking import ChatEncoder, Encoded
 from mtrain.data.templates import resolve_template
@@ -98,11 +98,7 @@ def tokenize_file(path: Path, cfg: SFTDataConfig, chat: ChatTokenizer) -> Tokeni
     """The cache entry of `path`, tokenizing it on a miss."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    root = chat.pt_cfg.cache_root()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"data.cache_dir={root} cannot be created ({err.strerror})") from None
+    root = ready_cache_root(chat.pt_cfg)
     settings = {
         "version": CACHE_VERSION,
         "content": _content_hash(path, root),

@@ -158,15 +158,20 @@ def json_texts(path: Path, text_key: str) -> list[str]:
     return texts
 
 
-def parquet_chunks(path: Path, text_key: str) -> Iterator[Chunk]:
+def open_parquet(path: Path):
+    """A pyarrow ParquetFile, or a DataError naming the file."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
     try:
-        table = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+
+
+def parquet_chunks(path: Path, text_key: str) -> Iterator[Chunk]:
+    table = open_parquet(path)
     names = table.schema_arrow.names
     if text_key not in names:
         raise DataError(
