@@ -77,14 +77,7 @@ class Progress:
         self._window_iters += 1
         self._window_skipped += int(skipped)
         self.history.append({"iteration": iteration, **metrics})
-        if self.metrics_file:
-            with open(self.metrics_file, "a") as f:
-                f.write(json.dumps(self.history[-1]) + "\n")
-        if self._writer is not None:
-            for key, value in metrics.items():
-                self._writer.add_scalar(f"train/{key}", value, iteration)
-        if self._wandb is not None:
-            self._wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=iteration)
+        self._emit(iteration, self.history[-1], {f"train/{k}": v for k, v in metrics.items()})
         if iteration % self.interval and iteration != self.total_iters:
             return
         now = time.perf_counter()
@@ -115,14 +108,18 @@ class Progress:
         )
         named = {f"eval/{k}": v for k, v in metrics.items()}
         self.evaluations.append({"iteration": iteration, **named})
+        self._emit(iteration, self.evaluations[-1], named)
+
+    def _emit(self, iteration: int, line: dict, scalars: dict[str, float]) -> None:
+        """`line` to the metrics file; `scalars` to tensorboard and wandb."""
         if self.metrics_file:
             with open(self.metrics_file, "a") as f:
-                f.write(json.dumps(self.evaluations[-1]) + "\n")
+                f.write(json.dumps(line) + "\n")
         if self._writer is not None:
-            for key, value in named.items():
+            for key, value in scalars.items():
                 self._writer.add_scalar(key, value, iteration)
         if self._wandb is not None:
-            self._wandb.log(named, step=iteration)
+            self._wandb.log(scalars, step=iteration)
 
     def summary(self) -> None:
         elapsed = time.perf_counter() - self._t0

@@ -39,3 +39,20 @@ def tiny_hf(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> Path:
+    """A tiny HF tokenizer (byte-level BPE, ChatML specials and template) in a directory."""
+    from mtrain.models.tiny import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tok_dir))

@@ -38,20 +38,6 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tok")
-    build_tokenizer(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def hf(tok):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tok))
-
-
 def write(path: Path, docs: list[str], key: str = "text") -> Path:
     fmt = sources.format_of(path)
     records = [{"id": i, key: d} for i, d in enumerate(docs)]
@@ -69,8 +55,8 @@ def write(path: Path, docs: list[str], key: str = "text") -> Path:
     return path
 
 
-def prepare(path, tok, cache, **kw) -> Path:
-    (prefix,) = prepare_corpus(DataConfig(path=str(path), cache_dir=str(cache), **kw), str(tok))
+def prepare(path, tok_dir, cache, **kw) -> Path:
+    (prefix,) = prepare_corpus(DataConfig(path=str(path), cache_dir=str(cache), **kw), str(tok_dir))
     return prefix
 
 
@@ -81,86 +67,88 @@ def files(prefix: Path) -> tuple[bytes, bytes]:
 # --- tokenizing and the cache -------------------------------------------------------------------
 
 
-def test_indexed_dataset_is_read_by_megatron_and_matches_the_tokenizer(tmp_path, tok, hf):
+def test_indexed_dataset_is_read_by_megatron_and_matches_the_tokenizer(tmp_path, tok_dir, tok):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     docs = make_docs(50)
-    prefix = prepare(write(tmp_path / "c.jsonl", docs), tok, tmp_path / "cache")
+    prefix = prepare(write(tmp_path / "c.jsonl", docs), tok_dir, tmp_path / "cache")
     theirs = IndexedDataset(str(prefix))
     assert len(theirs) == len(docs)
     assert list(theirs.document_indices) == list(range(len(docs) + 1))
     for i, doc in enumerate(docs):
-        assert theirs[i].tolist() == hf(doc)["input_ids"] + [hf.eos_token_id]
+        assert theirs[i].tolist() == tok(doc)["input_ids"] + [tok.eos_token_id]
     assert theirs[0].dtype == np.uint16  # Megatron's choice for a vocabulary under 65500
 
 
 @pytest.mark.parametrize("fmt", ["json", "parquet", "txt"])
-def test_every_format_gives_the_same_dataset(tmp_path, tok, fmt):
+def test_every_format_gives_the_same_dataset(tmp_path, tok_dir, fmt):
     docs = make_docs(40)
-    reference = prepare(write(tmp_path / "c.jsonl", docs), tok, tmp_path / "cache")
-    other = prepare(write(tmp_path / f"c.{fmt}", docs), tok, tmp_path / "cache")
+    reference = prepare(write(tmp_path / "c.jsonl", docs), tok_dir, tmp_path / "cache")
+    other = prepare(write(tmp_path / f"c.{fmt}", docs), tok_dir, tmp_path / "cache")
     assert other != reference
     assert files(other) == files(reference)
 
 
-def test_empty_texts_are_skipped_and_eod_is_optional(tmp_path, tok, hf):
+def test_empty_texts_are_skipped_and_eod_is_optional(tmp_path, tok_dir, tok):
     docs = ["first document", "", "third document"]
-    prefix = prepare(write(tmp_path / "c.jsonl", docs), tok, tmp_path / "cache", append_eod=False)
+    prefix = prepare(
+        write(tmp_path / "c.jsonl", docs), tok_dir, tmp_path / "cache", append_eod=False
+    )
     data = IndexedTokens(prefix)
     assert [data.get(i).tolist() for i in range(len(data))] == [
-        hf("first document")["input_ids"],
-        hf("third document")["input_ids"],
+        tok("first document")["input_ids"],
+        tok("third document")["input_ids"],
     ]
 
 
-def test_second_call_hits_the_cache(tmp_path, tok, monkeypatch):
+def test_second_call_hits_the_cache(tmp_path, tok_dir, monkeypatch):
     path = write(tmp_path / "c.jsonl", make_docs(30))
-    first = prepare(path, tok, tmp_path / "cache")
+    first = prepare(path, tok_dir, tmp_path / "cache")
 
     def refuse(*args, **kwargs):
         raise AssertionError("tokenized although cached")
 
     with monkeypatch.context() as m:
         m.setattr(corpus.Tokenization, "_load", refuse)
-        assert prepare(path, tok, tmp_path / "cache") == first
+        assert prepare(path, tok_dir, tmp_path / "cache") == first
         # The prepared prefix itself, or its .bin/.idx, are accepted as inputs too.
         for given in (first, f"{first}.bin", f"{first}.idx"):
-            assert prepare(given, tok, tmp_path / "elsewhere") == first
+            assert prepare(given, tok_dir, tmp_path / "elsewhere") == first
 
 
-def test_changed_file_tokenizer_or_text_key_misses_the_cache(tmp_path, tok):
+def test_changed_file_tokenizer_or_text_key_misses_the_cache(tmp_path, tok_dir):
     docs = make_docs(30)
     records = [{"text": d, "title": d[:10]} for d in docs]
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     cache = tmp_path / "cache"
-    base = prepare(path, tok, cache)
+    base = prepare(path, tok_dir, cache)
 
     other_tok = tmp_path / "tok2"
     build_tokenizer(other_tok, vocab_size=300)
     assert prepare(path, other_tok, cache) != base
-    by_title = prepare(path, tok, cache, text_key="title")
+    by_title = prepare(path, tok_dir, cache, text_key="title")
     assert by_title != base and files(by_title) != files(base)
-    assert prepare(path, tok, cache, append_eod=False) != base
+    assert prepare(path, tok_dir, cache, append_eod=False) != base
 
     path.write_text(path.read_text().replace("the", "a"))
-    changed = prepare(path, tok, cache)
+    changed = prepare(path, tok_dir, cache)
     assert changed != base and files(changed) != files(base)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "txt", "json", "parquet"])
-def test_two_workers_write_byte_identical_output(tmp_path, tok, fmt, monkeypatch):
+def test_two_workers_write_byte_identical_output(tmp_path, tok_dir, fmt, monkeypatch):
     # Small chunks, so lines straddle chunk borders and the workers really share the file.
     monkeypatch.setattr(sources, "MIN_CHUNK_BYTES", 999)
     monkeypatch.setattr(sources, "BATCH_DOCS", 37)
     path = write(tmp_path / f"c.{fmt}", make_docs(400))
-    one = prepare(path, tok, tmp_path / "one", workers=1)
-    two = prepare(path, tok, tmp_path / "two", workers=2)
+    one = prepare(path, tok_dir, tmp_path / "one", workers=1)
+    two = prepare(path, tok_dir, tmp_path / "two", workers=2)
     assert files(one) == files(two)
     assert len(IndexedTokens(two)) == 400
 
 
-def test_interrupted_tokenization_leaves_no_cache_entry(tmp_path, tok, monkeypatch):
+def test_interrupted_tokenization_leaves_no_cache_entry(tmp_path, tok_dir, monkeypatch):
     monkeypatch.setattr(sources, "MIN_CHUNK_BYTES", 999)
     path = write(tmp_path / "c.jsonl", make_docs(200))
     calls = []
@@ -174,11 +162,11 @@ def test_interrupted_tokenization_leaves_no_cache_entry(tmp_path, tok, monkeypat
     real = corpus.encode_chunk
     monkeypatch.setattr(corpus, "encode_chunk", crash_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        prepare(path, tok, tmp_path / "cache")
+        prepare(path, tok_dir, tmp_path / "cache")
     leftovers = [p.name for p in (tmp_path / "cache").iterdir() if p.name != "hashes"]
     assert leftovers == []
     monkeypatch.setattr(corpus, "encode_chunk", real)
-    assert len(IndexedTokens(prepare(path, tok, tmp_path / "cache"))) == 200
+    assert len(IndexedTokens(prepare(path, tok_dir, tmp_path / "cache"))) == 200
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -240,11 +228,11 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_is_refused_in_one_line(tmp_path, tok, case):
+def test_bad_input_is_refused_in_one_line(tmp_path, tok_dir, case):
     make, error, message = BAD_INPUTS[case]
     path = make(tmp_path)
     with pytest.raises(error, match=message) as err:
-        prepare(path, tok, tmp_path / "cache")
+        prepare(path, tok_dir, tmp_path / "cache")
     assert "\n" not in str(err.value)
     assert not list((tmp_path / "cache").glob("*.bin*"))
 
@@ -257,27 +245,27 @@ def test_bad_input_is_refused_in_one_line(tmp_path, tok, case):
         ([0.0, 0.0], r"sum to zero"),
     ],
 )
-def test_bad_weights_are_refused_before_any_work(tmp_path, tok, weights, message):
+def test_bad_weights_are_refused_before_any_work(tmp_path, tok_dir, weights, message):
     cfg = DataConfig(path=["a.jsonl", "b.jsonl"], weights=weights, cache_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=message):
-        build_pt_dataset(cfg, str(tok), seq_length=8, num_samples=10, seed=0)
+        build_pt_dataset(cfg, str(tok_dir), seq_length=8, num_samples=10, seed=0)
 
 
-def test_error_line_number_counts_lines_of_earlier_chunks(tmp_path, tok, monkeypatch):
+def test_error_line_number_counts_lines_of_earlier_chunks(tmp_path, tok_dir, monkeypatch):
     monkeypatch.setattr(sources, "MIN_CHUNK_BYTES", 999)
     lines = [json.dumps({"text": d}) for d in make_docs(300)]
     lines[250] = '{"txt": "oops"}'
     with pytest.raises(DataError, match=r"corpus\.jsonl:251: no field 'text'"):
-        prepare(_jsonl(tmp_path, lines), tok, tmp_path / "cache", workers=2)
+        prepare(_jsonl(tmp_path, lines), tok_dir, tmp_path / "cache", workers=2)
 
 
 # --- samples ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def prefix(tok, tmp_path_factory) -> Path:
+def prefix(tok_dir, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("pt")
-    return prepare(write(tmp / "c.jsonl", make_docs(60)), tok, tmp / "cache")
+    return prepare(write(tmp / "c.jsonl", make_docs(60)), tok_dir, tmp / "cache")
 
 
 def stream_of(prefix: Path, docs: np.ndarray) -> list[int]:
@@ -360,20 +348,20 @@ def test_blend_follows_the_weights_in_every_prefix(weights, n):
     assert np.array_equal(source, again)
 
 
-def test_blended_dataset_draws_from_each_source_by_weight(tmp_path, tok):
+def test_blended_dataset_draws_from_each_source_by_weight(tmp_path, tok_dir):
     a = write(tmp_path / "a.jsonl", make_docs(30, seed=1))
     b = write(tmp_path / "b.txt", make_docs(50, seed=2))
     cfg = DataConfig(path=[str(a), str(b)], weights=[1.0, 3.0], cache_dir=str(tmp_path / "c"))
-    ds = build_pt_dataset(cfg, str(tok), seq_length=8, num_samples=400, seed=3)
+    ds = build_pt_dataset(cfg, str(tok_dir), seq_length=8, num_samples=400, seed=3)
     assert isinstance(ds, BlendedDataset) and len(ds) == 400
     assert [len(d) for d in ds.datasets] == [100, 300]
     i = int(np.flatnonzero(ds.source == 1)[5])
     assert torch.equal(ds[i]["tokens"], ds.datasets[1][int(ds.index[i])]["tokens"])
-    again = build_pt_dataset(cfg, str(tok), seq_length=8, num_samples=400, seed=3)
+    again = build_pt_dataset(cfg, str(tok_dir), seq_length=8, num_samples=400, seed=3)
     assert all(torch.equal(ds[i]["tokens"], again[i]["tokens"]) for i in range(len(ds)))
 
     cfg.weights = None  # default: proportional to tokens
-    by_size = build_pt_dataset(cfg, str(tok), seq_length=8, num_samples=400, seed=3)
+    by_size = build_pt_dataset(cfg, str(tok_dir), seq_length=8, num_samples=400, seed=3)
     tokens = [IndexedTokens(d.data.prefix).num_tokens for d in by_size.datasets]
     assert abs(len(by_size.datasets[0]) - 400 * tokens[0] / sum(tokens)) <= 1
 
@@ -435,11 +423,11 @@ def test_micro_batches_refuse_a_misaligned_resume():
 # --- the command --------------------------------------------------------------------------------
 
 
-def test_prepare_command_tokenizes_a_list_of_inputs(tmp_path, tok):
+def test_prepare_command_tokenizes_a_list_of_inputs(tmp_path, tok_dir):
     a = write(tmp_path / "a.jsonl", make_docs(20))
     b = write(tmp_path / "b.txt", make_docs(10))
     cmd = [
-        sys.executable, "-m", "mtrain.prepare", f"data.path=[{a},{b}]", f"tokenizer={tok}",
+        sys.executable, "-m", "mtrain.prepare", f"data.path=[{a},{b}]", f"tokenizer={tok_dir}",
         f"data.cache_dir={tmp_path / 'cache'}", "data.workers=2",
     ]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

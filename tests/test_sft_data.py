@@ -32,7 +32,6 @@ from mtrain.data.sft import (
 )
 from mtrain.data.templates import resolve_template
 from mtrain.errors import ConfigError, DataError
-from mtrain.models.tiny import build_tokenizer
 from mtrain.models.tiny import corpus as sentences
 
 SYSTEM, Q1, A1, Q2, A2 = (
@@ -79,20 +78,6 @@ QWEN3_JINJA = """\
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"""
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tok")
-    build_tokenizer(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
 @pytest.fixture(scope="module")
