@@ -88,3 +88,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def shutdown() -> None:
+    """Leave megatron's groups and the torch.distributed group (end of a command)."""
+    destroy()
+    if dist.is_initialized():
+        dist.destroy_process_group()

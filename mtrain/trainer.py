@@ -307,12 +307,22 @@ def train(
     cfg: TrainingCommandConfig, make_task: Callable[[TrainingCommandConfig, dict], Task]
 ) -> list[dict[str, float]]:
     """Run a training command; returns the per-iteration metrics (rank 0 has them all)."""
-    from megatron.core import parallel_state as ps
-
     layout = validate(cfg, parallel.world_size())
     mlog.setup(all_ranks=cfg.log.all_ranks)
     accel.activate(cfg.device)
     parallel.init(layout["tp"], layout["pp"], layout["vpp"], seed=cfg.train.seed)
+    try:
+        return _run(cfg, make_task, layout)
+    finally:
+        # Leave the process groups before the interpreter tears down, so no communication
+        # thread outlives it (seen: an abort at exit, "terminate called without an active
+        # exception", after a finished run).
+        parallel.shutdown()
+
+
+def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, float]]:
+    from megatron.core import parallel_state as ps
+
     spec, tr = layout["spec"], cfg.train
     task = make_task(cfg, layout)  # may resolve train.epochs into train.iters
     model, optimizer, scheduler = _build(cfg, layout, task)

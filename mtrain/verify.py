@@ -136,7 +136,7 @@ def main(cfg: VerifyConfig) -> None:
     )
     if cfg.result_file and torch.distributed.get_rank() == 0:
         Path(cfg.result_file).write_text(json.dumps({"max_abs_diff": diff, "ok": ok}) + "\n")
-    torch.distributed.destroy_process_group()
+    parallel.shutdown()
     if not ok:
         raise MtrainError(
             f"{cfg.ckpt_dir}: logits differ from {cfg.hf_dir} by {diff:.3g} "

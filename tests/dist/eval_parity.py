@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from mtrain import parallel
 from mtrain.config.model import load_preset
 from mtrain.config.schema import TrainingCommandConfig
 from mtrain.losses import lm_loss
@@ -54,7 +55,7 @@ cfg.eval.interval = 1
 cfg.log.metrics_file = result + ".metrics"
 train(cfg, lambda c, layout: Task("eval", forever, lm_loss, eval_batches=samples,
                                   eval_samples=SAMPLES))
-if torch.distributed.get_rank() == 0:
+if parallel.global_rank() == 0:  # train() has left the process group
     lines = [json.loads(line) for line in open(cfg.log.metrics_file)]
     ours = next(line for line in lines if "eval/loss" in line)
     json.dump({"ours": ours, "reference": reference}, open(result, "w"))
