@@ -2,6 +2,11 @@
 
     python -m converters.mcore2hf ckpt_dir=CKPT out_dir=HF_OUT [hf_dir=HF] [dtype=bf16] [force=true]
 
+LoRA adapter checkpoints: `lora.merge=true` (default) writes the base with the adapters merged
+(W + s B A per TP shard, in fp32, cast back to the base dtype); `lora.merge=false` writes a PEFT
+adapter (adapter_model.safetensors + adapter_config.json) for the original HF model. The base
+checkpoint is the one recorded in the adapters' args unless `base_dir=` says otherwise.
+
 Rank files are memory-mapped and reopened for every layer, so only one layer's shards and the
 HF shard being filled are resident. With `hf_dir` the config, tokenizer and generation files are
 copied from the original model; without it `config.json` is written from the checkpoint args.
@@ -13,12 +18,18 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import MISSING
 
+from converters.adapters import (
+    adapter_names,
+    check_adapter_states,
+    target_entries,
+    write_peft_adapter,
+)
 from converters.hf_io import DEFAULT_MAX_SHARD_BYTES, HFShardedWriter
 from converters.layout import Dims, merge, shard_shape
 from converters.stages import stage_groups
@@ -27,6 +38,7 @@ from mtrain.checkpoint_format import MegatronCheckpoint
 from mtrain.cli import hydra_command
 from mtrain.dtypes import DTYPE_NAMES, parse_dtype
 from mtrain.errors import CheckpointError, ConfigError
+from mtrain.lora import merged_weight
 from mtrain.models.spec import (
     hf_config_from_spec,
     load_hf_config,
@@ -36,6 +48,11 @@ log = logging.getLogger("converters.mcore2hf")
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 _WEIGHT_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoraExportConfig:
+    merge: bool = True  # true: merged HF weights; false: a PEFT adapter (needs no base weights)
 
 
 @dataclass
@@ -53,6 +70,8 @@ class McoreToHFConfig:
     dtype: str | None = None  # bf16 | fp16 | fp32; default keeps the checkpoint's dtypes
     max_shard_size_gb: float = DEFAULT_MAX_SHARD_BYTES / 1000**3  # HF shard size limit
     force: bool = False  # replace a non-empty out_dir (only once the new one is complete)
+    base_dir: str | None = None  # LoRA: the base checkpoint, if not the one the adapters recorded
+    lora: LoraExportConfig = field(default_factory=LoraExportConfig)
 
 
 def plan_hf_tensors(
@@ -107,13 +126,41 @@ def copy_side_files(hf_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _open_base(adapters: MegatronCheckpoint, base_dir: str | None) -> MegatronCheckpoint:
+    path, iteration = adapters.lora.resolve_base(base_dir)
+    base = MegatronCheckpoint.open(path, iteration)
+    if base.lora is not None:
+        raise ConfigError(f"base_dir={path} holds adapters too; give the full base checkpoint")
+    if base.spec != adapters.spec or (base.tp, base.pp, base.vpp) != (
+        adapters.tp,
+        adapters.pp,
+        adapters.vpp,
+    ):
+        raise ConfigError(
+            f"base_dir={path} (tp={base.tp} pp={base.pp}) is not the model the adapters in "
+            f"{adapters.iter_dir} (tp={adapters.tp} pp={adapters.pp}) were trained on"
+        )
+    return base
+
+
 def convert(cfg: McoreToHFConfig) -> Path:
     ckpt_dir, out_dir = Path(cfg.ckpt_dir), Path(cfg.out_dir)
     dtype = parse_dtype(cfg.dtype)
     check_output_dir(out_dir, cfg.force, [ckpt_dir])
     ckpt = MegatronCheckpoint.open(ckpt_dir, cfg.iteration)
+    adapters = None
+    if ckpt.lora is not None:
+        check_adapter_states(ckpt)
+        if not cfg.lora.merge:
+            write_peft_adapter(ckpt, out_dir, cfg.hf_dir, cfg.force, dtype)
+            return out_dir
+        adapters, ckpt = ckpt, _open_base(ckpt, cfg.base_dir)
+    elif cfg.base_dir is not None:
+        raise ConfigError(
+            f"base_dir= is for LoRA adapter checkpoints, but {ckpt.iter_dir} is a full checkpoint"
+        )
     spec = ckpt.spec
-    inputs = [ckpt_dir]
+    inputs = [ckpt_dir] + ([ckpt.iter_dir.parent] if adapters else [])
     if cfg.hf_dir is not None:
         hf_spec, _ = load_hf_config(cfg.hf_dir)
         mismatched = [k for k, v in vars(hf_spec).items() if getattr(spec, k) != v]
@@ -130,14 +177,19 @@ def convert(cfg: McoreToHFConfig) -> Path:
 
     start = time.perf_counter()
     log.info(
-        "mcore2hf: %s (%s, tp=%d pp=%d) -> %s",
+        "mcore2hf: %s (%s, tp=%d pp=%d)%s -> %s",
         ckpt.iter_dir,
         spec.family,
         ckpt.tp,
         ckpt.pp,
+        f" + LoRA {adapters.iter_dir} merged" if adapters else "",
         out_dir,
     )
     plan = plan_hf_tensors(ckpt, dims, dtype)
+    targets = {}
+    if adapters is not None:
+        entries = target_entries(spec.family_table)
+        targets = {entries[t]: t for t in adapters.lora.config.target_modules}
     with atomic_output_dir(out_dir, cfg.force, inputs) as temp:
         writer = HFShardedWriter(temp, plan, int(cfg.max_shard_size_gb * 1000**3))
         for pp_rank in range(ckpt.pp):
@@ -145,6 +197,11 @@ def convert(cfg: McoreToHFConfig) -> Path:
                 for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk):
                     # Reopen the rank files per layer: unmapping bounds the resident memory.
                     states = [ckpt.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)]
+                    lora_states = None
+                    if adapters is not None and any(p.entry in targets for p in group):
+                        lora_states = [
+                            adapters.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)
+                        ]
                     for p in group:
                         if p.entry is spec.family_table.output and spec.tie_word_embeddings:
                             continue  # the tied copy on the last stage; the embedding is the truth
@@ -156,9 +213,16 @@ def convert(cfg: McoreToHFConfig) -> Path:
                                     f"{ckpt.rank_file(t, pp_rank)}: {p.mcore} has shape "
                                     f"{list(s.shape)} but the checkpoint args imply {list(want)}"
                                 )
+                        if p.entry in targets:
+                            a_name, b_name = adapter_names(p.mcore)
+                            scaling = adapters.lora.config.scaling
+                            shards = [
+                                merged_weight(w, ls[a_name], ls[b_name], scaling)
+                                for w, ls in zip(shards, lora_states)
+                            ]
                         for name, tensor in zip(p.hf, merge(p.entry, shards, dims)):
                             writer.add(name, tensor if dtype is None else tensor.to(dtype))
-                    del states
+                    del states, lora_states
         files = writer.finish()
         if cfg.hf_dir is not None:
             copy_side_files(Path(cfg.hf_dir), temp, dtype)

@@ -24,27 +24,15 @@ from mtrain.checkpoint_format import (
     save_rank_file,
 )
 from mtrain.errors import CheckpointError
+from mtrain.lora import adapter_state_dict, is_adapter_key
 from mtrain.models.spec import ModelSpec
 
 log = logging.getLogger("mtrain.checkpoint")
 
 
-def load_model_weights(
-    chunks: list[torch.nn.Module],
-    ckpt_dir: str | Path,
-    spec: ModelSpec,
-    tp: int,
-    pp: int,
-    vpp: int = 1,
-    iteration: str | None = None,
+def _open_matching(
+    ckpt_dir: str | Path, iteration: str | None, spec: ModelSpec, tp: int, pp: int, vpp: int
 ) -> MegatronCheckpoint:
-    """Load this rank's shard of a checkpoint into its model chunk(s), strictly.
-
-    The checkpoint must have the run's model and layout: the legacy format cannot be resharded
-    on load (reshard through converters.mcore2hf and converters.hf2mcore).
-    """
-    from megatron.core import parallel_state
-
     ckpt = MegatronCheckpoint.open(Path(ckpt_dir), iteration)
     for key, value in vars(spec).items():
         if getattr(ckpt.spec, key) != value:
@@ -58,20 +46,69 @@ def load_model_weights(
             f"uses tp={tp} pp={pp} vpp={vpp}; reshard it with converters.mcore2hf then "
             f"converters.hf2mcore, or run with the checkpoint's layout"
         )
+    return ckpt
+
+
+def _fill(chunks: list[torch.nn.Module], ckpt: MegatronCheckpoint, adapters: bool) -> None:
+    """Load the base parameters (or, with `adapters`, the LoRA adapters) of this rank's chunks
+    from `ckpt`; every one of them must be there, and nothing else."""
+    from megatron.core import parallel_state
+
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     path = ckpt.rank_file(tp_rank, pp_rank)
-    tied_copy = spec.family_table.output.mcore if spec.tie_word_embeddings else None
+    tied_copy = ckpt.spec.family_table.output.mcore if ckpt.spec.tie_word_embeddings else None
     for chunk, state in zip(chunks, ckpt.load_model_states(tp_rank, pp_rank)):
         model = getattr(chunk, "module", chunk)  # unwrap DDP
+        if adapters and not any(is_adapter_key(k) for k in model.state_dict()):
+            raise CheckpointError(
+                f"{ckpt.iter_dir} holds LoRA adapters but the model has none: train with "
+                "finetuning_type=lora, or merge them first (converters.mcore2hf lora.merge=true)"
+            )
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("._extra_state")]
+        missing = [
+            k for k in missing if not k.endswith("._extra_state") and is_adapter_key(k) == adapters
+        ]
         unexpected = [k for k in unexpected if k != tied_copy]
         if missing or unexpected:
             what = f"lacks {missing[0]}" if missing else f"has unexpected {unexpected[0]}"
             raise CheckpointError(
                 f"{path} {what} ({len(missing)} missing, {len(unexpected)} unexpected tensors)"
             )
+
+
+def load_model_weights(
+    chunks: list[torch.nn.Module],
+    ckpt_dir: str | Path,
+    spec: ModelSpec,
+    tp: int,
+    pp: int,
+    vpp: int = 1,
+    iteration: str | None = None,
+    base_dir: str | Path | None = None,
+) -> MegatronCheckpoint:
+    """Load this rank's shard of a checkpoint into its model chunk(s), strictly.
+
+    A full checkpoint fills every base parameter; adapters the model may have keep their init
+    (a LoRA run starting). An adapter checkpoint first loads its base (`base_dir`, by default
+    the one recorded in it), then fills every adapter. The checkpoint must have the run's model
+    and layout: the legacy format cannot be resharded on load (reshard through
+    converters.mcore2hf and converters.hf2mcore).
+    """
+    ckpt = _open_matching(ckpt_dir, iteration, spec, tp, pp, vpp)
+    if ckpt.lora is None:
+        _fill(chunks, ckpt, adapters=False)
+    else:
+        base_path, base_iteration = ckpt.lora.resolve_base(base_dir)
+        base = _open_matching(base_path, base_iteration, spec, tp, pp, vpp)
+        if base.lora is not None:
+            raise CheckpointError(
+                f"{base.iter_dir}, the base of the adapters in {ckpt.iter_dir}, is itself an "
+                "adapter checkpoint; give the full checkpoint the adapters were trained on"
+            )
+        _fill(chunks, base, adapters=False)
+        _fill(chunks, ckpt, adapters=True)
+        log.info("loaded base weights from %s", base.iter_dir)
     log.info("loaded model weights from %s", ckpt.iter_dir)
     return ckpt
 
@@ -141,8 +178,12 @@ def save_training_checkpoint(
     scheduler,
     args: argparse.Namespace,
     keep_last: int | None,
+    adapters_only: bool = False,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final iteration directory."""
+    """Collective: every rank calls it. Returns the final iteration directory.
+
+    With `adapters_only` (LoRA) the model state is the adapters alone; `args` must then name
+    the base checkpoint (see mtrain.lora.AdapterCheckpointInfo)."""
     from megatron.core import parallel_state as ps
 
     save_dir = Path(save_dir)
@@ -178,7 +219,8 @@ def save_training_checkpoint(
             "opt_param_scheduler": scheduler.state_dict(),
             "rng_state": rng,
         }
-        states = [getattr(m, "module", m).state_dict() for m in model]
+        unwrapped = [getattr(m, "module", m) for m in model]
+        states = [adapter_state_dict(m) if adapters_only else m.state_dict() for m in unwrapped]
         if len(states) == 1:
             payload["model"] = states[0]
         else:
@@ -236,11 +278,13 @@ def load_training_checkpoint(
     tp: int,
     pp: int,
     vpp: int,
+    base_dir: str | Path | None = None,
 ) -> TrainState:
-    """Collective: resume weights, optimizer, scheduler, RNG and data position."""
+    """Collective: resume weights, optimizer, scheduler, RNG and data position (`base_dir`:
+    where an adapter checkpoint's base is, if not where it was)."""
     from megatron.core import parallel_state as ps
 
-    ckpt = load_model_weights(model, load_dir, spec, tp, pp, vpp)
+    ckpt = load_model_weights(model, load_dir, spec, tp, pp, vpp, base_dir=base_dir)
     payload = load_rank_file(
         ckpt.rank_file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()),
         mmap=False,

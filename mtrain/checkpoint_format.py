@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mtrain.errors import CheckpointError
+from mtrain.lora import AdapterCheckpointInfo
 from mtrain.models.spec import ModelSpec, spec_from_megatron_args
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -89,6 +90,8 @@ class MegatronCheckpoint:
     tp: int
     pp: int
     vpp: int
+    # Set for an adapter checkpoint (LoRA): its model state holds only the adapters.
+    lora: AdapterCheckpointInfo | None = None
 
     @classmethod
     def open(cls, ckpt_dir: Path, iteration: str | None = None) -> MegatronCheckpoint:
@@ -113,7 +116,7 @@ class MegatronCheckpoint:
                         f"{path} not found: args say tp={tp} pp={pp}, so the "
                         "checkpoint is incomplete"
                     )
-        return cls(iter_dir, spec, tp, pp, vpp)
+        return cls(iter_dir, spec, tp, pp, vpp, AdapterCheckpointInfo.from_args(args, str(first)))
 
     def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
         return rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)

@@ -31,11 +31,12 @@ from mtrain.checkpoint import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from mtrain.checkpoint_format import RELEASE, TRACKER, read_tracker
+from mtrain.checkpoint_format import RELEASE, TRACKER, MegatronCheckpoint, read_tracker
 from mtrain.config.schema import TrainingCommandConfig, validate
 from mtrain.dtypes import DTYPE_NAMES, DTYPES
 from mtrain.errors import ConfigError, MtrainError
 from mtrain.freeze import apply_freeze, keep_frozen_tied_embedding_reducible
+from mtrain.lora import AdapterCheckpointInfo, add_adapters
 from mtrain.losses import lm_forward, lm_loss_and_accuracy, logits_forward
 from mtrain.models.provider import BuildOptions, build_model_chunks
 from mtrain.models.spec import megatron_args
@@ -130,8 +131,14 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any], task: Task):
         trainable, total = apply_freeze(
             chunks, list(cfg.freeze.trainable), spec.num_layers, spec.tie_word_embeddings
         )
+        what = "freeze"
+    elif cfg.finetuning_type == "lora":
+        trainable, total = add_adapters(chunks, cfg.lora, tr.seed)
+        what = f"lora (r={cfg.lora.r}, alpha={cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)})"
+    if cfg.finetuning_type != "full":
         log.info(
-            "freeze: this rank trains %d of %d parameters (%.1f%%)",
+            "%s: this rank trains %d of %d parameters (%.2f%%)",
+            what,
             trainable,
             total,
             100 * trainable / max(total, 1),
@@ -155,7 +162,7 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any], task: Task):
         )
         for i, c in enumerate(chunks)
     ]
-    if cfg.finetuning_type == "freeze":
+    if cfg.finetuning_type != "full":
         keep_frozen_tied_embedding_reducible(model)
     dtype = DTYPES[tr.precision]
     optimizer = get_megatron_optimizer(
@@ -196,38 +203,65 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any], task: Task):
     return model, optimizer, scheduler
 
 
-def _start(cfg: TrainingCommandConfig, layout, model, optimizer, scheduler) -> TrainState:
+def _start(
+    cfg: TrainingCommandConfig, layout, model, optimizer, scheduler
+) -> tuple[TrainState, AdapterCheckpointInfo | None]:
     """Resume `save` if it holds a checkpoint (a resubmitted job repeats its command line,
     `load=` included); else start from `load` (weights only for a converted checkpoint or with
-    checkpoint.finetune=true); else from a random init."""
+    checkpoint.finetune=true); else from a random init.
+
+    With LoRA, also returns what the run's adapter checkpoints record about their base: a full
+    checkpoint in `load` is the base (fresh adapters); an adapter checkpoint brings its own."""
     resuming = cfg.save is not None and (Path(cfg.save) / TRACKER).is_file()
     source = cfg.save if resuming else cfg.load
     if source is None:
         log.info("training from a random init (seed %d)", cfg.train.seed)
-        return TrainState()
+        return TrainState(), None
     if resuming and cfg.load is not None:
         log.info(
             "save=%s already holds a checkpoint: resuming it (load= only starts a run)", cfg.save
         )
     args = (layout["spec"], layout["tp"], layout["pp"], layout["vpp"])
-    # A converted (release) checkpoint has weights only: it starts a fine-tune.
+    iteration = read_tracker(Path(source))
+    found = MegatronCheckpoint.open(Path(source), iteration).lora
+    adapters, base_dir = None, None
+    if cfg.finetuning_type == "lora":
+        if found is None and resuming:
+            raise ConfigError(
+                f"save={cfg.save} holds a full checkpoint, not LoRA adapters; give the LoRA run "
+                "a save directory of its own"
+            )
+        if found is None:  # the base model: the adapters start fresh
+            adapters = AdapterCheckpointInfo(cfg.lora, str(Path(source).resolve()), str(iteration))
+        else:
+            found.check_matches(cfg.lora, source)
+            adapters = found
+            if not Path(found.base_dir).is_dir() and cfg.load not in (None, source):
+                base_dir = cfg.load  # the base moved; load= says where it is now
+                adapters = AdapterCheckpointInfo(
+                    found.config, str(Path(base_dir).resolve()), str(read_tracker(Path(base_dir)))
+                )
+    # A converted (release) checkpoint has weights only: it starts a fine-tune, as does the base
+    # model of a LoRA run.
     weights_only = not resuming and (
-        cfg.checkpoint.finetune or read_tracker(Path(source)) == RELEASE
+        cfg.checkpoint.finetune
+        or iteration == RELEASE
+        or (cfg.finetuning_type == "lora" and found is None)
     )
     if weights_only:
-        load_model_weights(model, source, *args)
+        load_model_weights(model, source, *args, base_dir=base_dir)
         # bf16/fp16: the optimizer's fp32 master weights were copied at construction; refresh
         # them, or the first step would write the random init back over the loaded weights.
         optimizer.reload_model_params()
         log.info(
             "fine-tuning from the weights of %s (iteration and optimizer start afresh)", source
         )
-        return TrainState()
-    state = load_training_checkpoint(source, model, optimizer, scheduler, *args)
+        return TrainState(), adapters
+    state = load_training_checkpoint(source, model, optimizer, scheduler, *args, base_dir=base_dir)
     log.info(
         "resumed at iteration %d (%d samples consumed)", state.iteration, state.consumed_samples
     )
-    return state
+    return state, adapters
 
 
 # Metrics a task may report, each as tensor([sum, weight]); a fixed order lets every rank
@@ -326,7 +360,7 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
     spec, tr = layout["spec"], cfg.train
     task = make_task(cfg, layout)  # may resolve train.epochs into train.iters
     model, optimizer, scheduler = _build(cfg, layout, task)
-    state = _start(cfg, layout, model, optimizer, scheduler)
+    state, adapters = _start(cfg, layout, model, optimizer, scheduler)
     dp_rank, dp = ps.get_data_parallel_rank(), layout["dp"]
     # One iterator per model chunk: with interleaving, every chunk draws each micro-batch.
     iterators = [task.batches(state.consumed_samples, dp_rank, dp) for _ in model]
@@ -338,6 +372,8 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
         DTYPE_NAMES[DTYPES[tr.precision]],
     )
     args.virtual_pipeline_model_parallel_size = layout["vpp"] if layout["vpp"] > 1 else None
+    if adapters is not None:
+        vars(args).update(adapters.to_args())
     tokens_per_iter = tr.global_batch_size * tr.seq_length
     progress = Progress(
         total_iters=tr.iters,
@@ -417,7 +453,14 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
             )
             if cfg.save and (done or exiting or (interval and state.iteration % interval == 0)):
                 save_training_checkpoint(
-                    cfg.save, state, model, optimizer, scheduler, args, cfg.checkpoint.keep_last
+                    cfg.save,
+                    state,
+                    model,
+                    optimizer,
+                    scheduler,
+                    args,
+                    cfg.checkpoint.keep_last,
+                    adapters_only=adapters is not None,
                 )
             if exiting and not done:
                 log.info(

@@ -1,5 +1,6 @@
 """`torchrun ... -m mtrain.verify hf_dir=HF ckpt_dir=CKPT`: does a Megatron checkpoint reproduce
-the HF model's logits?
+the HF model's logits? (For LoRA adapters: the merged export's, or the base's with the PEFT
+adapter: `hf_dir=HF_BASE peft_dir=ADAPTER`.)
 
 Run it after a conversion, at the checkpoint's own TP/PP layout (any multiple of TP*PP processes).
 The HF reference is computed once, on rank 0 and on the CPU, before the device backend is set up
@@ -21,6 +22,7 @@ from mtrain.checkpoint import load_model_weights
 from mtrain.checkpoint_format import MegatronCheckpoint
 from mtrain.cli import hydra_command
 from mtrain.errors import MtrainError
+from mtrain.lora import add_adapters
 from mtrain.models.provider import BuildOptions, build_model_chunks
 
 log = logging.getLogger("mtrain.verify")
@@ -29,7 +31,9 @@ log = logging.getLogger("mtrain.verify")
 @dataclass
 class VerifyConfig:
     hf_dir: str = MISSING  # the HF model the checkpoint was converted from
+    peft_dir: str | None = None  # a PEFT adapter to apply on hf_dir (LoRA exported unmerged)
     ckpt_dir: str = MISSING  # the Megatron checkpoint to check
+    base_dir: str | None = None  # for LoRA adapters: their base checkpoint, if not the recorded one
     device: str = "auto"  # auto | cpu | cuda | npu
     batch: int = 2  # sequences of random tokens to compare on
     seq_length: int = 32
@@ -43,13 +47,21 @@ def random_tokens(vocab: int, batch: int, seq_length: int, seed: int) -> torch.T
     return torch.randint(0, vocab, (batch, seq_length), generator=generator)
 
 
-def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf_dir: str, tokens: torch.Tensor, peft_dir: str | None = None) -> torch.Tensor:
+    """Logits of the HF model (with a PEFT adapter on top, if `peft_dir`), in fp32."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    if peft_dir is not None:
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise MtrainError("peft_dir needs the peft package: pip install peft") from None
+        model = PeftModel.from_pretrained(model, peft_dir)
+    model.eval()
     with torch.no_grad():
         return model(tokens).logits
 
@@ -95,15 +107,23 @@ def megatron_logits(
 
 
 def checkpoint_max_diff(
-    ckpt_dir: str | Path, tokens: torch.Tensor, reference: torch.Tensor
+    ckpt_dir: str | Path,
+    tokens: torch.Tensor,
+    reference: torch.Tensor,
+    base_dir: str | Path | None = None,
 ) -> float:
-    """Max |logits - reference| of a checkpoint at its own layout, known on every rank."""
+    """Max |logits - reference| of a checkpoint at its own layout, known on every rank. An
+    adapter (LoRA) checkpoint runs on its base (`base_dir`, default the recorded one)."""
     ckpt = MegatronCheckpoint.open(Path(ckpt_dir))
     parallel.init(ckpt.tp, ckpt.pp, ckpt.vpp)
     try:
         chunks = build_model_chunks(ckpt.spec, BuildOptions(tp=ckpt.tp, pp=ckpt.pp, vpp=ckpt.vpp))
         chunks = [c.to(accel.device()) for c in chunks]
-        load_model_weights(chunks, ckpt_dir, ckpt.spec, ckpt.tp, ckpt.pp, ckpt.vpp)
+        if ckpt.lora is not None:
+            add_adapters(chunks, ckpt.lora.config, seed=0)  # values come from the checkpoint
+        load_model_weights(
+            chunks, ckpt_dir, ckpt.spec, ckpt.tp, ckpt.pp, ckpt.vpp, base_dir=base_dir
+        )
         logits = megatron_logits(chunks, tokens.to(accel.device()), ckpt.spec.vocab_size)
         diff = torch.tensor([-1.0], device=accel.device())
         if logits is not None:
@@ -119,11 +139,11 @@ def main(cfg: VerifyConfig) -> None:
     ckpt = MegatronCheckpoint.open(Path(cfg.ckpt_dir))
     tokens = random_tokens(ckpt.spec.vocab_size, cfg.batch, cfg.seq_length, cfg.seed)
     # Rank 0 alone loads the HF model, before the backend's set-up touches torch.
-    box = [hf_logits(cfg.hf_dir, tokens) if parallel.global_rank() == 0 else None]
+    box = [hf_logits(cfg.hf_dir, tokens, cfg.peft_dir) if parallel.global_rank() == 0 else None]
     accel.activate(cfg.device)
     parallel.init_process_group()
     torch.distributed.broadcast_object_list(box, src=0)
-    diff = checkpoint_max_diff(cfg.ckpt_dir, tokens, box[0])
+    diff = checkpoint_max_diff(cfg.ckpt_dir, tokens, box[0], cfg.base_dir)
     ok = diff <= cfg.tolerance
     log.info(
         "verify: %s at tp=%d pp=%d: max |logits - HF| = %.3g (tolerance %.0e) -> %s",

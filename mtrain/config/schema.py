@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
 
+from mtrain.checkpoint_format import TRACKER
 from mtrain.config.data import DataConfig
+from mtrain.config.lora import LoraConfig
 from mtrain.config.model import ModelConfig
 from mtrain.errors import ConfigError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+FINETUNING_TYPES = ("full", "freeze", "lora")
 DECAY_STYLES = ("cosine", "linear", "constant")
 
 
@@ -96,8 +100,9 @@ class TrainingCommandConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    finetuning_type: str = "full"  # full | freeze (only freeze.trainable trains)
+    finetuning_type: str = "full"  # full | freeze (only freeze.trainable trains) | lora
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters for finetuning_type=lora
     device: str = "auto"  # auto | cpu | cuda | npu
     load: str | None = (
         None  # checkpoint to start from (Megatron legacy format); default: resume `save`
@@ -196,9 +201,17 @@ def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError("checkpoint.save_interval is set but save is not; pass save=DIR")
     if ck.finetune and cfg.load is None:
         raise ConfigError("checkpoint.finetune=true needs load=CKPT_DIR")
-    if cfg.finetuning_type not in ("full", "freeze"):
-        hint = "; LoRA is not available yet" if cfg.finetuning_type == "lora" else ""
-        raise ConfigError(f"finetuning_type={cfg.finetuning_type} is not one of full, freeze{hint}")
+    if cfg.finetuning_type not in FINETUNING_TYPES:
+        raise ConfigError(
+            f"finetuning_type={cfg.finetuning_type} is not one of {', '.join(FINETUNING_TYPES)}"
+        )
+    if cfg.finetuning_type == "lora":
+        cfg.lora.validate()
+        if cfg.load is None and not (cfg.save and (Path(cfg.save) / TRACKER).is_file()):
+            raise ConfigError(
+                "finetuning_type=lora needs load=CKPT_DIR: the base model the adapters train on "
+                "(e.g. the output of converters.hf2mcore)"
+            )
     if cfg.finetuning_type == "freeze" and not cfg.freeze.trainable:
         raise ConfigError(
             "finetuning_type=freeze needs freeze.trainable, e.g. "

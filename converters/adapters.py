@@ -1,0 +1,188 @@
+"""LoRA adapters in the converters: their layouts follow from the mapping table's entries.
+
+An adapter on a linear the table describes (mtrain/lora.py explains the TP layout):
+- column-like kinds (COLUMN, QKV, GATED_FC1): A is the same on every TP rank; B's rows are laid
+  out exactly like the base weight's rows, so the table's own `merge` splits B back into the HF
+  tensors (q/k/v de-interleaved with the GQA formula, gate/up de-fused), each with a copy of A.
+- ROW: A's columns are split like the base's (cat along dim 1); B is the same on every rank.
+
+PEFT names an adapter after the HF module it adapts: `base_model.model.<hf name>` with
+`.weight` replaced by `.lora_A.weight` / `.lora_B.weight`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from converters.layout import Dims, merge, shard_shape
+from converters.mappings.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Entry, Family, Kind
+from converters.stages import piece_layers
+from mtrain.atomic import atomic_output_dir
+from mtrain.checkpoint_format import MegatronCheckpoint
+from mtrain.errors import CheckpointError
+
+log = logging.getLogger("converters.mcore2hf")
+
+PEFT_PREFIX = "base_model.model."
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+_COLUMN_LIKE = (Kind.COLUMN, Kind.QKV, Kind.GATED_FC1)
+
+
+def target_entries(family: Family) -> dict[str, Entry]:
+    """LoRA target name (megatron module name, e.g. linear_qkv) -> its layer entry."""
+    return {
+        e.mcore.split(".")[-2]: e
+        for e in family.layer
+        if e.kind in (*_COLUMN_LIKE, Kind.ROW) and e.mcore.endswith(".weight")
+    }
+
+
+def adapter_names(mcore_name: str) -> tuple[str, str]:
+    """The state-dict names of the A and B matrices adapting `mcore_name` (a `.weight`)."""
+    stem = mcore_name.removesuffix(".weight")
+    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+
+
+def peft_names(hf_name: str) -> tuple[str, str]:
+    stem = PEFT_PREFIX + hf_name.removesuffix(".weight")
+    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+
+
+def peft_module(hf_name: str) -> str:
+    """The module name PEFT matches in `target_modules` (e.g. q_proj)."""
+    return hf_name.removesuffix(".weight").split(".")[-1]
+
+
+def merge_adapter(
+    entry: Entry, a_shards: list[torch.Tensor], b_shards: list[torch.Tensor], dims: Dims, where: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) for each HF tensor of `entry`, in table order, from the TP shards of one adapter."""
+    replicated = b_shards if entry.kind is Kind.ROW else a_shards
+    for t, other in enumerate(replicated[1:], start=1):
+        if not torch.equal(replicated[0], other):
+            raise CheckpointError(
+                f"{where}: the replicated LoRA matrix differs between TP ranks 0 and {t}; "
+                "the adapter checkpoint is inconsistent"
+            )
+    if entry.kind is Kind.ROW:
+        return [(torch.cat(a_shards, dim=1), b_shards[0].clone())]
+    if entry.kind not in _COLUMN_LIKE:
+        raise AssertionError(entry.kind)
+    return [(a_shards[0].clone(), b) for b in merge(entry, b_shards, dims)]
+
+
+def _stage_adapters(ckpt: MegatronCheckpoint, pp_rank: int, chunk: int):
+    """(global layer, local name prefix) of each layer of one piece, and the target entries."""
+    spec = ckpt.spec
+    entries = target_entries(spec.family_table)
+    targets = [entries[t] for t in ckpt.lora.config.target_modules]
+    layers = piece_layers(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk)
+    return [(layer, MCORE_LAYER_PREFIX.format(i=local)) for local, layer in enumerate(layers)], (
+        targets
+    )
+
+
+def check_adapter_states(ckpt: MegatronCheckpoint) -> None:
+    """Every rank file of an adapter checkpoint holds exactly the adapters its args imply, with
+    A of shape (r, base columns) and B of shape (base rows, r) on each rank."""
+    dims, r = Dims.of(ckpt.spec, ckpt.tp), ckpt.lora.config.r
+    for pp_rank in range(ckpt.pp):
+        for tp_rank in range(ckpt.tp):
+            path = ckpt.rank_file(tp_rank, pp_rank)
+            for chunk, state in enumerate(ckpt.load_model_states(tp_rank, pp_rank)):
+                layers, targets = _stage_adapters(ckpt, pp_rank, chunk)
+                expected = {}
+                for _, prefix in layers:
+                    for entry in targets:
+                        rows, cols = shard_shape(entry, dims)
+                        a_name, b_name = adapter_names(prefix + entry.mcore)
+                        expected[a_name], expected[b_name] = (r, cols), (rows, r)
+                for name, shape in expected.items():
+                    if name not in state:
+                        raise CheckpointError(f"{path}: adapter tensor {name} is missing")
+                    if tuple(state[name].shape) != shape:
+                        raise CheckpointError(
+                            f"{path}: {name} has shape {list(state[name].shape)} but the "
+                            f"checkpoint args imply {list(shape)}"
+                        )
+                extra = sorted(k for k in state if k not in expected)
+                if extra:
+                    raise CheckpointError(
+                        f"{path}: {extra[0]} is not an adapter the checkpoint args describe"
+                    )
+
+
+def peft_config(ckpt: MegatronCheckpoint, base_model: str) -> dict:
+    """adapter_config.json for PEFT's LoraConfig."""
+    lora = ckpt.lora.config
+    entries = target_entries(ckpt.spec.family_table)
+    modules = sorted({peft_module(n) for t in lora.target_modules for n in entries[t].hf})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "use_rslora": lora.rslora,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+
+
+def write_peft_adapter(
+    ckpt: MegatronCheckpoint,
+    out_dir: Path,
+    hf_dir: str | None,
+    force: bool,
+    dtype: torch.dtype | None,
+) -> None:
+    """The adapters of `ckpt` as a PEFT LoRA adapter for the original HF model."""
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    dims = Dims.of(ckpt.spec, ckpt.tp)
+    tensors: dict[str, torch.Tensor] = {}
+    for pp_rank in range(ckpt.pp):
+        states = [ckpt.load_model_states(t, pp_rank) for t in range(ckpt.tp)]
+        for chunk in range(ckpt.vpp):
+            layers, targets = _stage_adapters(ckpt, pp_rank, chunk)
+            for layer, prefix in layers:
+                for entry in targets:
+                    a_name, b_name = adapter_names(prefix + entry.mcore)
+                    pairs = merge_adapter(
+                        entry,
+                        [s[chunk][a_name] for s in states],
+                        [s[chunk][b_name] for s in states],
+                        dims,
+                        where=f"{ckpt.rank_file(0, pp_rank)}: {a_name}",
+                    )
+                    for hf, (a, b) in zip(entry.hf, pairs):
+                        pa, pb = peft_names(HF_LAYER_PREFIX.format(i=layer) + hf)
+                        tensors[pa] = (a if dtype is None else a.to(dtype)).contiguous()
+                        tensors[pb] = (b if dtype is None else b.to(dtype)).contiguous()
+        del states
+    base_model = str(Path(hf_dir).resolve()) if hf_dir else ""
+    inputs = [ckpt.iter_dir.parent] + ([Path(hf_dir)] if hf_dir else [])
+    with atomic_output_dir(out_dir, force, inputs) as temp:
+        save_file(tensors, temp / PEFT_WEIGHTS, metadata={"format": "pt"})
+        config = peft_config(ckpt, base_model)
+        (temp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    log.info(
+        "mcore2hf: PEFT adapter (%d tensors, r=%d) from %s in %.1fs -> %s",
+        len(tensors),
+        ckpt.lora.config.r,
+        ckpt.iter_dir,
+        time.perf_counter() - start,
+        out_dir,
+    )

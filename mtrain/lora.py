@@ -1,0 +1,291 @@
+"""LoRA on megatron-core's tensor-parallel linears, laid out so that merging needs no communication.
+
+A linear W (out x in) gets an update s * B A, with A (r x in), B (out x r), s = alpha / r
+(alpha / sqrt(r) with rsLoRA). On each tensor-parallel rank t:
+
+    column-parallel base (linear_qkv, linear_fc1), W_t = rows of W:
+        A replicated, B_t = the same rows of B          ->  W_t + s * B_t A
+    row-parallel base (linear_proj, linear_fc2), W_t = columns of W:
+        A_t = the same columns of A, B replicated       ->  W_t + s * B A_t
+
+so every rank merges its own shard. B's rows follow the base's rows, fused layouts included (the
+GQA-interleaved qkv, the per-rank [gate; up] of fc1): converters split B exactly like the weight.
+
+Forward communication (small: r features per token):
+- column: u = A x is the same on every rank; `copy_to_tensor_model_parallel_region` all-reduces
+  its gradient, so A and x get the sum of every rank's B_t^T g_t. With sequence parallelism x is
+  this rank's tokens: u is gathered along the sequence instead, and A's gradient (from local
+  tokens only) is all-reduced by megatron like a sequence-parallel norm weight.
+- row: u_t = A_t x_t is a partial sum, all-reduced (reduce-scattered along the sequence with
+  sequence parallelism, where B's gradient is then all-reduced like a norm weight).
+
+Adapters are child modules `lora_A` / `lora_B` of the linear they adapt, so their state-dict
+names are the base's plus `.lora_A.weight` / `.lora_B.weight`; base names are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mtrain.config.lora import TARGETS, LoraConfig
+from mtrain.errors import CheckpointError, ConfigError
+
+ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
+# Where each target sits in a megatron-core decoder layer.
+_MODULE_PATHS = {
+    "linear_qkv": "self_attention.linear_qkv",
+    "linear_proj": "self_attention.linear_proj",
+    "linear_fc1": "mlp.linear_fc1",
+    "linear_fc2": "mlp.linear_fc2",
+}
+
+
+def is_adapter_key(name: str) -> bool:
+    return any(marker in name for marker in ADAPTER_MARKERS)
+
+
+class _Weight(torch.nn.Module):
+    """Holds one adapter matrix as `.weight` (names like PEFT's `lora_A.weight`)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+
+@dataclass
+class _Adapter:
+    """Per-linear settings the forward hook reads."""
+
+    mode: str  # "column" | "row"
+    scaling: float
+    dropout: float
+    sequence_parallel: bool
+    enabled: bool = True
+
+
+def _parallel_mode(base: torch.nn.Module) -> str:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    if isinstance(base, ColumnParallelLinear):
+        return "column"
+    if isinstance(base, RowParallelLinear):
+        return "row"
+    mode = getattr(base, "parallel_mode", None)  # Transformer Engine linears
+    if mode in ("column", "row"):
+        return mode
+    raise ConfigError(f"LoRA cannot adapt a {type(base).__name__}: not a tensor-parallel linear")
+
+
+def _dropout(x: torch.Tensor, p: float, per_rank: bool, training: bool) -> torch.Tensor:
+    """Dropout with a mask that is the same on every TP rank when they hold the same x (column
+    without sequence parallelism), else drawn from megatron's per-rank stream."""
+    if not training or p == 0.0:
+        return x
+    if not per_rank:
+        return F.dropout(x, p, training=True)
+    from megatron.core import tensor_parallel
+
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        return F.dropout(x, p, training=True)
+
+
+def _forward_hook(module: torch.nn.Module, args: tuple, output: tuple):
+    from megatron.core import tensor_parallel as tpl
+
+    adapter: _Adapter = module.lora
+    if not adapter.enabled:
+        return output
+    out, bias = output
+    x, a, b = args[0], module.lora_A.weight, module.lora_B.weight
+    sp = adapter.sequence_parallel
+    if adapter.mode == "column":
+        x = _dropout(x, adapter.dropout, per_rank=sp, training=module.training)
+        u = F.linear(x, a)
+        u = (
+            tpl.gather_from_sequence_parallel_region(u)
+            if sp
+            else (tpl.copy_to_tensor_model_parallel_region(u))
+        )
+    else:
+        x = _dropout(x, adapter.dropout, per_rank=True, training=module.training)
+        u = F.linear(x, a)
+        u = (
+            tpl.reduce_scatter_to_sequence_parallel_region(u)
+            if sp
+            else (tpl.reduce_from_tensor_model_parallel_region(u))
+        )
+    return out + F.linear(u, b) * adapter.scaling, bias
+
+
+def _init_a(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """PEFT's default A init (nn.Linear's: uniform, bound 1/sqrt(fan_in)) from a generator of
+    its own, over the *whole* matrix: the same adapters at every TP/PP layout."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(cols)
+    return (torch.rand(rows, cols, generator=generator) * 2 - 1) * bound
+
+
+def add_adapters(chunks: list[torch.nn.Module], cfg: LoraConfig, seed: int) -> tuple[int, int]:
+    """Freeze every base parameter and give each target linear an adapter (B = 0, so the model
+    is unchanged until trained). Returns (trainable, total) parameter counts of this rank.
+
+    Must run before DDP and the optimizer are built: both only take trainable parameters.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    cfg.validate()
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for chunk in chunks:
+        for param in chunk.parameters():
+            param.requires_grad_(False)
+        config = chunk.config
+        for layer in chunk.decoder.layers:
+            global_layer = layer.layer_number - 1
+            for target in cfg.target_modules:
+                base = layer.get_submodule(_MODULE_PATHS[target])
+                mode = _parallel_mode(base)
+                rows, cols = base.weight.shape  # this rank's shard
+                dtype, device = base.weight.dtype, base.weight.device
+                full_in = cols * tp if mode == "row" else cols
+                a = _init_a(
+                    cfg.r, full_in, seed * 1_000_003 + global_layer * 16 + TARGETS.index(target)
+                )
+                if mode == "row":
+                    a = a.chunk(tp, dim=1)[tp_rank]
+                b_rows = rows  # column: the base's rows on this rank; row: all output rows
+                base.lora_A = _Weight(a.to(device=device, dtype=dtype).contiguous())
+                base.lora_B = _Weight(torch.zeros(b_rows, cfg.r, device=device, dtype=dtype))
+                split, replicated = (
+                    (base.lora_B.weight, base.lora_A.weight)
+                    if mode == "column"
+                    else (base.lora_A.weight, base.lora_B.weight)
+                )
+                tensor_parallel.set_tensor_model_parallel_attributes(
+                    split, is_parallel=True, dim=0 if mode == "column" else 1, stride=1
+                )
+                if config.sequence_parallel:
+                    # Its gradient comes from this rank's tokens only: megatron all-reduces it.
+                    replicated.sequence_parallel = True
+                base.lora = _Adapter(mode, cfg.scaling, cfg.dropout, config.sequence_parallel)
+                base.register_forward_hook(_forward_hook)
+    total = sum(p.numel() for c in chunks for p in c.parameters())
+    trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def _adapters(chunks: list[torch.nn.Module]) -> Iterator[_Adapter]:
+    for chunk in chunks:
+        for module in chunk.modules():
+            adapter = getattr(module, "lora", None)
+            if isinstance(adapter, _Adapter):
+                yield adapter
+
+
+@contextmanager
+def adapters_disabled(chunks: list[torch.nn.Module]):
+    """The base model, adapters bypassed (e.g. DPO's reference model, at no extra memory)."""
+    adapters = list(_adapters(chunks))
+    for adapter in adapters:
+        adapter.enabled = False
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.enabled = True
+
+
+def adapter_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in module.state_dict().items() if is_adapter_key(k)}
+
+
+def merged_weight(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, block_rows: int = 1024
+) -> torch.Tensor:
+    """W + s * B A, computed in fp32 and returned in W's dtype (one TP shard or a whole HF
+    tensor: the layout above makes both the same formula). Row blocks bound the fp32 memory."""
+    out = torch.empty(weight.shape, dtype=weight.dtype)
+    a32 = a.float()
+    for start in range(0, weight.shape[0], block_rows):
+        rows = slice(start, start + block_rows)
+        out[rows] = torch.addmm(weight[rows].float(), b[rows].float(), a32, alpha=scaling)
+    return out
+
+
+# --- adapter checkpoints ----------------------------------------------------------------------
+#
+# An adapter checkpoint is a Megatron legacy checkpoint whose model state holds only the
+# adapters. Its args carry the LoRA settings (Megatron-LM / MindSpeed-LLM argument names where
+# they exist) and the base checkpoint it was trained on.
+
+
+@dataclass
+class AdapterCheckpointInfo:
+    config: LoraConfig
+    base_dir: str  # absolute path of the base checkpoint directory
+    base_iteration: str  # the base's iteration ("release" or a number) when training started
+
+    def to_args(self) -> dict:
+        return {
+            "lora_r": self.config.r,
+            "lora_alpha": self.config.alpha,
+            "lora_dropout": self.config.dropout,
+            "lora_use_rslora": self.config.rslora,
+            "lora_target_modules": list(self.config.target_modules),
+            "lora_base_checkpoint": self.base_dir,
+            "lora_base_iteration": str(self.base_iteration),
+        }
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, source: str) -> AdapterCheckpointInfo | None:
+        if getattr(args, "lora_base_checkpoint", None) is None:
+            return None
+        try:
+            config = LoraConfig(
+                r=int(args.lora_r),
+                alpha=float(args.lora_alpha),
+                dropout=float(getattr(args, "lora_dropout", 0.0)),
+                rslora=bool(getattr(args, "lora_use_rslora", False)),
+                target_modules=list(args.lora_target_modules),
+            ).validate()
+        except (AttributeError, ConfigError) as err:
+            raise CheckpointError(f"{source}: bad LoRA args ({err})") from None
+        return cls(config, str(args.lora_base_checkpoint), str(args.lora_base_iteration))
+
+    def resolve_base(self, override: str | Path | None) -> tuple[Path, str | None]:
+        """The base checkpoint directory and iteration to load: the recorded one, or `override`
+        (at the recorded iteration if it is the same directory, else at its latest)."""
+        recorded = Path(self.base_dir)
+        if override is None:
+            if not recorded.is_dir():
+                raise CheckpointError(
+                    f"the adapters' base checkpoint {recorded} (recorded at training time) is "
+                    "gone; pass its new location (base_dir= for converters, load= for training)"
+                )
+            return recorded, self.base_iteration
+        override = Path(override)
+        same = override.resolve() == recorded.resolve() if recorded.exists() else False
+        return override, self.base_iteration if same else None
+
+    def check_matches(self, cfg: LoraConfig, source: str) -> None:
+        """A resumed or continued run must use the adapters' own settings."""
+        saved = self.config
+        for key in ("r", "alpha", "rslora"):
+            if getattr(saved, key) != getattr(cfg, key):
+                raise ConfigError(
+                    f"lora.{key}={getattr(cfg, key)} but {source} was trained with "
+                    f"lora.{key}={getattr(saved, key)}; use the same value"
+                )
+        if sorted(saved.target_modules) != sorted(cfg.target_modules):
+            raise ConfigError(
+                f"lora.target_modules={list(cfg.target_modules)} but {source} has adapters on "
+                f"{saved.target_modules}; use the same modules"
+            )
