@@ -19,6 +19,25 @@ from mtrain.progress import flops_per_token
 GiB = 1024**3
 
 
+def lora_parameters(cfg: TrainingCommandConfig, layout: dict) -> float:
+    """Adapter parameters per layer on one device (mtrain/lora.py's layout: the A of a
+    column-parallel base and the B of a row-parallel one are replicated over TP)."""
+    spec, tp, r = layout["spec"], layout["tp"], cfg.lora.r
+    h, f, d = spec.hidden_size, spec.ffn_hidden_size, spec.kv_channels
+    q, kv = spec.num_attention_heads * d, spec.num_query_groups * d
+    shapes = {  # target: (in, out, column-parallel)
+        "linear_qkv": (h, q + 2 * kv, True),
+        "linear_proj": (q, h, False),
+        "linear_fc1": (h, 2 * f, True),
+        "linear_fc2": (f, h, False),
+    }
+    total = 0.0
+    for target in cfg.lora.target_modules:
+        n_in, n_out, column = shapes[target]
+        total += r * (n_in + n_out / tp) if column else r * (n_in / tp + n_out)
+    return total
+
+
 def memory_estimate(cfg: TrainingCommandConfig, layout: dict) -> dict[str, float]:
     spec, tp, pp, dp = layout["spec"], layout["tp"], layout["pp"], layout["dp"]
     tr = cfg.train
@@ -30,6 +49,8 @@ def memory_estimate(cfg: TrainingCommandConfig, layout: dict) -> dict[str, float
     first = layers * per_layer / tp + vocab / tp
     last = layers * per_layer / tp + (vocab / tp if (not spec.tie_word_embeddings or pp > 1) else 0)
     params = max(first, last) if pp > 1 else first + last - layers * per_layer / tp
+    # Gradients and optimizer state exist for trained parameters only: with LoRA, the adapters.
+    trained = lora_parameters(cfg, layout) * layers if cfg.finetuning_type == "lora" else params
     weight_bytes = 4 if tr.precision == "fp32" else 2
     optimizer_bytes = (8 if tr.precision == "fp32" else 12) / (
         dp if cfg.parallel.distributed_optimizer else 1
@@ -45,9 +66,12 @@ def memory_estimate(cfg: TrainingCommandConfig, layout: dict) -> dict[str, float
     logits = 4 * s * b * spec.padded_vocab_size(tp) / tp * 2  # fp32 logits and their grad
     return {
         "parameters": params,
-        "weights": params * weight_bytes / GiB,
-        "gradients": params * 4 / GiB,
-        "optimizer": params * optimizer_bytes / GiB,
+        "trained": trained,
+        "weights": (params + (trained if cfg.finetuning_type == "lora" else 0))
+        * weight_bytes
+        / GiB,
+        "gradients": trained * 4 / GiB,
+        "optimizer": trained * optimizer_bytes / GiB,
         "activations": (activations + logits) / GiB,
     }
 
@@ -61,7 +85,7 @@ def describe_plan(cfg: TrainingCommandConfig) -> str:
     layout = validate(cfg, world)
     spec, tr = layout["spec"], cfg.train
     mem = memory_estimate(cfg, layout)
-    total = sum(v for k, v in mem.items() if k != "parameters")
+    total = sum(v for k, v in mem.items() if k not in ("parameters", "trained"))
     tokens = tr.global_batch_size * tr.seq_length
     lines = [
         f"model      {cfg.model.name}: {spec.num_parameters() / 1e9:.2f} B parameters, "
@@ -77,6 +101,12 @@ def describe_plan(cfg: TrainingCommandConfig) -> str:
         f"memory     per device (busiest stage, estimate): {total:.1f} GiB = weights "
         f"{mem['weights']:.1f} + grads {mem['gradients']:.1f} + optimizer {mem['optimizer']:.1f}"
         f" + activations {mem['activations']:.1f} ({tr.recompute or 'no'} recompute, "
-        f"{mem['parameters'] / 1e9:.2f} B parameters on the device)",
+        f"{mem['parameters'] / 1e9:.2f} B parameters on the device"
+        + (
+            f", {mem['trained'] / 1e6:.1f} M of them LoRA adapters (r={cfg.lora.r})"
+            if cfg.finetuning_type == "lora"
+            else ""
+        )
+        + ")",
     ]
     return "\n".join(lines)

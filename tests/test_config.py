@@ -53,6 +53,12 @@ def test_layout_defaults_to_the_presets_recommendation():
         (dict(train__min_lr=1.0), 4, r"train.min_lr=1.0 exceeds train.lr"),
         (dict(load=None, checkpoint__finetune=True), 4, r"checkpoint.finetune=true needs load="),
         (dict(checkpoint__save_interval=5), 4, r"checkpoint.save_interval is set but save is not"),
+        (dict(finetuning_type="lora"), 4, r"finetuning_type=lora needs load=CKPT_DIR"),
+        (
+            dict(finetuning_type="qlora"),
+            4,
+            r"finetuning_type=qlora is not one of full, freeze, lora",
+        ),
     ],
 )
 def test_invalid_combinations_name_their_keys(changes, world, message):
@@ -68,6 +74,20 @@ def test_memory_estimate_shrinks_with_the_distributed_optimizer():
     assert sharded["optimizer"] == pytest.approx(plain["optimizer"] / 2)
     # 32.8 B parameters over tp 8 x pp 2: the busiest stage holds ~2.1 B
     assert 1.9e9 < plain["parameters"] < 2.3e9
+
+
+def test_lora_memory_estimate_counts_gradients_and_adam_for_the_adapters_only():
+    cfg = config("qwen3_32b", train__seq_length=4096, parallel__tp=4, parallel__pp=1)
+    full = memory_estimate(cfg, validate(cfg, 8))
+    cfg.finetuning_type, cfg.load = "lora", "base"
+    lora = memory_estimate(cfg, validate(cfg, 8))
+    # r=8 on qkv, proj, fc1, fc2 of Qwen3-32B's 64 layers at TP=4: 8 * 64 * (
+    #   (5120 + 10240 / 4) + (8192 / 4 + 5120) + (5120 + 51200 / 4) + (25600 / 4 + 5120)) adapters
+    assert lora["trained"] == 8 * 64 * (7680 + 7168 + 17920 + 11520)
+    assert lora["optimizer"] == pytest.approx(
+        full["optimizer"] * lora["trained"] / full["parameters"]
+    )
+    assert lora["weights"] > full["weights"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

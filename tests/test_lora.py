@@ -1,0 +1,181 @@
+"""LoRA end to end on CPU processes: SFT with adapters at TP=2 x PP=2, resumed, exported merged
+and as a PEFT adapter, each checked against an independent computation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from converters import hf2mcore, mcore2hf
+from converters.hf2mcore import HF2McoreConfig
+from converters.mcore2hf import LoraExportConfig, McoreToHFConfig
+from mtrain.checkpoint_format import TRACKER
+from mtrain.models.tiny import corpus, write_chat_task
+from tests.conftest import TINY, tiny_spec
+from tests.torchrun import launch, torchrun
+
+pytestmark = pytest.mark.slow
+ITERS = 8
+R, ALPHA = 8, 16.0
+
+
+def load_dir(path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_hf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    hf = tiny_hf(TINY)
+    for tp, pp in ((1, 1), (2, 2)):
+        hf2mcore.convert(
+            HF2McoreConfig(hf_dir=str(hf), out_dir=str(root / f"c{tp}{pp}"), tp=tp, pp=pp)
+        )
+    write_chat_task(root / "chat.jsonl")
+    return root, hf
+
+
+def run_sft(setup, nproc: int, tp: int, pp: int, save, check: bool = True, **extra):
+    root, hf = setup
+    metrics = root / f"{save.name}.jsonl"
+    metrics.unlink(missing_ok=True)
+    args = {
+        "+model": "qwen3_tiny",
+        "model.hf_dir": hf,
+        "load": root / f"c{tp}{pp}",
+        "save": save,
+        "data.path": root / "chat.jsonl",
+        "data.cache_dir": root / "cache",
+        "data.packing": "true",
+        "finetuning_type": "lora",
+        "lora.r": R,
+        "lora.alpha": ALPHA,
+        "train.iters": ITERS,
+        "train.seq_length": 64,
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 2,
+        "train.precision": "fp32",
+        "train.lr": 1e-2,
+        "parallel.tp": tp,
+        "parallel.pp": pp,
+        "device": "cpu",
+        "log.metrics_file": metrics,
+        **extra,
+    }
+    proc = launch(nproc, "-m", "mtrain.sft", *(f"{k}={v}" for k, v in args.items()), check=check)
+    history = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [h["loss"] for h in history], proc
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """LoRA SFT at TP=2 x PP=2, uninterrupted: the run the others are held to."""
+    save = setup[0] / "lora22"
+    losses, _ = run_sft(setup, 4, 2, 2, save)
+    return losses, save
+
+
+def test_lora_trains_and_saves_only_the_adapters(reference, setup):
+    losses, save = reference
+    assert len(losses) == ITERS and losses[-1] < losses[0] - 0.5, losses
+    state = torch.load(
+        save / "iter_0000008" / "mp_rank_00_000" / "model_optim_rng.pt", weights_only=False
+    )
+    assert state["model"] and all(".lora_" in k for k in state["model"]), list(state["model"])
+    assert state["args"].lora_base_checkpoint == str((setup[0] / "c22").resolve())
+
+
+def test_tp2pp2_and_tp1pp1_lora_give_the_same_loss_curve(setup, reference):
+    """The adapters' init does not depend on the layout, and the TP communication of their
+    gradients (A's all-reduce on column-parallel bases) is exact."""
+    single, _ = run_sft(setup, 1, 1, 1, setup[0] / "lora11")
+    diffs = [abs(a - b) for a, b in zip(reference[0], single)]
+    assert len(diffs) == ITERS and max(diffs) < 1e-4, diffs
+
+
+def test_interrupted_and_resumed_lora_reproduces_the_loss_sequence(setup, reference):
+    save = setup[0] / "lora22_resumed"
+    first, _ = run_sft(setup, 4, 2, 2, save, **{"train.exit_after_iters": 3})
+    second, _ = run_sft(setup, 4, 2, 2, save)
+    assert first + second == reference[0]
+
+
+def test_merged_and_peft_exports_reproduce_the_lora_models_logits(setup, reference, tmp_path):
+    root, hf = setup
+    ckpt = reference[1]
+    merged, peft = tmp_path / "merged", tmp_path / "peft"
+    mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(ckpt), out_dir=str(merged), hf_dir=str(hf)))
+    mcore2hf.convert(
+        McoreToHFConfig(
+            ckpt_dir=str(ckpt),
+            out_dir=str(peft),
+            hf_dir=str(hf),
+            lora=LoraExportConfig(merge=False),
+        )
+    )
+    result = tmp_path / "result.json"
+    torchrun("lora_parity.py", 4, result, ckpt, hf, merged, peft)
+    diffs = json.loads(result.read_text())
+    assert diffs["merged"] < 1e-5 and diffs["peft"] < 1e-5, diffs
+    assert diffs["adapter_effect"] > 1e-2, diffs  # the adapters are not a no-op
+
+    # The merged weights are W + (alpha / r) B A, from the PEFT tensors, in plain torch.
+    base, out = load_dir(hf), load_dir(merged)
+    adapter = load_file(peft / "adapter_model.safetensors")
+    config = json.loads((peft / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (R, ALPHA, "LORA")
+    modules = [f"self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    modules += [f"mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
+    for layer in range(TINY.num_layers):
+        for module in modules:
+            name = f"model.layers.{layer}.{module}"
+            a = adapter[f"base_model.model.{name}.lora_A.weight"]
+            b = adapter[f"base_model.model.{name}.lora_B.weight"]
+            expected = base[f"{name}.weight"] + (ALPHA / R) * b @ a
+            torch.testing.assert_close(out[f"{name}.weight"], expected, atol=1e-6, rtol=1e-6)
+    untouched = [k for k in base if not any(f".{m}." in k for m in modules)]
+    assert untouched and all(torch.equal(base[k], out[k]) for k in untouched)
+
+
+def test_adapter_checkpoint_is_20x_smaller_than_a_full_one(tiny_hf, tmp_path):
+    """Weights and optimizer state, LoRA r=8 vs full fine-tuning, for a tiny model whose hidden
+    size (256) is large against r (with hidden 64 = 8 r the ratio would be about 7)."""
+    spec = tiny_spec(num_layers=2, hidden_size=256, ffn_hidden_size=512, kv_channels=64)
+    hf = tiny_hf(spec)
+    hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(tmp_path / "c")))
+    with open(tmp_path / "corpus.jsonl", "w") as f:
+        for line in corpus(200, seed=1):
+            f.write(json.dumps({"text": line}) + "\n")
+    sizes = {}
+    for kind in ("full", "lora"):
+        launch(
+            1,
+            "-m",
+            "mtrain.pt",
+            "+model=qwen3_tiny",
+            "model.num_layers=2",
+            "model.hidden_size=256",
+            "model.ffn_hidden_size=512",
+            "model.kv_channels=64",
+            "parallel.tp=1",
+            "parallel.pp=1",
+            f"model.hf_dir={hf}",
+            f"load={tmp_path / 'c'}",
+            f"save={tmp_path / kind}",
+            f"finetuning_type={kind}",
+            f"lora.r={R}",
+            f"data.path={tmp_path / 'corpus.jsonl'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "train.iters=1",
+            "train.seq_length=32",
+            "train.global_batch_size=2",
+            "train.precision=fp32",
+            "device=cpu",
+        )
+        assert (tmp_path / kind / TRACKER).read_text().strip() == "1"
+        sizes[kind] = sum(p.stat().st_size for p in (tmp_path / kind).rglob("*") if p.is_file())
+    print(f"full {sizes['full']} B, lora {sizes['lora']} B: {sizes['full'] / sizes['lora']:.1f}x")
+    assert sizes["full"] / sizes["lora"] >= 20, sizes
