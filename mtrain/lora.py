@@ -108,20 +108,18 @@ def _forward_hook(module: torch.nn.Module, args: tuple, output: tuple):
     sp = adapter.sequence_parallel
     if adapter.mode == "column":
         x = _dropout(x, adapter.dropout, per_rank=sp, training=module.training)
-        u = F.linear(x, a)
-        u = (
-            tpl.gather_from_sequence_parallel_region(u)
-            if sp
-            else (tpl.copy_to_tensor_model_parallel_region(u))
-        )
+        u = F.linear(x, a)  # the same on every rank (for its own tokens with SP)
+        if sp:
+            u = tpl.gather_from_sequence_parallel_region(u)
+        else:
+            u = tpl.copy_to_tensor_model_parallel_region(u)  # sums the ranks' gradients
     else:
         x = _dropout(x, adapter.dropout, per_rank=True, training=module.training)
-        u = F.linear(x, a)
-        u = (
-            tpl.reduce_scatter_to_sequence_parallel_region(u)
-            if sp
-            else (tpl.reduce_from_tensor_model_parallel_region(u))
-        )
+        u = F.linear(x, a)  # this rank's partial sum over the input features
+        if sp:
+            u = tpl.reduce_scatter_to_sequence_parallel_region(u)
+        else:
+            u = tpl.reduce_from_tensor_model_parallel_region(u)
     return out + F.linear(u, b) * adapter.scaling, bias
 
 
@@ -133,50 +131,56 @@ def _init_a(rows: int, cols: int, seed: int) -> torch.Tensor:
     return (torch.rand(rows, cols, generator=generator) * 2 - 1) * bound
 
 
+def attach_adapter(
+    base: torch.nn.Module, cfg: LoraConfig, seed: int, sequence_parallel: bool
+) -> None:
+    """Give one tensor-parallel linear an adapter: A from `seed` (over the whole matrix, then
+    this rank's part), B = 0, laid out and communicated as the module docstring says."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    mode = _parallel_mode(base)
+    rows, cols = base.weight.shape  # this rank's shard
+    dtype, device = base.weight.dtype, base.weight.device
+    a = _init_a(cfg.r, cols * tp if mode == "row" else cols, seed)
+    if mode == "row":
+        a = a.chunk(tp, dim=1)[tp_rank]
+    # B: the base's rows on this rank (column), or all output rows (row).
+    base.lora_A = _Weight(a.to(device=device, dtype=dtype).contiguous())
+    base.lora_B = _Weight(torch.zeros(rows, cfg.r, device=device, dtype=dtype))
+    split, replicated = base.lora_B.weight, base.lora_A.weight
+    if mode == "row":
+        split, replicated = replicated, split
+    tensor_parallel.set_tensor_model_parallel_attributes(
+        split, is_parallel=True, dim=0 if mode == "column" else 1, stride=1
+    )
+    if sequence_parallel:
+        # Its gradient comes from this rank's tokens only: megatron all-reduces it over TP.
+        replicated.sequence_parallel = True
+    base.lora = _Adapter(mode, cfg.scaling, cfg.dropout, sequence_parallel)
+    base.register_forward_hook(_forward_hook)
+
+
 def add_adapters(chunks: list[torch.nn.Module], cfg: LoraConfig, seed: int) -> tuple[int, int]:
     """Freeze every base parameter and give each target linear an adapter (B = 0, so the model
     is unchanged until trained). Returns (trainable, total) parameter counts of this rank.
 
     Must run before DDP and the optimizer are built: both only take trainable parameters.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
     cfg.validate()
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for chunk in chunks:
         for param in chunk.parameters():
             param.requires_grad_(False)
-        config = chunk.config
         for layer in chunk.decoder.layers:
             global_layer = layer.layer_number - 1
             for target in cfg.target_modules:
-                base = layer.get_submodule(_MODULE_PATHS[target])
-                mode = _parallel_mode(base)
-                rows, cols = base.weight.shape  # this rank's shard
-                dtype, device = base.weight.dtype, base.weight.device
-                full_in = cols * tp if mode == "row" else cols
-                a = _init_a(
-                    cfg.r, full_in, seed * 1_000_003 + global_layer * 16 + TARGETS.index(target)
+                attach_adapter(
+                    layer.get_submodule(_MODULE_PATHS[target]),
+                    cfg,
+                    seed=seed * 1_000_003 + global_layer * 16 + TARGETS.index(target),
+                    sequence_parallel=chunk.config.sequence_parallel,
                 )
-                if mode == "row":
-                    a = a.chunk(tp, dim=1)[tp_rank]
-                b_rows = rows  # column: the base's rows on this rank; row: all output rows
-                base.lora_A = _Weight(a.to(device=device, dtype=dtype).contiguous())
-                base.lora_B = _Weight(torch.zeros(b_rows, cfg.r, device=device, dtype=dtype))
-                split, replicated = (
-                    (base.lora_B.weight, base.lora_A.weight)
-                    if mode == "column"
-                    else (base.lora_A.weight, base.lora_B.weight)
-                )
-                tensor_parallel.set_tensor_model_parallel_attributes(
-                    split, is_parallel=True, dim=0 if mode == "column" else 1, stride=1
-                )
-                if config.sequence_parallel:
-                    # Its gradient comes from this rank's tokens only: megatron all-reduces it.
-                    replicated.sequence_parallel = True
-                base.lora = _Adapter(mode, cfg.scaling, cfg.dropout, config.sequence_parallel)
-                base.register_forward_hook(_forward_hook)
     total = sum(p.numel() for c in chunks for p in c.parameters())
     trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     return trainable, total

@@ -120,6 +120,7 @@ def test_merged_and_peft_exports_reproduce_the_lora_models_logits(setup, referen
     torchrun("lora_parity.py", 4, result, ckpt, hf, merged, peft)
     diffs = json.loads(result.read_text())
     assert diffs["merged"] < 1e-5 and diffs["peft"] < 1e-5, diffs
+    assert diffs["disabled_vs_base"] < 1e-5, diffs  # adapters off: the base model (DPO's reference)
     assert diffs["adapter_effect"] > 1e-2, diffs  # the adapters are not a no-op
 
     # The merged weights are W + (alpha / r) B A, from the PEFT tensors, in plain torch.
@@ -179,3 +180,16 @@ def test_adapter_checkpoint_is_20x_smaller_than_a_full_one(tiny_hf, tmp_path):
         sizes[kind] = sum(p.stat().st_size for p in (tmp_path / kind).rglob("*") if p.is_file())
     print(f"full {sizes['full']} B, lora {sizes['lora']} B: {sizes['full'] / sizes['lora']:.1f}x")
     assert sizes["full"] / sizes["lora"] >= 20, sizes
+
+
+def test_adapter_forward_and_gradients_at_tp2_with_and_without_sequence_parallelism(tmp_path):
+    """Megatron's column- and row-parallel linears with adapters at TP=2 vs the dense layer:
+    output, input gradient and A/B gradients on every rank (fp32; values are O(10-100))."""
+    torchrun("lora_linear.py", 2, tmp_path / "result.json")
+    ranks = json.loads((tmp_path / "result.json").read_text())
+    for rank in ranks:
+        assert set(rank) == {"column", "column-sp", "row", "row-sp"}
+        for case, diffs in rank.items():
+            assert all(diffs[k] < 1e-4 for k in ("out", "x", "a", "b")), (case, diffs)
+        # With SP, the replicated matrix sees only this rank's tokens: megatron must all-reduce it.
+        assert [r["marked"] for r in rank.values()] == [[], ["a"], [], ["b"]]
