@@ -115,9 +115,12 @@ def convert_in_child(direction: str, **kwargs) -> dict:
     """Run one conversion in a fresh process; returns its wall time and its own peak RSS."""
     code = (
         "import json, resource, time, sys\n"
+        "from omegaconf import OmegaConf\n"
         f"from converters.{direction} import convert, {'HF2McoreConfig' if direction == 'hf2mcore' else 'McoreToHFConfig'} as C\n"
+        # Through OmegaConf, so nested groups (e.g. lora={'merge': False}) can be given as dicts.
+        f"cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(C), {kwargs!r}))\n"
         "t = time.perf_counter()\n"
-        f"convert(C(**{kwargs!r}))\n"
+        "convert(cfg)\n"
         "wall = time.perf_counter() - t\n"
         "rss = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024\n"
         "print(json.dumps({'wall': wall, 'rss': rss}))\n"

@@ -194,14 +194,14 @@ def convert(cfg: McoreToHFConfig) -> Path:
         writer = HFShardedWriter(temp, plan, int(cfg.max_shard_size_gb * 1000**3))
         for pp_rank in range(ckpt.pp):
             for chunk in range(ckpt.vpp):
+                lora_states = None  # small: read once per piece
+                if adapters is not None:
+                    lora_states = [
+                        adapters.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)
+                    ]
                 for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk):
                     # Reopen the rank files per layer: unmapping bounds the resident memory.
                     states = [ckpt.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)]
-                    lora_states = None
-                    if adapters is not None and any(p.entry in targets for p in group):
-                        lora_states = [
-                            adapters.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)
-                        ]
                     for p in group:
                         if p.entry is spec.family_table.output and spec.tie_word_embeddings:
                             continue  # the tied copy on the last stage; the embedding is the truth
@@ -222,7 +222,7 @@ def convert(cfg: McoreToHFConfig) -> Path:
                             ]
                         for name, tensor in zip(p.hf, merge(p.entry, shards, dims)):
                             writer.add(name, tensor if dtype is None else tensor.to(dtype))
-                    del states, lora_states
+                    del states
         files = writer.finish()
         if cfg.hf_dir is not None:
             copy_side_files(Path(cfg.hf_dir), temp, dtype)

@@ -94,7 +94,8 @@ class MegatronCheckpoint:
     lora: AdapterCheckpointInfo | None = None
 
     @classmethod
-    def open(cls, ckpt_dir: Path, iteration: str | None = None) -> MegatronCheckpoint:
+    def open(cls, ckpt_dir: str | Path, iteration: str | None = None) -> MegatronCheckpoint:
+        ckpt_dir = Path(ckpt_dir)
         it = read_tracker(ckpt_dir) if iteration is None else iteration
         it = it if it == "release" else int(it)
         iter_dir = ckpt_dir / iteration_dir_name(it)

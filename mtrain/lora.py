@@ -215,12 +215,16 @@ def merged_weight(
     weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, block_rows: int = 1024
 ) -> torch.Tensor:
     """W + s * B A, computed in fp32 and returned in W's dtype (one TP shard or a whole HF
-    tensor: the layout above makes both the same formula). Row blocks bound the fp32 memory."""
+    tensor: the layout above makes both the same formula). Row blocks through one reused fp32
+    buffer bound the extra memory (fresh allocations per block cost more than the math)."""
     out = torch.empty(weight.shape, dtype=weight.dtype)
-    a32 = a.float()
+    a32, b32 = a.float(), b.float()
+    block = torch.empty(min(block_rows, weight.shape[0]), weight.shape[1], dtype=torch.float32)
     for start in range(0, weight.shape[0], block_rows):
         rows = slice(start, start + block_rows)
-        out[rows] = torch.addmm(weight[rows].float(), b[rows].float(), a32, alpha=scaling)
+        acc = block[: weight[rows].shape[0]]
+        acc.copy_(weight[rows]).addmm_(b32[rows], a32, alpha=scaling)
+        out[rows] = acc
     return out
 
 

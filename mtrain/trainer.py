@@ -235,12 +235,12 @@ def _start(
             adapters = AdapterCheckpointInfo(cfg.lora, str(Path(source).resolve()), str(iteration))
         else:
             found.check_matches(cfg.lora, source)
-            adapters = found
-            if not Path(found.base_dir).is_dir() and cfg.load not in (None, source):
+            base, base_iteration = found.base_dir, found.base_iteration
+            if not Path(base).is_dir() and cfg.load not in (None, source):
                 base_dir = cfg.load  # the base moved; load= says where it is now
-                adapters = AdapterCheckpointInfo(
-                    found.config, str(Path(base_dir).resolve()), str(read_tracker(Path(base_dir)))
-                )
+                base, base_iteration = str(Path(base_dir).resolve()), read_tracker(Path(base_dir))
+            # This run's settings (dropout may differ) on the adapters' base.
+            adapters = AdapterCheckpointInfo(cfg.lora, base, str(base_iteration))
     # A converted (release) checkpoint has weights only: it starts a fine-tune, as does the base
     # model of a LoRA run.
     weights_only = not resuming and (
