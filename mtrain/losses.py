@@ -67,3 +67,87 @@ def lm_loss_and_accuracy(batch: Batch, logits: torch.Tensor):
         "accuracy": torch.stack([correct, count]),
     }
     return total, count.int(), metrics
+
+
+# --- DPO -----------------------------------------------------------------------------------
+#
+# A DPO micro-batch holds m pairs as [m, 2, S] tensors (row 0 chosen, row 1 rejected); the
+# model sees them as 2m sequences. A sequence's log-probability is the sum of its response
+# tokens' log-probs, taken from megatron's vocab-parallel cross-entropy (no rank ever holds
+# full-vocabulary logits). With pi = policy and ref = reference log-probs, c = chosen and
+# r = rejected, and h = (pi_c - ref_c) - (pi_r - ref_r):
+#     sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps: label smoothing)
+#     ipo      (h - 1 / (2 beta))^2
+#     hinge    max(0, 1 - beta h)
+# plus `sft_weight` times the chosen response's mean token NLL. Rewards are beta (pi - ref).
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+
+
+def pair_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-token losses [2m, S] of a micro-batch of m pairs."""
+    flat = {k: v.flatten(0, 1) for k, v in batch.items() if v.dim() == 3}
+    return lm_forward(model, flat)
+
+
+def sequence_logps(batch: Batch, token_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob [m, 2], response tokens [m, 2]) of each pair's chosen and rejected sequence."""
+    mask = batch["loss_mask"].flatten(0, 1).float()
+    logps = -(token_losses.float() * mask).sum(-1)
+    return logps.view(-1, 2), mask.sum(-1).view(-1, 2)
+
+
+def dpo_loss(
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    tokens: torch.Tensor,
+    kind: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses [m] and per-pair metric values from [m, 2] log-probs (chosen, rejected)."""
+    import torch.nn.functional as F
+
+    chosen_reward = beta * (policy[:, 0] - reference[:, 0])
+    rejected_reward = beta * (policy[:, 1] - reference[:, 1])
+    h = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
+    if kind == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(
+            -beta * h
+        )
+    elif kind == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif kind == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown DPO loss {kind!r}; known: {DPO_LOSSES}")
+    if sft_weight:
+        losses = losses + sft_weight * (-policy[:, 0] / tokens[:, 0].clamp(min=1))
+    metrics = {
+        "rewards/chosen": chosen_reward,
+        "rewards/rejected": rejected_reward,
+        "rewards/margin": chosen_reward - rejected_reward,
+        "rewards/accuracy": (chosen_reward > rejected_reward).float(),
+        "logps/chosen": policy[:, 0],
+        "logps/rejected": policy[:, 1],
+    }
+    return losses, metrics
+
+
+def make_dpo_loss(kind: str, beta: float, label_smoothing: float, sft_weight: float):
+    """The trainer's loss function: (sum of pair losses, number of pairs, metrics); the batch
+    carries the reference log-probs as `ref_logps` [m, 2]."""
+
+    def loss(batch: Batch, token_losses: torch.Tensor):
+        policy, tokens = sequence_logps(batch, token_losses)
+        losses, values = dpo_loss(
+            policy, batch["ref_logps"].float(), tokens, kind, beta, label_smoothing, sft_weight
+        )
+        pairs = torch.tensor(float(len(losses)), device=losses.device)
+        total = losses.sum()
+        metrics = {"loss": torch.stack([total.detach(), pairs])}
+        metrics.update({k: torch.stack([v.detach().sum(), pairs]) for k, v in values.items()})
+        return total, pairs.int(), metrics
+
+    return loss

@@ -41,6 +41,7 @@ from mtrain.losses import lm_forward, lm_loss_and_accuracy, logits_forward
 from mtrain.models.provider import BuildOptions, build_model_chunks
 from mtrain.models.spec import megatron_args
 from mtrain.progress import Progress, flops_per_token
+from mtrain.schedule import METRICS, means, run_schedule
 
 log = logging.getLogger("mtrain.train")
 
@@ -70,6 +71,24 @@ class Task:
     eval_forward: Callable[[torch.nn.Module, Batch], torch.Tensor] = logits_forward
     eval_loss: Callable = lm_loss_and_accuracy
     attention_mask: bool = False  # batches carry "attention_mask" (e.g. packed samples)
+    rows_per_sample: int = 1  # sequences the model sees per sample (2 for a DPO pair)
+    # Called once the model holds its starting weights, before the first step.
+    on_start: Callable[[Run], None] | None = None
+    # Called with each step's micro-batches (in order) before the step; may add tensors to them
+    # (e.g. DPO's reference log-probs from a forward-only pass of another model).
+    before_step: Callable[[Run, list[Batch]], None] | None = None
+
+
+@dataclass
+class Run:
+    """What a task's hooks see of the run: the (DDP-wrapped) model chunks, the starting point,
+    the layout and how the model was built (to build a twin, e.g. a frozen reference)."""
+
+    model: list
+    state: TrainState
+    layout: dict
+    options: BuildOptions
+    cfg: TrainingCommandConfig
 
 
 class _Preemption:
@@ -200,7 +219,7 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any], task: Task):
     config.grad_scale_func = optimizer.scale_loss
     no_sync = [m.no_sync for m in model]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    return model, optimizer, scheduler
+    return model, optimizer, scheduler, opts
 
 
 def _start(
@@ -264,57 +283,6 @@ def _start(
     return state, adapters
 
 
-# Metrics a task may report, each as tensor([sum, weight]); a fixed order lets every rank
-# reduce them in one collective without exchanging names.
-METRICS = (
-    "loss",
-    "accuracy",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margin",
-    "rewards/accuracy",
-    "logps/chosen",
-    "logps/rejected",
-)
-
-
-def _metric_sums(outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """[sum, weight] per METRICS entry over micro-batches and DP, on every rank (collective)."""
-    from megatron.core import parallel_state as ps
-
-    sums = torch.zeros(len(METRICS), 2, device=accel.device())
-    for out in outputs:  # only the last pipeline stage has outputs
-        for name, value in out.items():
-            sums[METRICS.index(name)] += value.to(sums.device).float()
-    torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
-    torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
-    return sums
-
-
-def _means(sums: torch.Tensor) -> dict[str, float]:
-    return {name: s / w for name, (s, w) in zip(METRICS, sums.tolist()) if w > 0}
-
-
-def _run_schedule(model, iterators, forward, loss, layout, tr, forward_only: bool):
-    """One global batch through megatron's pipeline schedule; returns the metric sums."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    def forward_step(data_iterator, chunk):
-        batch = {k: v.to(accel.device(), non_blocking=True) for k, v in next(data_iterator).items()}
-        return forward(chunk, batch), lambda out: loss(batch, out)
-
-    outputs = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if len(iterators) > 1 else iterators[0],
-        model=model,
-        num_microbatches=layout["micro_batches"],
-        seq_length=tr.seq_length,
-        micro_batch_size=tr.micro_batch_size,
-        forward_only=forward_only,
-    )
-    return _metric_sums(outputs)
-
-
 def evaluate(
     model, task: Task, cfg: TrainingCommandConfig, layout, dp_rank: int
 ) -> dict[str, float]:
@@ -329,12 +297,19 @@ def evaluate(
     sums = torch.zeros(len(METRICS), 2, device=accel.device())
     with torch.no_grad():
         for _ in range(batches):
-            sums += _run_schedule(
-                model, iterators, task.eval_forward, task.eval_loss, layout, tr, forward_only=True
+            sums += run_schedule(
+                model,
+                iterators,
+                task.eval_forward,
+                task.eval_loss,
+                layout,
+                tr,
+                forward_only=True,
+                rows=task.rows_per_sample,
             )
     for m in model:
         m.train()
-    return _means(sums)
+    return means(sums)
 
 
 def train(
@@ -359,8 +334,11 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
 
     spec, tr = layout["spec"], cfg.train
     task = make_task(cfg, layout)  # may resolve train.epochs into train.iters
-    model, optimizer, scheduler = _build(cfg, layout, task)
+    model, optimizer, scheduler, options = _build(cfg, layout, task)
     state, adapters = _start(cfg, layout, model, optimizer, scheduler)
+    run = Run(model, state, layout, options, cfg)
+    if task.on_start is not None:
+        task.on_start(run)
     dp_rank, dp = ps.get_data_parallel_rank(), layout["dp"]
     # One iterator per model chunk: with interleaving, every chunk draws each micro-batch.
     iterators = [task.batches(state.consumed_samples, dp_rank, dp) for _ in model]
@@ -374,7 +352,7 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
     args.virtual_pipeline_model_parallel_size = layout["vpp"] if layout["vpp"] > 1 else None
     if adapters is not None:
         vars(args).update(adapters.to_args())
-    tokens_per_iter = tr.global_batch_size * tr.seq_length
+    tokens_per_iter = tr.global_batch_size * tr.seq_length * task.rows_per_sample
     progress = Progress(
         total_iters=tr.iters,
         tokens_per_iter=tokens_per_iter,
@@ -406,9 +384,21 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
             for m in model:
                 m.zero_grad_buffer()
             optimizer.zero_grad()
-            metrics = _means(
-                _run_schedule(
-                    model, iterators, task.forward, task.loss, layout, tr, forward_only=False
+            step_iterators = iterators
+            if task.before_step is not None:
+                batches = [next(iterators[0]) for _ in range(layout["micro_batches"])]
+                task.before_step(run, batches)
+                step_iterators = [iter(batches) for _ in model]
+            metrics = means(
+                run_schedule(
+                    model,
+                    step_iterators,
+                    task.forward,
+                    task.loss,
+                    layout,
+                    tr,
+                    forward_only=False,
+                    rows=task.rows_per_sample,
                 )
             )
             metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate this step uses

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
@@ -40,6 +40,8 @@ class SFTDataConfig:
     cache_dir: str | None = None  # tokenized data; default $MTRAIN_CACHE or ~/.cache/mtrain/data
     seed: int = 0  # seed of the val_ratio split, apart from train.seed so the split stays put
 
+    column_names: ClassVar[tuple[str, ...]] = COLUMN_NAMES  # what data.columns may rename
+
     def paths(self) -> list[str]:
         """`path` as a list, whatever form the config gave it in."""
         return _as_list(self.path)
@@ -60,10 +62,10 @@ class SFTDataConfig:
                     f"data.{key}={getattr(self, key)} is not one of {', '.join(allowed)}"
                 )
         for name, column in (self.columns or {}).items():
-            if name not in COLUMN_NAMES:
+            if name not in self.column_names:
                 raise ConfigError(
                     f"data.columns.{name} is not a renamable field; known: "
-                    + ", ".join(COLUMN_NAMES)
+                    + ", ".join(self.column_names)
                 )
             if not isinstance(column, str) or not column:
                 raise ConfigError(f"data.columns.{name}={column!r} must name a field")

@@ -12,12 +12,14 @@ names). With `data.format=auto` a file's layout is taken from its first usable r
 
 A record that cannot be read says where it is (`train.jsonl:17: ...`, `data.json:230: ...`,
 `data.parquet: row 12: ...`); the caller either stops or, with `data.skip_bad`, counts it.
+DPO's preference records (pairs.py) are read with the same pieces: `parsed`, `alpaca_prompt`,
+`to_message`, `field_text`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,23 +153,38 @@ def conversations(
     path: Path, fmt: str, renames: dict[str, str] | None, stats: ReadStats
 ) -> Iterator[tuple[str, Messages]]:
     """(location, conversation) of every good record of `path`; `fmt` may be "auto"."""
-    names = None if fmt == "auto" else columns_for(fmt, renames)
+    names = {f: columns_for(f, renames) for f in DEFAULT_COLUMNS}
+    return parsed(
+        path, fmt, stats, lambda r: detect(r, renames), lambda r, f: to_messages(r, f, names[f])
+    )
+
+
+def parsed(
+    path: Path,
+    fmt: str,
+    stats: ReadStats,
+    layout_of: Callable[[Any], str],
+    parse: Callable[[Any, str], Any],
+) -> Iterator[tuple[str, Any]]:
+    """(location, parse(record, format)) of every good record of `path`. With fmt="auto" the
+    first usable record decides the file's format (`layout_of`); bad records go to `stats`."""
     stats.format = None if fmt == "auto" else fmt
     for where, record in records(path):
         try:
             if isinstance(record, DataError):
                 raise record
-            if names is None:  # the first usable record decides the file's format
-                stats.format = detect(record, renames)
-                names = columns_for(stats.format, renames)
-            yield where, to_messages(record, stats.format, names)
+            if stats.format is None:
+                stats.format = layout_of(record)
+            yield where, parse(record, stats.format)
         except DataError as err:
             stats.bad_record(where, err)
 
 
-def columns_for(fmt: str, renames: dict[str, str] | None) -> dict[str, str]:
-    """The field names of `fmt` after `data.columns` renames (names of other formats ignored)."""
-    names = dict(DEFAULT_COLUMNS[fmt])
+def columns_for(
+    fmt: str, renames: dict[str, str] | None, table: dict[str, dict] = DEFAULT_COLUMNS
+) -> dict[str, str]:
+    """The field names of `fmt` in `table` after `data.columns` renames (other names ignored)."""
+    names = dict(table[fmt])
     names.update({k: v for k, v in (renames or {}).items() if k in names})
     return names
 
@@ -198,14 +215,19 @@ def to_messages(record: Any, fmt: str, names: dict[str, str]) -> Messages:
     """The checked conversation of one record of layout `fmt` with field `names`."""
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
-    messages = _alpaca(record, names) if fmt == "alpaca" else _chat(record, names)
+    if fmt == "alpaca":
+        messages = alpaca_prompt(record, names)
+        messages.append({"role": "assistant", "content": field_text(record, names["output"])})
+    else:
+        messages = _chat(record, names)
     check(messages)
     return messages
 
 
-def _alpaca(record: dict, names: dict[str, str]) -> Messages:
+def alpaca_prompt(record: dict, names: dict[str, str]) -> Messages:
+    """An alpaca record's conversation up to its final user turn (instruction + input)."""
     messages = []
-    system = _field(record, names["system"], optional=True)
+    system = field_text(record, names["system"], optional=True)
     if system:
         messages.append({"role": "system", "content": system})
     history = record.get(names["history"])
@@ -222,16 +244,15 @@ def _alpaca(record: dict, names: dict[str, str]) -> Messages:
             {"role": "user", "content": pair[0]},
             {"role": "assistant", "content": pair[1]},
         ]
-    instruction = _field(record, names["instruction"])
-    extra = _field(record, names["input"], optional=True)
+    instruction = field_text(record, names["instruction"])
+    extra = field_text(record, names["input"], optional=True)
     prompt = f"{instruction}\n{extra}" if instruction and extra else instruction or extra
     messages.append({"role": "user", "content": prompt})
-    messages.append({"role": "assistant", "content": _field(record, names["output"])})
     return messages
 
 
 def _chat(record: dict, names: dict[str, str]) -> Messages:
-    key, role_key, content_key = names["messages"], names["role"], names["content"]
+    key = names["messages"]
     turns = record.get(key)
     if not isinstance(turns, list):
         found = "missing" if turns is None else type(turns).__name__
@@ -239,36 +260,41 @@ def _chat(record: dict, names: dict[str, str]) -> Messages:
             f"field {key!r} must be a list of messages, got {found}; set data.columns.messages"
         )
     messages = []
-    system = _field(record, names["system"], optional=True)
+    system = field_text(record, names["system"], optional=True)
     if system:
         messages.append({"role": "system", "content": system})
-    for n, turn in enumerate(turns, 1):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
-            keys = ", ".join(map(repr, turn)) if isinstance(turn, dict) else type(turn).__name__
-            raise DataError(
-                f"message {n} needs fields {role_key!r} and {content_key!r} (has {keys}); "
-                "set data.columns.role / data.columns.content"
-            )
-        role = ROLES.get(str(turn[role_key]).lower())
-        if role is None:
-            raise DataError(
-                f"message {n} has role {turn[role_key]!r}; SFT takes {', '.join(sorted(ROLES))}"
-            )
-        messages.append({"role": role, "content": _text(turn[content_key], f"message {n}")})
+    messages += [to_message(turn, f"message {n}", names) for n, turn in enumerate(turns, 1)]
     return messages
 
 
-def _field(record: dict, key: str, optional: bool = False) -> str:
+def to_message(turn: Any, what: str, names: dict[str, str]) -> dict[str, str]:
+    """One sharegpt/openai turn (`names["role"]`, `names["content"]`) as {"role", "content"}."""
+    role_key, content_key = names["role"], names["content"]
+    if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+        keys = ", ".join(map(repr, turn)) if isinstance(turn, dict) else type(turn).__name__
+        raise DataError(
+            f"{what} needs fields {role_key!r} and {content_key!r} (has {keys}); "
+            "set data.columns.role / data.columns.content"
+        )
+    role = ROLES.get(str(turn[role_key]).lower())
+    if role is None:
+        raise DataError(
+            f"{what} has role {turn[role_key]!r}; known roles: {', '.join(sorted(ROLES))}"
+        )
+    return {"role": role, "content": as_text(turn[content_key], what)}
+
+
+def field_text(record: dict, key: str, optional: bool = False) -> str:
     value = record.get(key)
     if value is None:
         if optional:
             return ""
         fields = ", ".join(map(repr, list(record)[:8])) or "none"
         raise DataError(f"no field {key!r} (fields: {fields}); set data.columns")
-    return _text(value, f"field {key!r}")
+    return as_text(value, f"field {key!r}")
 
 
-def _text(value: Any, what: str) -> str:
+def as_text(value: Any, what: str) -> str:
     """A string; OpenAI-style content parts `[{"type": "text", "text": ...}]` are joined."""
     if isinstance(value, str):
         return value

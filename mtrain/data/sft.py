@@ -3,6 +3,7 @@
     load_conversations    records of any supported layout -> [{"role", "content"}, ...] (formats.py)
     tokenize_conversation one conversation -> input_ids and labels (templates.py, masking.py)
     build_sft_datasets    files -> (train, validation) SFTDatasets, through the cache (sft_cache.py)
+    build_datasets        the same for any cache kind and dataset (DPO's pairs.py uses it)
 
 A dataset is one pass over its samples in a seeded order. Each item is a sequence of exactly
 `seq_length` positions (packing.py describes its tensors): with `data.packing` several samples
@@ -23,17 +24,19 @@ blending (seeded by `data.seed`), so it never overlaps the training samples.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from mtrain.config.sft_data import SFTDataConfig
 from mtrain.data import formats, packing
 from mtrain.data.masking import ChatEncoder
 from mtrain.data.pt import blend
-from mtrain.data.sft_cache import ChatTokenizer, TokenizedFile, tokenize_file
+from mtrain.data.sft_cache import SFT, ChatTokenizer, Kind, TokenizedFile, tokenize_file
 from mtrain.data.templates import resolve_template
 from mtrain.errors import ConfigError, DataError
 
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
-    "SFTDataset", "block_causal_mask", "build_sft_datasets", "load_conversations",
+    "SFTDataset", "block_causal_mask", "build_datasets", "build_sft_datasets", "load_conversations",
     "tokenize_conversation",
 ]  # fmt: skip
 
@@ -154,35 +157,55 @@ def build_sft_datasets(
     cfg: SFTDataConfig, tokenizer_dir: str, seq_length: int, seed: int
 ) -> tuple[SFTDataset, SFTDataset | None]:
     """(train, validation or None), tokenized through the cache; `seed` orders the samples."""
+
+    def make(files: list[TokenizedFile], picks: np.ndarray, pad_id: int) -> SFTDataset:
+        return SFTDataset(files, picks, seq_length, pad_id, cfg.truncation, cfg.packing, seed)
+
+    return build_datasets(cfg, tokenizer_dir, seq_length, seed, SFT, make)
+
+
+def build_datasets(
+    cfg: SFTDataConfig,
+    tokenizer_dir: str,
+    seq_length: int,
+    seed: int,
+    kind: Kind,
+    make: Callable[[list[TokenizedFile], np.ndarray, int], Dataset],
+) -> tuple[Dataset, Dataset | None]:
+    """(train, validation or None) of `kind`'s cache entries, each set made by
+    `make(files, (file, record) picks, pad_id)`, a dataset with `describe(name)`."""
     cfg.validate()
     chat = ChatTokenizer(cfg, tokenizer_dir)
-    files = [tokenize_file(Path(p), cfg, chat) for p in cfg.paths()]
-    val_files = [tokenize_file(Path(p), cfg, chat) for p in cfg.val_paths()]
+    files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.paths()]
+    val_files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.val_paths()]
     train_pools, val_pools = split(files, cfg.val_ratio, cfg.seed)
     picks = blended_picks(train_pools, cfg.weights, seed)
 
-    def make(fs: list[TokenizedFile], ps: np.ndarray, name: str) -> SFTDataset:
-        ds = SFTDataset(fs, ps, seq_length, chat.pad_id, cfg.truncation, cfg.packing, seed)
+    def build(fs: list[TokenizedFile], ps: np.ndarray, name: str) -> Dataset:
+        ds = make(fs, ps, chat.pad_id)
         if len(ds) == 0:
-            raise DataError(f"the {name} set has no sample left within seq_length={seq_length}")
+            raise DataError(
+                f"the {name} set has no {kind.unit} left within seq_length={seq_length}"
+            )
         log.info("data: %s", ds.describe(name))
         return ds
 
-    train = make(files, picks, "train")
+    train = build(files, picks, "train")
     if val_files:
         pools = [np.arange(len(f)) for f in val_files]
-        return train, make(val_files, _concat(pools), "validation")
+        return train, build(val_files, _concat(pools), "validation")
     if cfg.val_ratio > 0:
         if not sum(map(len, val_pools)):
-            raise ConfigError(f"data.val_ratio={cfg.val_ratio} holds out no sample; raise it")
-        return train, make(files, _concat(val_pools), "validation")
+            raise ConfigError(f"data.val_ratio={cfg.val_ratio} holds out no {kind.unit}; raise it")
+        return train, build(files, _concat(val_pools), "validation")
     return train, None
 
 
 def split(
     files: list[TokenizedFile], ratio: float, seed: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per file, (training sample indices, held-out sample indices): a seeded `ratio` of each."""
+    """Per file, (training record indices, held-out record indices): a seeded `ratio` of each
+    (a record is a sample, or a pair of a pairs entry: `len(file)` counts them)."""
     train, val = [], []
     for k, f in enumerate(files):
         n = len(f)

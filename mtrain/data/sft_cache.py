@@ -1,6 +1,8 @@
 """SFT files -> tokenized samples with loss masks, once: the content-addressed cache of SFT data.
 
-An entry is `<cache>/<stem>-sft-<key>.*`, where the key hashes the file's bytes, the tokenizer
+An entry is `<cache>/<stem>-<kind>-<key>.*`. Its kind is `sft` (a sample per conversation) or
+`pairs` (DPO, pairs.py: samples 2i and 2i + 1 are pair i's chosen and rejected conversations),
+so an entry is never read as the other kind. The key hashes the file's bytes, the tokenizer
 (its files), the chat template (its source, or the built-in's name and version, with
 data.thinking and data.system) and every setting that changes the samples: format, columns,
 train_on, skip_bad. seq_length, truncation, packing, weights and the validation split act later,
@@ -19,8 +21,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -94,7 +97,34 @@ class TokenizedFile:
         self.__init__(Path(prefix))
 
 
-def tokenize_file(path: Path, cfg: SFTDataConfig, chat: ChatTokenizer) -> TokenizedFile:
+Read = Callable[
+    [Path, SFTDataConfig, formats.ReadStats], Iterable[tuple[str, list[formats.Messages]]]
+]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What an entry holds: `read` gives (location, the record's conversations) per good record,
+    `size` conversations each; a record whose conversations do not all tokenize is bad."""
+
+    name: str  # in the entry's file name
+    read: Read
+    unit: str = "conversations"  # what a record is called in the log
+    size: int = 1
+    entry: type[TokenizedFile] = TokenizedFile  # opens an entry
+
+
+def _conversations(path: Path, cfg: SFTDataConfig, stats: formats.ReadStats):
+    for where, messages in formats.conversations(path, cfg.format, cfg.columns, stats):
+        yield where, [messages]
+
+
+SFT = Kind("sft", _conversations)
+
+
+def tokenize_file(
+    path: Path, cfg: SFTDataConfig, chat: ChatTokenizer, kind: Kind = SFT
+) -> TokenizedFile:
     """The cache entry of `path`, tokenizing it on a miss."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -111,20 +141,20 @@ def tokenize_file(path: Path, cfg: SFTDataConfig, chat: ChatTokenizer) -> Tokeni
         "skip_bad": cfg.skip_bad,
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
-    prefix = root / f"{path.stem}-sft-{key}"
+    prefix = root / f"{path.stem}-{kind.name}-{key}"
     fresh = not Path(f"{prefix}.json").is_file()
     if fresh:
-        _write(path, prefix, cfg, chat)
-    entry = TokenizedFile(prefix)
-    log.info("data: %s", describe(path, entry, fresh))
+        _write(path, prefix, cfg, chat, kind)
+    entry = kind.entry(prefix)
+    log.info("data: %s", describe(path, entry, fresh, kind))
     return entry
 
 
-def describe(path: Path, entry: TokenizedFile, fresh: bool) -> str:
+def describe(path: Path, entry: TokenizedFile, fresh: bool, kind: Kind = SFT) -> str:
     m = entry.meta
     done = f"tokenized in {m['seconds']:.2f} s" if fresh else "cached"
     line = (
-        f"{path}: {m['format']}, {m['samples']:,} conversations, {m['tokens']:,} tokens "
+        f"{path}: {m['format']}, {m['samples'] // kind.size:,} {kind.unit}, {m['tokens']:,} tokens "
         f"({m['trained'] / max(m['tokens'], 1):.0%} trained) -> {entry.prefix} ({done})"
     )
     if m["bad"]:
@@ -134,10 +164,17 @@ def describe(path: Path, entry: TokenizedFile, fresh: bool) -> str:
     return line
 
 
-def _write(path: Path, prefix: Path, cfg: SFTDataConfig, chat: ChatTokenizer) -> None:
+def _write(path: Path, prefix: Path, cfg: SFTDataConfig, chat: ChatTokenizer, kind: Kind) -> None:
     """Tokenize `path` into the entry `prefix`, all or nothing."""
     start = time.perf_counter()
     stats = formats.ReadStats(cfg.skip_bad)
+    reported = set()  # a record's conversations share its location: one bad record, counted once
+
+    def bad(where: str, err: DataError) -> None:
+        if where not in reported:
+            reported.add(where)
+            stats.bad_record(where, err)
+
     tag = temp_suffix()
     temps = {
         s: Path(f"{prefix}{s}{tag}") for s in (".bin", ".mask.bin", ".first.npy", ".idx", ".json")
@@ -152,20 +189,21 @@ def _write(path: Path, prefix: Path, cfg: SFTDataConfig, chat: ChatTokenizer) ->
             ThreadPoolExecutor(1) as renderer,
         ):
             # Batch n+1 is read and rendered (Python) while batch n is tokenized (Rust, no GIL).
-            reading = formats.conversations(path, cfg.format, cfg.columns, stats)
+            reading = kind.read(path, cfg, stats)
             pending = None  # (locations, rendering in progress) of the batch read last
             for batch in chain(_batches(reading, BATCH), [None]):
                 submitted = None
                 if batch is not None:
-                    conversations = [c for _, c in batch]
+                    conversations = [c for _, group in batch for c in group]
                     submitted = (
-                        [w for w, _ in batch],
+                        [w for w, group in batch for _ in group],
                         renderer.submit(chat.encoder.render, conversations),
                     )
                 if pending is not None:
                     where, rendering = pending
-                    encoded = chat.encoder.tokenize(rendering.result(), where, stats.bad_record)
-                    encoded = [e for e in encoded if e is not None]
+                    encoded = chat.encoder.tokenize(rendering.result(), where, bad)
+                    groups = [encoded[i : i + kind.size] for i in range(0, len(encoded), kind.size)]
+                    encoded = [e for group in groups if None not in group for e in group]
                     ids, mask = _flatten(encoded, chat.dtype, path)
                     ids_out.write(ids.tobytes())
                     mask_out.write(mask.tobytes())
@@ -178,7 +216,7 @@ def _write(path: Path, prefix: Path, cfg: SFTDataConfig, chat: ChatTokenizer) ->
                 os.fsync(f.fileno())
         if not lengths:
             raise DataError(
-                f"{path}: no usable conversations"
+                f"{path}: no usable {kind.unit}"
                 + (
                     f" (all {stats.bad} records malformed; first: {stats.first_bad})"
                     if stats.bad

@@ -84,6 +84,23 @@ def write_chat_task(path: str | Path, letters: str = "abcd", length: int = 2) ->
     temp.rename(path)
 
 
+def write_preference_task(path: str | Path, letters: str = "abcd", length: int = 2) -> None:
+    """Preference pairs for the reversal task (`{"prompt", "chosen", "rejected"}`, OpenAI-style
+    strings): chosen is the reversal, rejected the string unchanged (palindromes skipped)."""
+    import itertools
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w") as f:
+        for chars in itertools.product(letters, repeat=length):
+            s = "".join(chars)
+            if s != s[::-1]:
+                pair = {"prompt": f"reverse: {s}", "chosen": s[::-1], "rejected": s}
+                f.write(json.dumps(pair) + "\n")
+    temp.rename(path)
+
+
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 512):
     """Train a byte-level BPE tokenizer and save it as an HF fast tokenizer in `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -157,6 +174,7 @@ class TinyConfig:
     corpus_file: str | None = None  # also write a synthetic JSONL text corpus here (sample data)
     corpus_lines: int = 2000  # documents in that corpus
     chat_file: str | None = None  # also write a small SFT task here (OpenAI messages JSONL)
+    pairs_file: str | None = None  # also write the task's preference pairs here (DPO, JSONL)
 
 
 @hydra_command("tiny", TinyConfig)
@@ -177,6 +195,9 @@ def main(cfg: TinyConfig) -> None:
     if cfg.chat_file:
         write_chat_task(cfg.chat_file)
         log.info("tiny: string-reversal SFT task -> %s", cfg.chat_file)
+    if cfg.pairs_file:
+        write_preference_task(cfg.pairs_file)
+        log.info("tiny: string-reversal preference pairs -> %s", cfg.pairs_file)
     if cfg.corpus_file:
         write_corpus(cfg.corpus_file, cfg.corpus_lines, cfg.seed)
         log.info("tiny: %d-document JSONL corpus -> %s", cfg.corpus_lines, cfg.corpus_file)

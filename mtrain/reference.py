@@ -1,0 +1,181 @@
+"""DPO's reference log-probs, from forward-only passes through megatron's pipeline schedule.
+
+- `precompute`: one pass over the training pairs with the starting weights, before the first
+  step; the log-probs go to a cache file keyed by the data and the starting checkpoint, so a
+  resumed or repeated run reads them back and training holds one model.
+- `model`: a frozen copy of the starting model at the same layout, run on every step's
+  micro-batches before the step (classic DPO, twice the weights in memory).
+- LoRA: the policy itself with its adapters off, per step, at no extra memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtrain import accel
+from mtrain.checkpoint import load_model_weights
+from mtrain.checkpoint_format import MegatronCheckpoint
+from mtrain.errors import ConfigError
+from mtrain.lora import adapters_disabled
+from mtrain.losses import pair_forward, sequence_logps
+from mtrain.schedule import run_schedule
+
+log = logging.getLogger("mtrain.dpo")
+
+Batch = dict[str, torch.Tensor]
+
+
+def pass_logps(chunks: list, batches: list[Batch], layout: dict, tr) -> list[torch.Tensor]:
+    """Log-probs [m, 2] of each micro-batch's pairs, in order, on the last pipeline stage (an
+    empty list elsewhere). Collective over the model-parallel group."""
+    from megatron.core import parallel_state as ps
+
+    captured: list[torch.Tensor] = []
+
+    def capture(batch: Batch, token_losses: torch.Tensor):
+        logps, _ = sequence_logps(batch, token_losses)
+        captured.append(logps.detach())
+        return token_losses.sum() * 0.0, torch.ones((), dtype=torch.int), {}
+
+    modes = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        run_schedule(
+            chunks,
+            [iter(batches) for _ in chunks],
+            pair_forward,
+            capture,
+            {**layout, "micro_batches": len(batches)},
+            tr,
+            forward_only=True,
+            rows=2,
+        )
+    for c, mode in zip(chunks, modes):
+        c.train(mode)
+    return captured if ps.is_pipeline_last_stage(ignore_virtual=True) else []
+
+
+def _attach(batches: list[Batch], logps: list[torch.Tensor]) -> None:
+    for batch, values in zip(batches, logps):
+        batch["ref_logps"] = values
+
+
+def frozen_copy(run) -> list:
+    """The starting model again, frozen and in eval mode, at the run's layout."""
+    from mtrain.models.provider import build_model_chunks
+
+    spec, lay = run.layout["spec"], run.layout
+    chunks = [c.to(accel.device()) for c in build_model_chunks(spec, run.options)]
+    load_model_weights(chunks, run.cfg.load, spec, lay["tp"], lay["pp"], lay["vpp"])
+    for c in chunks:
+        c.requires_grad_(False)
+        c.eval()
+    return chunks
+
+
+def per_step_reference(mode: str):
+    """`before_step` for the `model` reference (or, with LoRA, the adapters-off policy)."""
+    reference: list = []
+
+    def before_step(run, batches: list[Batch]) -> None:
+        if run.cfg.finetuning_type == "lora":
+            with adapters_disabled(run.model):
+                _attach(batches, pass_logps(run.model, batches, run.layout, run.cfg.train))
+            return
+        if not reference:
+            reference.extend(frozen_copy(run))
+            log.info("reference: a frozen copy of %s at the same layout", run.cfg.load)
+        _attach(batches, pass_logps(reference, batches, run.layout, run.cfg.train))
+
+    return before_step
+
+
+def cache_key(fingerprint: dict, load: str) -> str:
+    """The starting checkpoint's identity (path, iteration, rank files' sizes and times) and the
+    data's, as one hash: a changed model or data set never reads stale log-probs."""
+    ckpt = MegatronCheckpoint.open(load)
+    files = sorted(p for p in ckpt.iter_dir.rglob("*") if p.is_file())
+    stamps = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    if ckpt.lora is not None:
+        stamps.append(("base", ckpt.lora.base_dir, ckpt.lora.base_iteration))
+    blob = json.dumps({"data": fingerprint, "model": stamps}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def precompute(run, dataset, path: Path) -> np.ndarray:
+    """Reference log-probs [pairs, 2] of `dataset` (items carry `pair`), from the model as it is
+    now (the starting weights), written to `path` once; every rank returns the array."""
+    from megatron.core import parallel_state as ps
+
+    from mtrain.data.sampler import collate
+
+    if path.is_file():
+        log.info("reference log-probs: reusing %s", path)
+        return np.load(path)
+    if run.state.iteration > 0:
+        raise ConfigError(
+            f"the reference log-prob cache {path} is gone and the run resumes at iteration "
+            f"{run.state.iteration}: they must come from the starting weights; restore the "
+            "cache, start the run afresh, or use dpo.reference=model"
+        )
+    tr, layout = run.cfg.train, run.layout
+    mbs, dp, dp_rank = tr.micro_batch_size, layout["dp"], ps.get_data_parallel_rank()
+    n = len(dataset)
+    # Every DP rank runs the same number of micro-batches (the metric reduction is collective
+    # over DP); the last ones wrap around and are computed twice.
+    per_rank = -(-n // (mbs * dp))
+    per_call = layout["micro_batches"]
+    calls = -(-per_rank // per_call)
+    found: dict[int, list[float]] = {}
+    for call in range(calls):
+        batches, pair_ids = [], []
+        for k in range(call * per_call, (call + 1) * per_call):
+            first = (k * dp + dp_rank) * mbs
+            items = [dataset[(first + j) % n] for j in range(mbs)]
+            pair_ids += [int(item["pair"]) for item in items]
+            batches.append(collate(items))
+        logps = pass_logps(run.model, batches, layout, tr)
+        if logps:
+            for pid, values in zip(pair_ids, torch.cat(logps).tolist()):
+                found[pid] = values
+        if call == 0 or (call + 1) % 10 == 0 or call + 1 == calls:
+            log.info("reference log-probs: %d/%d passes", call + 1, calls)
+    last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+    if last_stage:
+        parts = [None] * dp
+        torch.distributed.all_gather_object(parts, found, group=ps.get_data_parallel_group())
+        if ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0:
+            table = np.zeros((n, 2), dtype=np.float64)
+            for part in parts:
+                for pid, values in part.items():
+                    table[pid] = values
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{torch.distributed.get_rank()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, table)
+            tmp.replace(path)
+            log.info("reference log-probs of %d pairs -> %s", n, path)
+    torch.distributed.barrier()
+    return np.load(path)
+
+
+class WithReference(torch.utils.data.Dataset):
+    """A pair dataset whose items also carry their precomputed reference log-probs."""
+
+    def __init__(self, dataset, table: np.ndarray):
+        self.dataset, self.table = dataset, torch.from_numpy(table)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Batch:
+        item = dict(self.dataset[i])
+        item["ref_logps"] = self.table[int(item["pair"])]
+        return item
