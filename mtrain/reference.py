@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,7 @@ def precompute(run, dataset, path: Path) -> np.ndarray:
             f"{run.state.iteration}: they must come from the starting weights; restore the "
             "cache, start the run afresh, or use dpo.reference=model"
         )
+    start = time.perf_counter()
     tr, layout = run.cfg.train, run.layout
     mbs, dp, dp_rank = tr.micro_batch_size, layout["dp"], ps.get_data_parallel_rank()
     n = len(dataset)
@@ -161,7 +163,12 @@ def precompute(run, dataset, path: Path) -> np.ndarray:
             with open(tmp, "wb") as f:
                 np.save(f, table)
             tmp.replace(path)
-            log.info("reference log-probs of %d pairs -> %s", n, path)
+            log.info(
+                "reference log-probs of %d pairs in %.1f s -> %s",
+                n,
+                time.perf_counter() - start,
+                path,
+            )
     torch.distributed.barrier()
     return np.load(path)
 
