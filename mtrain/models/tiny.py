@@ -65,40 +65,51 @@ def write_corpus(path: str | Path, lines: int, seed: int = 0) -> None:
     temp.rename(path)
 
 
-def write_chat_task(path: str | Path, letters: str = "abcd", length: int = 2) -> None:
-    """Every string of `length` over `letters` and its reversal, as OpenAI-style conversations
-    (`{"messages": [user, assistant]}`), written all-or-nothing: a task a tiny model can learn."""
-    import itertools
-
+def _write_jsonl(path: str | Path, rows) -> None:
+    """Write JSON lines all-or-nothing (a temporary name, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp")
     with open(temp, "w") as f:
-        for chars in itertools.product(letters, repeat=length):
-            s = "".join(chars)
-            messages = [
-                {"role": "user", "content": f"reverse: {s}"},
-                {"role": "assistant", "content": s[::-1]},
-            ]
-            f.write(json.dumps({"messages": messages}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     temp.rename(path)
+
+
+def _strings(letters: str, length: int) -> list[str]:
+    import itertools
+
+    return ["".join(chars) for chars in itertools.product(letters, repeat=length)]
+
+
+def write_chat_task(path: str | Path, letters: str = "abcd", length: int = 2) -> None:
+    """Every string of `length` over `letters` and its reversal, as OpenAI-style conversations
+    (`{"messages": [user, assistant]}`): a task a tiny model can learn."""
+    _write_jsonl(
+        path,
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": f"reverse: {s}"},
+                    {"role": "assistant", "content": s[::-1]},
+                ]
+            }
+            for s in _strings(letters, length)
+        ),
+    )
 
 
 def write_preference_task(path: str | Path, letters: str = "abcd", length: int = 2) -> None:
     """Preference pairs for the reversal task (`{"prompt", "chosen", "rejected"}`, OpenAI-style
     strings): chosen is the reversal, rejected the string unchanged (palindromes skipped)."""
-    import itertools
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w") as f:
-        for chars in itertools.product(letters, repeat=length):
-            s = "".join(chars)
-            if s != s[::-1]:
-                pair = {"prompt": f"reverse: {s}", "chosen": s[::-1], "rejected": s}
-                f.write(json.dumps(pair) + "\n")
-    temp.rename(path)
+    _write_jsonl(
+        path,
+        (
+            {"prompt": f"reverse: {s}", "chosen": s[::-1], "rejected": s}
+            for s in _strings(letters, length)
+            if s != s[::-1]
+        ),
+    )
 
 
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 512):
