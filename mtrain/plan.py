@@ -55,7 +55,14 @@ def memory_estimate(cfg: TrainingCommandConfig, layout: dict) -> dict[str, float
     optimizer_bytes = (8 if tr.precision == "fp32" else 12) / (
         dp if cfg.parallel.distributed_optimizer else 1
     )
-    s, b, a = tr.seq_length, tr.micro_batch_size, spec.num_attention_heads
+    # DPO: a sample is a pair (two sequences); a `model` reference of a full fine-tune is a
+    # second copy of the weights (with LoRA it is the policy with its adapters off).
+    dpo = getattr(cfg, "dpo", None)
+    rows = 2 if dpo is not None else 1
+    copies = (
+        2 if dpo is not None and dpo.reference == "model" and cfg.finetuning_type != "lora" else 1
+    )
+    s, b, a = tr.seq_length, tr.micro_batch_size * rows, spec.num_attention_heads
     per_layer_act = {
         None: s * b * h * (34 + 5 * a * s / h),
         "selective": 34 * s * b * h,
@@ -67,7 +74,7 @@ def memory_estimate(cfg: TrainingCommandConfig, layout: dict) -> dict[str, float
     return {
         "parameters": params,
         "trained": trained,
-        "weights": (params + (trained if cfg.finetuning_type == "lora" else 0))
+        "weights": (copies * params + (trained if cfg.finetuning_type == "lora" else 0))
         * weight_bytes
         / GiB,
         "gradients": trained * 4 / GiB,

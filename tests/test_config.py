@@ -142,3 +142,21 @@ def test_epochs_become_whole_global_batches():
     assert iters_for_epochs(cfg.train, samples_per_epoch=100) == 31  # floor(250 / 8)
     with pytest.raises(ConfigError, match="holds 5 samples .* fewer than one global batch"):
         iters_for_epochs(cfg.train, samples_per_epoch=5)
+
+
+def test_dpo_memory_estimate_counts_pairs_and_a_reference_copy():
+    from mtrain.config.model import load_preset as preset
+    from mtrain.dpo import DPOConfig
+
+    def estimate(reference: str) -> dict:
+        cfg = DPOConfig(model=preset("qwen3_8b"))
+        cfg.train.iters, cfg.train.seq_length, cfg.load = 10, 1024, "base"
+        cfg.data.path, cfg.dpo.reference = "pairs.jsonl", reference
+        return memory_estimate(cfg, validate(cfg, 8))
+
+    sft = config("qwen3_8b", train__seq_length=1024)
+    single = memory_estimate(sft, validate(sft, 8))
+    pre, copy = estimate("precompute"), estimate("model")
+    assert pre["activations"] > single["activations"]  # two sequences per pair
+    assert copy["weights"] == pytest.approx(2 * pre["weights"])
+    assert copy["optimizer"] == pre["optimizer"]
