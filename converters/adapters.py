@@ -77,28 +77,28 @@ def merge_adapter(
     return [(a_shards[0].clone(), b) for b in merge(entry, b_shards, dims)]
 
 
-def _stage_adapters(ckpt: MegatronCheckpoint, pp_rank: int, chunk: int):
-    """(global layer, local name prefix) of each layer of one piece, and the target entries."""
-    spec = ckpt.spec
-    entries = target_entries(spec.family_table)
-    targets = [entries[t] for t in ckpt.lora.config.target_modules]
-    layers = piece_layers(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk)
-    return [(layer, MCORE_LAYER_PREFIX.format(i=local)) for local, layer in enumerate(layers)], (
-        targets
-    )
+def adapter_targets(ckpt: MegatronCheckpoint) -> list[Entry]:
+    """The layer entries an adapter checkpoint adapts, in its args' order."""
+    entries = target_entries(ckpt.spec.family_table)
+    return [entries[t] for t in ckpt.lora.config.target_modules]
+
+
+def _piece_prefixes(ckpt: MegatronCheckpoint, pp_rank: int, chunk: int) -> list[tuple[int, str]]:
+    """(global layer, local state-dict prefix) of each layer of one piece."""
+    layers = piece_layers(ckpt.spec, ckpt.pp, ckpt.vpp, pp_rank, chunk)
+    return [(layer, MCORE_LAYER_PREFIX.format(i=local)) for local, layer in enumerate(layers)]
 
 
 def check_adapter_states(ckpt: MegatronCheckpoint) -> None:
     """Every rank file of an adapter checkpoint holds exactly the adapters its args imply, with
     A of shape (r, base columns) and B of shape (base rows, r) on each rank."""
-    dims, r = Dims.of(ckpt.spec, ckpt.tp), ckpt.lora.config.r
+    dims, r, targets = Dims.of(ckpt.spec, ckpt.tp), ckpt.lora.config.r, adapter_targets(ckpt)
     for pp_rank in range(ckpt.pp):
         for tp_rank in range(ckpt.tp):
             path = ckpt.rank_file(tp_rank, pp_rank)
             for chunk, state in enumerate(ckpt.load_model_states(tp_rank, pp_rank)):
-                layers, targets = _stage_adapters(ckpt, pp_rank, chunk)
                 expected = {}
-                for _, prefix in layers:
+                for _, prefix in _piece_prefixes(ckpt, pp_rank, chunk):
                     for entry in targets:
                         rows, cols = shard_shape(entry, dims)
                         a_name, b_name = adapter_names(prefix + entry.mcore)
@@ -151,13 +151,12 @@ def write_peft_adapter(
     from safetensors.torch import save_file
 
     start = time.perf_counter()
-    dims = Dims.of(ckpt.spec, ckpt.tp)
+    dims, targets = Dims.of(ckpt.spec, ckpt.tp), adapter_targets(ckpt)
     tensors: dict[str, torch.Tensor] = {}
     for pp_rank in range(ckpt.pp):
         states = [ckpt.load_model_states(t, pp_rank) for t in range(ckpt.tp)]
         for chunk in range(ckpt.vpp):
-            layers, targets = _stage_adapters(ckpt, pp_rank, chunk)
-            for layer, prefix in layers:
+            for layer, prefix in _piece_prefixes(ckpt, pp_rank, chunk):
                 for entry in targets:
                     a_name, b_name = adapter_names(prefix + entry.mcore)
                     pairs = merge_adapter(

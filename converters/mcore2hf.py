@@ -26,8 +26,8 @@ from omegaconf import MISSING
 
 from converters.adapters import (
     adapter_names,
+    adapter_targets,
     check_adapter_states,
-    target_entries,
     write_peft_adapter,
 )
 from converters.hf_io import DEFAULT_MAX_SHARD_BYTES, HFShardedWriter
@@ -186,10 +186,7 @@ def convert(cfg: McoreToHFConfig) -> Path:
         out_dir,
     )
     plan = plan_hf_tensors(ckpt, dims, dtype)
-    targets = {}
-    if adapters is not None:
-        entries = target_entries(spec.family_table)
-        targets = {entries[t]: t for t in adapters.lora.config.target_modules}
+    targets = set(adapter_targets(adapters)) if adapters is not None else set()
     with atomic_output_dir(out_dir, cfg.force, inputs) as temp:
         writer = HFShardedWriter(temp, plan, int(cfg.max_shard_size_gb * 1000**3))
         for pp_rank in range(ckpt.pp):

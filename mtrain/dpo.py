@@ -92,11 +92,7 @@ def make_dpo_task(cfg: DPOConfig, layout: dict) -> Task:
     from mtrain import reference
 
     settings, tr = cfg.dpo.validate(), cfg.train
-    if cfg.model.hf_dir is None:
-        raise ConfigError(
-            "model.hf_dir is required: DPO renders and tokenizes the pairs with the model's HF "
-            "tokenizer (pass model.hf_dir=PATH)"
-        )
+    cfg.model.tokenizer_dir("DPO renders and tokenizes the pairs with the model's HF tokenizer")
     if cfg.load is None:
         raise ConfigError("DPO needs load=CKPT_DIR: the starting model, also the reference")
     data = cfg.data.validate()
@@ -115,7 +111,7 @@ def make_dpo_task(cfg: DPOConfig, layout: dict) -> Task:
     source = {"dataset": train_set}
     before_step, on_start = None, None
     if settings.reference == "model":
-        before_step = reference.per_step_reference(settings.reference)
+        before_step = reference.per_step_reference()
     else:
 
         def on_start(run) -> None:

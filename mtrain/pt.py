@@ -15,7 +15,6 @@ from mtrain.config.schema import TrainingCommandConfig, iters_for_epochs
 from mtrain.data.indexed import IndexedTokens
 from mtrain.data.pt import build_pt_dataset, prepare_corpus
 from mtrain.data.sampler import micro_batches
-from mtrain.errors import ConfigError
 from mtrain.losses import lm_loss
 from mtrain.plan import describe_plan
 from mtrain.trainer import Task, train
@@ -29,11 +28,7 @@ class PTConfig(TrainingCommandConfig):
 
 
 def make_pt_task(cfg: PTConfig, layout: dict) -> Task:
-    if cfg.model.hf_dir is None:
-        raise ConfigError(
-            "model.hf_dir is required: pretraining tokenizes with the model's HF "
-            "tokenizer (pass model.hf_dir=PATH)"
-        )
+    cfg.model.tokenizer_dir("pretraining tokenizes with the model's HF tokenizer")
     tr = cfg.train
     if tr.epochs is not None:
         prefixes = parallel.node_first(lambda: prepare_corpus(cfg.data, cfg.model.hf_dir))

@@ -81,7 +81,7 @@ def frozen_copy(run) -> list:
     return chunks
 
 
-def per_step_reference(mode: str):
+def per_step_reference():
     """`before_step` for the `model` reference (or, with LoRA, the adapters-off policy)."""
     reference: list = []
 

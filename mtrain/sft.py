@@ -20,7 +20,6 @@ from mtrain.data.epochs import Epochs
 from mtrain.data.packing import block_causal_mask
 from mtrain.data.sampler import micro_batches
 from mtrain.data.sft import build_sft_datasets
-from mtrain.errors import ConfigError
 from mtrain.losses import lm_loss
 from mtrain.plan import describe_plan
 from mtrain.trainer import Task, train
@@ -54,11 +53,7 @@ class Rows(torch.utils.data.Dataset):
 
 
 def make_sft_task(cfg: SFTConfig, layout: dict) -> Task:
-    if cfg.model.hf_dir is None:
-        raise ConfigError(
-            "model.hf_dir is required: SFT renders and tokenizes conversations "
-            "with the model's HF tokenizer (pass model.hf_dir=PATH)"
-        )
+    cfg.model.tokenizer_dir("SFT renders and tokenizes conversations with the model's HF tokenizer")
     tr, data = cfg.train, cfg.data.validate()
     train_set, val_set = parallel.node_first(
         lambda: build_sft_datasets(data, cfg.model.hf_dir, tr.seq_length, tr.seed)

@@ -160,3 +160,11 @@ def test_dpo_memory_estimate_counts_pairs_and_a_reference_copy():
     assert pre["activations"] > single["activations"]  # two sequences per pair
     assert copy["weights"] == pytest.approx(2 * pre["weights"])
     assert copy["optimizer"] == pre["optimizer"]
+
+
+def test_stages_that_tokenize_refuse_a_missing_hf_dir_by_key():
+    model = load_preset("qwen3_tiny")
+    with pytest.raises(ConfigError, match=r"^model.hf_dir is required: SFT tokenizes \(pass"):
+        model.tokenizer_dir("SFT tokenizes")
+    model.hf_dir = "/models/x"
+    assert model.tokenizer_dir("SFT tokenizes") == "/models/x"

@@ -22,6 +22,12 @@ class ModelConfig(ModelSpec):
     recommended_tp: int = 1  # tensor-parallel size that fits this model well on 64 GB devices
     recommended_pp: int = 1  # pipeline-parallel size that goes with recommended_tp
 
+    def tokenizer_dir(self, why: str) -> str:
+        """`hf_dir`, which a stage that tokenizes needs (`why` says what for)."""
+        if self.hf_dir is None:
+            raise ConfigError(f"model.hf_dir is required: {why} (pass model.hf_dir=PATH)")
+        return self.hf_dir
+
     def spec(self) -> ModelSpec:
         """The validated architecture; with `hf_dir`, its config.json must agree with the preset."""
         spec = ModelSpec(**{f.name: getattr(self, f.name) for f in fields(ModelSpec)})
