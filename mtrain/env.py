@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 
 from mtrain import accel
 from mtrain.accel import npu
+from mtrain.accel.runtime_env import NPU_DEFAULTS
 from mtrain.cli import hydra_command
 
 log = logging.getLogger("mtrain.env")
@@ -44,13 +46,17 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def versions() -> dict[str, str | None]:
+    found = {name: package_version(name) for name in PACKAGES}
+    if found["mindspeed"] is None and npu.mindspeed_available():
+        found["mindspeed"] = "importable (version unknown)"
+    return found
+
+
 def report(device: str = "auto") -> list[tuple[str, str]]:
     rows = [("python", sys.version.split()[0]), ("platform", platform.platform())]
-    for name in PACKAGES:
-        version = package_version(name)
-        if version is None and name == "mindspeed" and npu.mindspeed_available():
-            version = "importable (version unknown)"
-        rows.append((name, version or "not installed"))
+    found = versions()
+    rows += [(name, version or "not installed") for name, version in found.items()]
     rows.append(("CANN", npu.cann_version() or "not found"))
     rows.append(
         ("cuda devices", str(torch.cuda.device_count()) if torch.cuda.is_available() else "0")
@@ -60,6 +66,10 @@ def report(device: str = "auto") -> list[tuple[str, str]]:
     for key, value in accel.module(picked).describe().items():
         rows.append((f"{picked}.{key}", value))
     rows.append(("backend", f"{picked} ({accel.module(picked).DIST_BACKEND})"))
+    rows.append(("kernels (auto)", accel.resolve_kernels("auto", picked)))
+    if picked == "npu":
+        rows += [(key, os.environ.get(key, "unset")) for key in NPU_DEFAULTS]
+    rows += [("WARNING", text) for text in npu.version_warnings(found)]
     return rows
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mtrain import parallel
+from mtrain.accel import kernels
 from mtrain.cli import hydra_command
 from mtrain.config.schema import TrainingCommandConfig, iters_for_epochs
 from mtrain.config.sft_data import SFTDataConfig
@@ -36,10 +37,13 @@ class SFTConfig(TrainingCommandConfig):
 
 class Rows(torch.utils.data.Dataset):
     """SFT samples as the model takes them: a packed row's `cu_seqlens` becomes its attention
-    mask (True = masked out); unpacked rows need none (causal, padding only at the end)."""
+    mask (True = masked out), or stays the boundaries themselves for kernels that run packed
+    rows as variable-length sequences (`cu_seqlens_masks`); unpacked rows need none (causal,
+    padding only at the end)."""
 
-    def __init__(self, dataset, packing: bool, seq_length: int):
+    def __init__(self, dataset, packing: bool, seq_length: int, cu_seqlens_masks: bool = False):
         self.dataset, self.packing, self.seq_length = dataset, packing, seq_length
+        self.cu_seqlens_masks = cu_seqlens_masks
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -47,7 +51,9 @@ class Rows(torch.utils.data.Dataset):
     def __getitem__(self, i):
         sample = dict(self.dataset[i])
         cu_seqlens = sample.pop("cu_seqlens", None)
-        if self.packing:
+        if self.packing and self.cu_seqlens_masks:
+            sample["attention_mask"] = cu_seqlens
+        elif self.packing:
             sample["attention_mask"] = block_causal_mask(cu_seqlens, self.seq_length)
         return sample
 
@@ -65,8 +71,12 @@ def make_sft_task(cfg: SFTConfig, layout: dict) -> Task:
             tr.epochs,
             iters_for_epochs(tr, len(train_set)),
         )
+    cu_masks = kernels.cu_seqlens_masks(layout.get("kernels", "local"), cfg.npu)
     rows = Rows(
-        Epochs(train_set, tr.iters * tr.global_batch_size, tr.seed), data.packing, tr.seq_length
+        Epochs(train_set, tr.iters * tr.global_batch_size, tr.seed),
+        data.packing,
+        tr.seq_length,
+        cu_masks,
     )
 
     def batches(consumed: int, dp_rank: int, dp: int):
@@ -74,7 +84,7 @@ def make_sft_task(cfg: SFTConfig, layout: dict) -> Task:
 
     eval_batches, eval_samples = None, 0
     if val_set is not None and len(val_set):
-        val_rows = Rows(val_set, data.packing, tr.seq_length)
+        val_rows = Rows(val_set, data.packing, tr.seq_length, cu_masks)
         eval_samples = len(val_rows)
 
         def eval_batches(dp_rank: int, dp: int):

@@ -11,7 +11,6 @@ tokens or uneven micro-batches never reweight the tokens that count.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import signal
@@ -123,22 +122,14 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any], task: Task):
     from megatron.core.utils import get_model_config
 
     tr, par = cfg.train, cfg.parallel
-    fused_norm = any(
-        importlib.util.find_spec(m) for m in ("apex", "transformer_engine", "mindspeed")
-    )
-    if par.sequence_parallel and not fused_norm:
-        raise ConfigError(
-            "parallel.sequence_parallel=true needs a fused RMSNorm (Transformer "
-            "Engine or Apex on CUDA, MindSpeed on NPU); megatron-core's torch norm "
-            "does not support it"
-        )
     opts = BuildOptions(
         tp=layout["tp"],
         pp=layout["pp"],
         vpp=layout["vpp"],
         precision=tr.precision,
         sequence_parallel=par.sequence_parallel,
-        fused_kernels=accel.current().NAME != "cpu",
+        kernels=layout["kernels"],
+        npu=cfg.npu,
         recompute_granularity=tr.recompute,
         init_method_std=tr.init_std,
         explicit_attention_mask=task.attention_mask,
@@ -318,7 +309,7 @@ def train(
     """Run a training command; returns the per-iteration metrics (rank 0 has them all)."""
     layout = validate(cfg, parallel.world_size())
     mlog.setup(all_ranks=cfg.log.all_ranks)
-    accel.activate(cfg.device)
+    layout["kernels"] = accel.start(cfg, layout)
     parallel.init(layout["tp"], layout["pp"], layout["vpp"], seed=cfg.train.seed)
     try:
         return _run(cfg, make_task, layout)

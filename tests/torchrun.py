@@ -19,10 +19,15 @@ def free_port() -> int:
 
 
 def launch(
-    nproc: int, *target: str, check: bool = True, timeout: int = 600
+    nproc: int,
+    *target: str,
+    check: bool = True,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """torchrun `target` (a script path, or "-m", module, then its arguments) on `nproc` CPU
-    processes; with `check`, a failure raises with the tail of its output."""
+    processes, with `env` added to the environment; with `check`, a failure raises with the
+    tail of its output."""
     cmd = [
         sys.executable,
         "-m",
@@ -33,7 +38,7 @@ def launch(
         *map(str, target),
     ]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV}
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV, **(env or {})}
     )
     if check and proc.returncode != 0:
         out = proc.stdout + proc.stderr
@@ -43,7 +48,9 @@ def launch(
     return proc
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> str:
+def torchrun(
+    script: str, nproc: int, *args: str, timeout: int = 600, env: dict[str, str] | None = None
+) -> str:
     """Run tests/dist/<script>; return its output."""
-    proc = launch(nproc, DIST_DIR / script, *args, timeout=timeout)
+    proc = launch(nproc, DIST_DIR / script, *args, timeout=timeout, env=env)
     return proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-"""Ascend NPU backend: torch_npu maps cuda -> npu and nccl -> hccl; MindSpeed when importable."""
+"""Ascend NPU backend: torch_npu maps cuda -> npu and nccl -> hccl (MindSpeed: accel/mindspeed.py)."""
 
 from __future__ import annotations
 
@@ -9,27 +9,30 @@ import re
 
 import torch
 
+from mtrain.accel.runtime_env import apply_npu_defaults
+from mtrain.errors import ConfigError
+
 NAME = "npu"
 DIST_BACKEND = "hccl"
 
-# Runtime defaults for NPU runs; a value the user already set is kept.
-RUNTIME_ENV = {
-    "TASK_QUEUE_ENABLE": "2",
-    "CPU_AFFINITY_CONF": "1",
-    "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",
-    "HCCL_CONNECT_TIMEOUT": "1800",
-    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
-}
-
 
 def install_shim() -> None:
-    """Import torch_npu and its cuda->npu mapping (must precede any megatron import)."""
-    for key, value in RUNTIME_ENV.items():
-        os.environ.setdefault(key, value)
+    """Import torch_npu and its cuda->npu mapping (must precede any megatron import), and bind
+    this process to its NPU among the visible ones (ASCEND_RT_VISIBLE_DEVICES)."""
+    apply_npu_defaults()  # normally done by mtrain/__init__ already; kept for direct callers
     import torch_npu  # noqa: F401
     from torch_npu.contrib import transfer_to_npu  # noqa: F401
 
-    torch.npu.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # type: ignore[attr-defined]
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    count = device_count()
+    if local_rank >= count:
+        visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+        seen = f"ASCEND_RT_VISIBLE_DEVICES={visible}" if visible else "all NPUs visible"
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank} but this node shows {count} NPU(s) ({seen}); start at "
+            f"most {count} processes per node (torchrun --nproc_per_node / NPROC_PER_NODE)"
+        )
+    torch.npu.set_device(local_rank)  # type: ignore[attr-defined]
 
 
 def device() -> torch.device:
@@ -59,6 +62,31 @@ def cann_version() -> str | None:
             if match:
                 return match.group(1).strip()
     return None
+
+
+def _release(version: str) -> str:
+    """'2.7.1' of '2.7.1+cpu', '2.7.1.post1', '2.7.1rc1'."""
+    match = re.match(r"\d+(\.\d+){0,2}", version)
+    return match.group(0) if match else version
+
+
+def version_warnings(versions: dict[str, str | None]) -> list[str]:
+    """Known-bad version combinations among torch, torch-npu, megatron-core and MindSpeed."""
+    out = []
+    torch_v, npu_v = versions.get("torch"), versions.get("torch-npu")
+    if torch_v and npu_v and _release(torch_v) != _release(npu_v):
+        out.append(
+            f"torch {torch_v} does not match torch-npu {npu_v}: torch_npu only works with the "
+            f"torch release it was built for; pip install torch=={_release(npu_v)}"
+        )
+    core, mindspeed = versions.get("megatron-core"), versions.get("mindspeed")
+    if mindspeed and core and not _release(core).startswith("0.12."):
+        out.append(
+            f"MindSpeed is installed but megatron-core is {core}: the MindSpeed branches mtrain "
+            "supports (e.g. 2.3.0_core_r0.12.1) patch megatron-core 0.12.x; pip install "
+            "megatron-core==0.12.1"
+        )
+    return out
 
 
 def describe() -> dict[str, str]:

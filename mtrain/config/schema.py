@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from mtrain.checkpoint_format import TRACKER
 from mtrain.config.data import DataConfig
+from mtrain.config.kernels import KERNELS, NpuConfig
 from mtrain.config.lora import LoraConfig
 from mtrain.config.model import ModelConfig
 from mtrain.errors import ConfigError
@@ -104,6 +105,10 @@ class TrainingCommandConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # adapters for finetuning_type=lora
     device: str = "auto"  # auto | cpu | cuda | npu
+    kernels: str = (
+        "auto"  # auto | local | sdpa | te | torch_npu | mindspeed (mtrain/config/kernels.py)
+    )
+    npu: NpuConfig = field(default_factory=NpuConfig)  # Ascend fused kernels and MindSpeed flags
     load: str | None = (
         None  # checkpoint to start from (Megatron legacy format); default: resume `save`
     )
@@ -155,6 +160,8 @@ def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"parallel.vpp={par.vpp} needs parallel.pp > 1")
     if par.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if cfg.kernels not in KERNELS:
+        raise ConfigError(f"kernels={cfg.kernels} is not one of {', '.join(KERNELS)}")
     if tr.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={tr.precision} is not one of {PRECISIONS}")
     if tr.decay_style not in DECAY_STYLES:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mtrain.accel import kernels
+from mtrain.config.kernels import NpuConfig
 from mtrain.dtypes import DTYPES
 from mtrain.models.spec import ModelSpec
 
@@ -25,8 +27,6 @@ class BuildOptions:
     vpp: int = 1
     precision: str = "fp32"  # bf16 | fp16 | fp32
     sequence_parallel: bool = False
-    # Fused kernels megatron-core can use on CUDA; off on CPU, where they do not exist.
-    fused_kernels: bool = False
     recompute_granularity: str | None = None  # None | selective | full
     recompute_num_layers: int | None = None
     init_method_std: float = 0.02
@@ -34,7 +34,14 @@ class BuildOptions:
     # Batches carry their own attention mask (packed samples): the layers must apply it rather
     # than the implicit causal one (megatron's fused causal softmax ignores a given mask).
     explicit_attention_mask: bool = False
+    kernels: str = "local"  # resolved `kernels` (mtrain/config/kernels.py): which layers to build
+    npu: NpuConfig = field(default_factory=NpuConfig)  # fused-kernel switches (torch_npu/mindspeed)
     extra: dict[str, Any] = field(default_factory=dict)  # more TransformerConfig fields
+
+    @property
+    def cu_seqlens_masks(self) -> bool:
+        """Packed batches give attention their cu_seqlens, not a dense [s, s] mask."""
+        return kernels.cu_seqlens_masks(self.kernels, self.npu)
 
 
 def transformer_config(spec: ModelSpec, opts: BuildOptions):
@@ -77,10 +84,7 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         virtual_pipeline_model_parallel_size=opts.vpp if opts.vpp > 1 else None,
         sequence_parallel=opts.sequence_parallel,
         use_cpu_initialization=opts.seed_init_on_cpu,
-        bias_activation_fusion=opts.fused_kernels,
-        masked_softmax_fusion=opts.fused_kernels,
-        bias_dropout_fusion=opts.fused_kernels,
-        apply_rope_fusion=opts.fused_kernels,
+        **kernels.megatron_fusions(opts.kernels),
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         # With PP=2 both pipeline neighbours are the same rank: batched p2p sends activations and
@@ -92,7 +96,14 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
     )
 
 
-def layer_spec(spec: ModelSpec, explicit_attention_mask: bool = False):
+def layer_spec(spec: ModelSpec, opts: BuildOptions, config: Any):
+    """The layers for `opts.kernels`; every choice keeps the local spec's checkpoint names."""
+    qk = spec.family_table.qk_layernorm
+    chosen = kernels.block_spec(opts.kernels, qk, opts.explicit_attention_mask, opts.npu, config)
+    return chosen if chosen is not None else local_layer_spec(spec, opts.explicit_attention_mask)
+
+
+def local_layer_spec(spec: ModelSpec, explicit_attention_mask: bool = False):
     """megatron-core's local (no Transformer Engine) layer spec; checkpoint names follow it."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
@@ -116,14 +127,13 @@ def build_model_chunks(spec: ModelSpec, opts: BuildOptions) -> list[torch.nn.Mod
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config(spec, opts)
-    lspec = layer_spec(spec, opts.explicit_attention_mask)
     chunks = []
     for chunk in range(opts.vpp):
         if opts.vpp > 1:
             parallel_state.set_virtual_pipeline_model_parallel_rank(chunk)
         model = GPTModel(
             config=config,
-            transformer_layer_spec=lspec,
+            transformer_layer_spec=layer_spec(spec, opts, config),
             vocab_size=spec.padded_vocab_size(opts.tp),
             max_sequence_length=spec.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(),
@@ -135,6 +145,7 @@ def build_model_chunks(spec: ModelSpec, opts: BuildOptions) -> list[torch.nn.Mod
             rope_scaling=spec.rope_scaling_factor is not None,
             rope_scaling_factor=spec.rope_scaling_factor or 8.0,
         )
+        kernels.prepare(model, opts.kernels, opts.npu, opts.explicit_attention_mask)
         chunks.append(model)
     if opts.vpp > 1:
         parallel_state.set_virtual_pipeline_model_parallel_rank(0)

@@ -1,0 +1,73 @@
+"""Core attention on `torch.nn.functional.scaled_dot_product_attention`: the CUDA path without
+Transformer Engine (torch picks its flash / memory-efficient kernels), usable on any device.
+
+It replaces only megatron's DotProductAttention in the local spec, so names and everything else
+stay the local spec's. Masks follow megatron's convention (True = masked out); SDPA's boolean
+masks mean the opposite, hence the inversion.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class SdpaAttention(torch.nn.Module):
+    """q [s, b, n, d], k/v [s, b, g, d] -> [s, b, n*d]; causal when no mask is given."""
+
+    def __init__(
+        self,
+        config: Any,
+        layer_number: int,
+        attn_mask_type: Any,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+    ):
+        super().__init__()
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("SDPA attention takes neither attention_bias nor THD")
+        s, b, n, d = query.shape
+        groups = key.shape[2]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        if groups != n:  # grouped-query attention: each kv head serves n / g query heads
+            k, v = (t.repeat_interleave(n // groups, dim=1) for t in (k, v))
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if attention_mask is None else ~attention_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attention_mask is None,
+            scale=self.scale,
+        )
+        return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+
+
+def layer_spec(qk_layernorm: bool, packed: bool):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.enums import AttnMaskType
+
+    layer = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    attention = layer.submodules.self_attention
+    attention.submodules.core_attention = SdpaAttention
+    if packed:
+        attention.params["attn_mask_type"] = AttnMaskType.padding
+    return layer

@@ -1,0 +1,67 @@
+"""Transformer Engine's layer spec (CUDA), presenting the local spec's checkpoint names.
+
+TE fuses each pre-norm into the following linear, so two tensors have other names in the module
+tree; the model's state-dict hooks rename them both ways, and drop / refill TE's `_extra_state`
+(FP8 metadata, empty without FP8). Checkpoints written at kernels=te therefore load at
+kernels=local, sdpa, torch_npu or mindspeed, and the other way round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# (local-spec name, TE-spec name), both relative to a decoder layer.
+LAYER_RENAMES = [
+    ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+    ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
+]
+EXTRA_STATE = "._extra_state"
+
+
+def _rename(state: dict[str, Any], prefix: str, pairs: list[tuple[str, str]]) -> None:
+    for key in [k for k in state if k.startswith(prefix)]:
+        for old, new in pairs:
+            if key.endswith("." + old) and ".layers." in key:
+                state[key[: -len(old)] + new] = state.pop(key)
+                break
+
+
+def to_local_names(state: dict[str, Any], prefix: str = "") -> None:
+    """TE names -> local names, in place; TE's `_extra_state` entries are dropped."""
+    for key in [k for k in state if k.startswith(prefix) and k.endswith(EXTRA_STATE)]:
+        del state[key]
+    _rename(state, prefix, [(te, local) for local, te in LAYER_RENAMES])
+
+
+def to_te_names(state: dict[str, Any], prefix: str = "") -> None:
+    _rename(state, prefix, LAYER_RENAMES)
+
+
+def present_local_names(model: torch.nn.Module) -> None:
+    """Make `model.state_dict()` / `load_state_dict()` speak local-spec names."""
+
+    def on_save(module, state, prefix, local_metadata):
+        to_local_names(state, prefix)
+
+    def on_load(state, prefix, local_metadata, strict, missing, unexpected, errors):
+        to_te_names(state, prefix)
+        for name, sub in model.named_modules():
+            if type(sub).get_extra_state is not torch.nn.Module.get_extra_state:
+                state.setdefault(f"{prefix}{name}{EXTRA_STATE}", sub.get_extra_state())
+
+    model._register_state_dict_hook(on_save)
+    model._register_load_state_dict_pre_hook(on_load)
+
+
+def layer_spec(qk_layernorm: bool, packed: bool):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer.enums import AttnMaskType
+
+    layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    if packed:  # block-causal masks of packed rows: TE's arbitrary-mask attention
+        layer.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    return layer
