@@ -296,3 +296,28 @@ def test_megatron_imported_first_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "megatron", sys.modules.get("megatron") or object())
     with pytest.raises(RuntimeError, match="megatron was imported before MindSpeed"):
         mindspeed.install(["--use-flash-attn"])
+
+
+def test_env_reports_torch_npu_and_warns_about_a_torch_mismatch():
+    path = os.pathsep.join([str(ROOT / "tests" / "npu_emulation"), str(ROOT)])
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtrain.env", "device=cpu"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = dict(line.split(None, 1) for line in proc.stdout.splitlines() if " " in line)
+    assert rows["torch-npu"].strip() == "2.7.1"
+    assert "does not match torch-npu 2.7.1" in rows["WARNING"]
+    assert "pip install torch==2.7.1" in rows["WARNING"]
+
+
+def test_version_warnings():
+    from mtrain.accel.npu import version_warnings
+
+    ok = {"torch": "2.7.1+cpu", "torch-npu": "2.7.1.post1", "megatron-core": "0.12.1"}
+    assert version_warnings({**ok, "mindspeed": "0.12.1"}) == []
+    (text,) = version_warnings({**ok, "megatron-core": "0.13.0", "mindspeed": "0.12.1"})
+    assert "megatron-core is 0.13.0" in text
