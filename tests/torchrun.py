@@ -38,7 +38,11 @@ def launch(
         *map(str, target),
     ]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV, **(env or {})}
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **ENV, **(env or {})},
     )
     if check and proc.returncode != 0:
         out = proc.stdout + proc.stderr
