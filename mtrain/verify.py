@@ -158,9 +158,15 @@ def main(cfg: VerifyConfig) -> None:
         Path(cfg.result_file).write_text(json.dumps({"max_abs_diff": diff, "ok": ok}) + "\n")
     parallel.shutdown()
     if not ok:
+        hint = ""
+        if ckpt.lora is not None and cfg.peft_dir is None:
+            hint = (
+                "; a merged export of adapters on bf16/fp16 weights is rounded to that dtype: "
+                "check the PEFT export (peft_dir=) or raise tolerance="
+            )
         raise MtrainError(
             f"{cfg.ckpt_dir}: logits differ from {cfg.hf_dir} by {diff:.3g} "
-            f"> tolerance {cfg.tolerance:g}"
+            f"> tolerance {cfg.tolerance:g}{hint}"
         )
 
 
