@@ -36,8 +36,8 @@ class VerifyConfig:
     base_dir: str | None = None  # for LoRA adapters: their base checkpoint, if not the recorded one
     device: str = "auto"  # auto | cpu | cuda | npu
     batch: int = 2  # sequences of random tokens to compare on
-    seq_length: int = 32
-    seed: int = 0
+    seq_length: int = 32  # tokens per sequence
+    seed: int = 0  # seed of the random tokens
     tolerance: float = 1e-5  # max |logit difference| allowed (fp32 weights)
     result_file: str | None = None  # also write {"max_abs_diff": ...} as JSON here
 

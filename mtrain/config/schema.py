@@ -48,9 +48,9 @@ class TrainConfig:
     warmup_iters: int = 0  # linear warm-up steps from 0 to lr
     decay_style: str = "cosine"  # cosine | linear | constant, from the end of warm-up to `iters`
     weight_decay: float = 0.0  # decoupled (AdamW) weight decay
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.95  # Adam second-moment decay
+    adam_eps: float = 1e-8  # Adam denominator epsilon
     clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
     precision: str = "bf16"  # bf16 | fp16 (dynamic loss scaling) | fp32
     seed: int = 1234  # model init, dropout and data order

@@ -22,17 +22,17 @@ class ModelSpec:
     """Architecture hyper-parameters, in Megatron's vocabulary."""
 
     family: str  # a key of converters.mappings.FAMILIES: qwen3 | qwen2 | llama
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
+    num_layers: int  # decoder layers
+    hidden_size: int  # model width
+    ffn_hidden_size: int  # MLP width (HF intermediate_size)
+    num_attention_heads: int  # query heads
     num_query_groups: int  # HF num_key_value_heads
     kv_channels: int  # head dim; HF head_dim, which for Qwen3 is not hidden_size / heads
     vocab_size: int  # HF vocab_size (rows of the HF embedding), before any TP padding
-    max_position_embeddings: int
-    rope_theta: float
-    norm_epsilon: float
-    tie_word_embeddings: bool
+    max_position_embeddings: int  # longest sequence the model is made for
+    rope_theta: float  # RoPE base
+    norm_epsilon: float  # RMSNorm epsilon (HF rms_norm_eps)
+    tie_word_embeddings: bool  # output layer shares the embedding matrix
     rope_scaling_factor: float | None = None  # Llama 3.1-style ("llama3") RoPE scaling
 
     @property

@@ -179,7 +179,7 @@ def build_model(
 class TinyConfig:
     out_dir: str = MISSING  # where the HF model directory is written
     preset: str = "qwen3_tiny"  # a conf/model preset; keep it small, weights are random
-    seed: int = 0
+    seed: int = 0  # seed of the random weights and the sample data
     dtype: str = "fp32"  # bf16 | fp16 | fp32
     force: bool = False  # replace a non-empty out_dir
     corpus_file: str | None = None  # also write a synthetic JSONL text corpus here (sample data)
