@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mtrain import accel
-from mtrain.accel import npu
+from mtrain.accel import npu, runtime_env
 from mtrain.accel.runtime_env import NPU_DEFAULTS
 from mtrain.cli import hydra_command
 
@@ -68,7 +68,9 @@ def report(device: str = "auto") -> list[tuple[str, str]]:
     rows.append(("backend", f"{picked} ({accel.module(picked).DIST_BACKEND})"))
     rows.append(("kernels (auto)", accel.resolve_kernels("auto", picked)))
     if picked == "npu":
-        rows += [(key, os.environ.get(key, "unset")) for key in NPU_DEFAULTS]
+        for key in NPU_DEFAULTS:
+            where = " (mtrain default)" if key in runtime_env.APPLIED else ""
+            rows.append((key, os.environ.get(key, "unset") + where))
     rows += [("WARNING", text) for text in npu.version_warnings(found)]
     return rows
 

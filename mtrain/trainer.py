@@ -358,7 +358,8 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
         start_iter=state.iteration,
     )
     log.info(
-        "training %s: %s, tp=%d pp=%d vpp=%d dp=%d, %d micro-batches of %d per step, %d iterations",
+        "training %s: %s, tp=%d pp=%d vpp=%d dp=%d, %d micro-batches of %d per step, "
+        "%d iterations, kernels=%s",
         task.name,
         cfg.model.name,
         layout["tp"],
@@ -368,6 +369,7 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
         layout["micro_batches"],
         tr.micro_batch_size,
         tr.iters,
+        layout["kernels"],
     )
     preemption = _Preemption()
     try:

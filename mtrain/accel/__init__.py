@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from mtrain.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger("mtrain.accel")
 NAMES = ("cpu", "cuda", "npu")
 _active: ModuleType | None = None
 
@@ -121,6 +123,7 @@ def start(cfg: Any, layout: dict[str, Any]) -> str:
                 " use kernels=sdpa (what kernels=auto picks for LoRA on CUDA)"
             )
         kernels = "sdpa"
+        log.info("kernels: sdpa, not te: LoRA adapters need the unfused input norms")
     layers.check(kernels, cfg.npu, cfg.parallel.sequence_parallel)
     mindspeed.check(cfg, layout, kernels)
     argv = None

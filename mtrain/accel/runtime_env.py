@@ -20,6 +20,9 @@ NPU_DEFAULTS = {
 }
 
 
+APPLIED: dict[str, str] = {}  # the defaults this process set (the rest came from the user)
+
+
 def torch_npu_installed() -> bool:
     return importlib.util.find_spec("torch_npu") is not None
 
@@ -29,4 +32,6 @@ def apply_npu_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
     env = os.environ if environ is None else environ
     applied = {k: v for k, v in NPU_DEFAULTS.items() if k not in env}
     env.update(applied)
+    if environ is None:
+        APPLIED.update(applied)
     return applied

@@ -105,9 +105,7 @@ class TrainingCommandConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # adapters for finetuning_type=lora
     device: str = "auto"  # auto | cpu | cuda | npu
-    kernels: str = (
-        "auto"  # auto | local | sdpa | te | torch_npu | mindspeed (mtrain/config/kernels.py)
-    )
+    kernels: str = "auto"  # layers: auto | local | sdpa | te | torch_npu | mindspeed
     npu: NpuConfig = field(default_factory=NpuConfig)  # Ascend fused kernels and MindSpeed flags
     load: str | None = (
         None  # checkpoint to start from (Megatron legacy format); default: resume `save`
