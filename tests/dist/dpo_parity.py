@@ -102,7 +102,7 @@ def main() -> None:
     cfg.train.precision, cfg.train.seq_length, cfg.train.micro_batch_size = "fp32", SEQ, 2
     cfg.train.global_batch_size, cfg.train.iters = PAIRS, 1
     dp = torch.distributed.get_world_size() // (ckpt.tp * ckpt.pp)
-    layout = {"spec": ckpt.spec, "tp": ckpt.tp, "pp": ckpt.pp, "vpp": 1, "dp": dp}
+    layout = {"spec": ckpt.spec, "tp": ckpt.tp, "pp": ckpt.pp, "vpp": 1, "dp": dp, "kernels": "local"}
     layout["micro_batches"] = PAIRS // (2 * dp)
     task = Task(name="dpo", batches=None, loss=None, forward=pair_forward, rows_per_sample=2)
     model, _, _, _ = _build(cfg, layout, task)
