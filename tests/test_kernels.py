@@ -146,3 +146,49 @@ def test_packed_sft_on_the_torch_npu_spec_trains_like_the_local_spec(tiny_hf, tm
         curves[kernels] = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert len(curves["local"]) == 4
     assert curves["torch_npu"] == pytest.approx(curves["local"], abs=1e-5), curves
+
+
+BF16_CHECK = """
+import torch
+from mtrain import accel, parallel
+from mtrain.config.kernels import NpuConfig
+accel.activate("cpu"); parallel.init(1, 1)
+from mtrain.models.provider import BuildOptions, build_model_chunks
+from tests.conftest import tiny_spec
+spec, tokens = tiny_spec(num_layers=2), torch.randint(0, 500, (2, 16))
+def logits(kernels, **switches):
+    (m,) = build_model_chunks(spec, BuildOptions(precision="bf16", kernels=kernels,
+                                                 npu=NpuConfig(**switches)))
+    if kernels != "local":
+        m.load_state_dict(reference.state_dict())
+    out = m(tokens, torch.arange(16).expand_as(tokens), attention_mask=None)
+    assert out.dtype == torch.bfloat16, out.dtype
+    return m, out.float()
+reference, local = logits("local")
+for switches in ({}, {"fused_rmsnorm": False, "fused_swiglu": False, "fused_rope": False}):
+    model, out = logits("torch_npu", **switches)
+    norms = {p.dtype for n, p in model.named_parameters() if "norm" in n}
+    print(switches, (out - local).abs().max().item(), norms)
+"""
+
+
+def test_torch_npu_spec_runs_in_bf16_with_and_without_fused_kernels():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join([str(EMULATION), str(root)])
+    proc = subprocess.run(
+        [sys.executable, "-c", BF16_CHECK],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        diff = float(line.split("} ")[1].split()[0])
+        assert diff < 0.1, line  # bf16 rounding, not a wrong kernel (which is O(1))
+        assert "torch.bfloat16" in line and "float32" not in line, line

@@ -61,16 +61,17 @@ class NpuRMSNorm(torch.nn.Module):
     def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, fused: bool = True):
         super().__init__()
         self.eps, self.fused = eps, fused
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        # In the model's dtype: the NPU kernel takes gamma in the input's dtype.
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype)
         if self.fused:
-            return _torch_npu().npu_rms_norm(x, self.weight, epsilon=self.eps)[0]
+            return _torch_npu().npu_rms_norm(x, weight, epsilon=self.eps)[0]
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(
-            x
-        ) * self.weight
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * weight
 
 
 def _mlp_class():

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+# torch >= 2.5 shares kv heads across query heads without copying them.
+_NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 class SdpaAttention(torch.nn.Module):
     """q [s, b, n, d], k/v [s, b, g, d] -> [s, b, n*d]; causal when no mask is given."""
@@ -47,8 +50,12 @@ class SdpaAttention(torch.nn.Module):
         s, b, n, d = query.shape
         groups = key.shape[2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        gqa = {}
         if groups != n:  # grouped-query attention: each kv head serves n / g query heads
-            k, v = (t.repeat_interleave(n // groups, dim=1) for t in (k, v))
+            if _NATIVE_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                k, v = (t.repeat_interleave(n // groups, dim=1) for t in (k, v))
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -57,6 +64,7 @@ class SdpaAttention(torch.nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attention_mask is None,
             scale=self.scale,
+            **gqa,
         )
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
 
