@@ -19,10 +19,11 @@ it against the plain-PyTorch emulation in tests/npu_emulation.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
+
+from mtrain.accel.kernels import CoreAttention
 
 COMPRESSED_MASK_SIZE = 2048  # the causal mask size npu_fusion_attention takes in sparse modes 2-4
 SPARSE_TOP_LEFT_CAUSAL = 2
@@ -102,27 +103,15 @@ def _self_attention_class():
     return NpuSelfAttention
 
 
-class NpuFlashAttention(torch.nn.Module):
+class NpuFlashAttention(CoreAttention):
     """Core attention on npu_fusion_attention: q [s, b, n, d], k/v [s, b, g, d] -> [s, b, n*d].
 
     Grouped-query attention is native to the kernel (k/v keep their g heads).
     """
 
-    def __init__(
-        self,
-        config: Any,
-        layer_number: int,
-        attn_mask_type: Any,
-        attention_type: str = "self",
-        attention_dropout: float | None = None,
-        softmax_scale: float | None = None,
-        cp_comm_type: str | None = None,
-        rope: bool = False,
-    ):
-        super().__init__()
-        self.config, self.rope = config, rope
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+    def __init__(self, *args: Any, rope: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.rope = rope
         self.rotary_pos_emb = None  # set by NpuSelfAttention on every call, when rope is fused
 
     def _rotate(self, query: torch.Tensor, key: torch.Tensor):
@@ -147,12 +136,11 @@ class NpuFlashAttention(torch.nn.Module):
         attention_bias=None,
         packed_seq_params=None,
     ):
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("the NPU attention takes neither attention_bias nor THD")
+        self.refuse_unsupported(attention_bias, packed_seq_params)
         if self.rope:
             query, key = self._rotate(query, key)
         s, b, n, d = query.shape
-        keep_prob = 1.0 - (self.dropout if self.training else 0.0)
+        keep_prob = 1.0 - self.dropout_p()
         kwargs = dict(scale=self.scale, keep_prob=keep_prob)
         attend = _torch_npu().npu_fusion_attention
         mask = compressed_causal_mask(query.device)

@@ -8,32 +8,17 @@ masks mean the opposite, hence the inversion.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
 import torch.nn.functional as F
+
+from mtrain.accel.kernels import CoreAttention
 
 # torch >= 2.5 shares kv heads across query heads without copying them.
 _NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-class SdpaAttention(torch.nn.Module):
+class SdpaAttention(CoreAttention):
     """q [s, b, n, d], k/v [s, b, g, d] -> [s, b, n*d]; causal when no mask is given."""
-
-    def __init__(
-        self,
-        config: Any,
-        layer_number: int,
-        attn_mask_type: Any,
-        attention_type: str = "self",
-        attention_dropout: float | None = None,
-        softmax_scale: float | None = None,
-        cp_comm_type: str | None = None,
-    ):
-        super().__init__()
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
     def forward(
         self,
@@ -45,8 +30,7 @@ class SdpaAttention(torch.nn.Module):
         attention_bias=None,
         packed_seq_params=None,
     ):
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("SDPA attention takes neither attention_bias nor THD")
+        self.refuse_unsupported(attention_bias, packed_seq_params)
         s, b, n, d = query.shape
         groups = key.shape[2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
@@ -61,7 +45,7 @@ class SdpaAttention(torch.nn.Module):
             k,
             v,
             attn_mask=None if attention_mask is None else ~attention_mask,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout_p(),
             is_causal=attention_mask is None,
             scale=self.scale,
             **gqa,
