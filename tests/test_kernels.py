@@ -107,31 +107,30 @@ def test_te_state_dict_hooks_present_local_names():
     assert torch.equal(qkv.extra, torch.tensor([7]))
 
 
-@pytest.mark.slow
-def test_packed_sft_on_the_torch_npu_spec_trains_like_the_local_spec(tiny_hf, tmp_path):
-    """The whole path: packed rows keep their cu_seqlens through the data loader and the pipeline
-    into the varlen attention, at TP=2 x PP=2."""
+@pytest.fixture(scope="module")
+def packed_sft(tiny_hf, tmp_path_factory):
+    """Run packed SFT at TP=2 x PP=2 from one converted checkpoint; returns the loss curve."""
     from mtrain.models.tiny import write_chat_task
 
+    root = tmp_path_factory.mktemp("kernels_sft")
     hf = tiny_hf(tiny_spec())
-    hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(tmp_path / "c"), tp=2, pp=2))
-    write_chat_task(tmp_path / "chat.jsonl")
+    hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(root / "c"), tp=2, pp=2))
+    write_chat_task(root / "chat.jsonl")
     path = os.pathsep.join([str(EMULATION), os.environ.get("PYTHONPATH", "")])
-    curves = {}
-    for kernels in ("local", "torch_npu"):
-        metrics = tmp_path / f"{kernels}.jsonl"
+
+    def run(name: str, *extra: str) -> list[float]:
+        metrics = root / f"{name}.jsonl"
         launch(
             4,
             "-m",
             "mtrain.sft",
             "+model=qwen3_tiny",
             f"model.hf_dir={hf}",
-            f"load={tmp_path / 'c'}",
-            f"data.path={tmp_path / 'chat.jsonl'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
+            f"load={root / 'c'}",
+            f"data.path={root / 'chat.jsonl'}",
+            f"data.cache_dir={root / 'cache'}",
             "data.packing=true",
             "device=cpu",
-            f"kernels={kernels}",
             "parallel.tp=2",
             "parallel.pp=2",
             "train.iters=4",
@@ -141,11 +140,36 @@ def test_packed_sft_on_the_torch_npu_spec_trains_like_the_local_spec(tiny_hf, tm
             "train.lr=1e-3",
             "train.precision=fp32",
             f"log.metrics_file={metrics}",
+            *extra,
             env={"PYTHONPATH": path},
         )
-        curves[kernels] = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
-    assert len(curves["local"]) == 4
-    assert curves["torch_npu"] == pytest.approx(curves["local"], abs=1e-5), curves
+        return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+
+    return run
+
+
+@pytest.mark.slow
+def test_packed_sft_on_the_torch_npu_spec_trains_like_the_local_spec(packed_sft):
+    """The whole path: packed rows keep their cu_seqlens through the data loader and the pipeline
+    into the varlen attention, at TP=2 x PP=2."""
+    local = packed_sft("local", "kernels=local")
+    npu = packed_sft("npu", "kernels=torch_npu")
+    assert len(local) == 4 and len(set(local)) == 4
+    assert npu == pytest.approx(local, abs=1e-5), (local, npu)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sequence_parallelism_trains_like_plain_tensor_parallelism(packed_sft, lora):
+    """Sequence parallelism end to end (it needs the NPU spec's norm, so the emulation): split
+    activations, sequence-parallel norm gradients and, with LoRA, the adapters' SP paths."""
+    extra = ["kernels=torch_npu"]
+    if lora:
+        extra += ["finetuning_type=lora", "train.lr=1e-2"]
+    plain = packed_sft(f"tp_{lora}", *extra)
+    sp = packed_sft(f"sp_{lora}", *extra, "parallel.sequence_parallel=true")
+    assert len(set(plain)) == 4
+    assert sp == pytest.approx(plain, abs=1e-5), (plain, sp)
 
 
 BF16_CHECK = """
