@@ -13,7 +13,6 @@ import functools
 import sys
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import hydra
@@ -21,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from mtrain import log
+from mtrain.config import CONF_DIR
 from mtrain.errors import ConfigError, exit_on_user_error
 
 T = TypeVar("T")
@@ -74,8 +74,6 @@ def check_overrides(schema: type, argv: list[str]) -> None:
         hint = f"did you mean {guess[0]}?" if guess else f"known keys: {', '.join(siblings)}"
         raise ConfigError(f"unknown config key {key!r} in {arg!r}; {hint}")
 
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # mtrain's commands write nothing of Hydra's own (no outputs/ dir, no log files, no cwd change).
 QUIET_HYDRA = (

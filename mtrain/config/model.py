@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mtrain.config import CONF_DIR
 from mtrain.errors import ConfigError
 from mtrain.models.spec import ModelSpec, load_hf_config
 
@@ -44,7 +44,7 @@ class ModelConfig(ModelSpec):
         return spec
 
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+PRESET_DIR = CONF_DIR / "model"
 
 
 def load_preset(name: str) -> ModelConfig:
