@@ -3,18 +3,20 @@
     torchrun --nproc_per_node N tests/dist/kernel_parity.py RESULT.json HF_DIR CKPT CASE [CASE ...]
 
 CASE is `kernels` or `kernels:switch=0,...` (npu.* switches off), e.g. `torch_npu:fused_rope=0`.
-TP = N, PP = 1. For kernels=torch_npu, PYTHONPATH must hold tests/npu_emulation. Reports, per
+TP = N, PP = 1, on the device KERNEL_PARITY_DEVICE names (default cpu; e.g. cuda for `te`). For kernels=torch_npu, PYTHONPATH must hold tests/npu_emulation. Reports, per
 case, the max |logits - HF| on causal rows and on packed rows (HF runs each packed segment
 alone), and the max difference of the packed rows' parameter gradients from kernels=local.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from mtrain import accel, parallel
+from mtrain.accel.te import to_local_names
 from mtrain.checkpoint import load_model_weights
 from mtrain.checkpoint_format import MegatronCheckpoint
 from mtrain.config.kernels import NpuConfig
@@ -55,18 +57,19 @@ def main() -> None:
             for r in range(2)
         ]
     )
-    accel.activate("cpu")
+    accel.activate(os.environ.get("KERNEL_PARITY_DEVICE", "cpu"))
+    device = accel.device()
     parallel.init(ckpt.tp, 1)
     from megatron.core import tensor_parallel
 
     from mtrain.models.provider import BuildOptions, build_model_chunks
 
     def logits(model, tokens, mask):
-        positions = torch.arange(SEQ).expand_as(tokens)
-        out = model(tokens, positions, attention_mask=mask)
-        return tensor_parallel.gather_from_tensor_model_parallel_region(out)[
-            ..., : ckpt.spec.vocab_size
-        ]
+        tokens = tokens.to(device)
+        positions = torch.arange(SEQ, device=device).expand_as(tokens)
+        out = model(tokens, positions, attention_mask=None if mask is None else mask.to(device))
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(out)
+        return full[..., : ckpt.spec.vocab_size].float().cpu()
 
     results, local_grads = {}, None
     for case in ["local", *cases]:
@@ -76,6 +79,7 @@ def main() -> None:
                 tp=ckpt.tp, kernels=kernels, npu=npu, explicit_attention_mask=packed_rows
             )
             (model,) = build_model_chunks(ckpt.spec, opts)
+            model = model.to(device)
             load_model_weights([model], ckpt_dir, ckpt.spec, ckpt.tp, 1)
             if not packed_rows:
                 with torch.no_grad():
@@ -85,7 +89,8 @@ def main() -> None:
             out = logits(model, packed, mask)
             diff_packed = (out.detach() - ref_packed).abs().max().item()
             out.float().pow(2).mean().backward()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            grads = {n: p.grad.float().cpu() for n, p in model.named_parameters()}
+            to_local_names(grads)  # te's fused-norm parameters, by their local names
         if local_grads is None:
             local_grads = grads
         grad_diff = max((grads[n] - local_grads[n]).abs().max().item() for n in grads)
