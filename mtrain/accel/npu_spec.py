@@ -164,7 +164,7 @@ class NpuFlashAttention(CoreAttention):
             actual_seq_kvlen=ends,
             **kwargs,
         )[0]
-        return out.reshape(b, s, n * d).transpose(0, 1)
+        return out.reshape(b, s, n * d).transpose(0, 1).contiguous()
 
 
 def layer_spec(qk_layernorm: bool, ops: Any, config: Any):
