@@ -99,6 +99,21 @@ def test_options_map_to_mindspeed_flags(changes, expected):
     assert argv[start : start + len(expected)] == expected
 
 
+def test_every_flag_mtrain_emits_is_one_the_user_may_not_repeat():
+    everything = dict(
+        parallel__sequence_parallel=True,
+        parallel__distributed_optimizer=True,
+        parallel__overlap_grad_reduce=True,
+        parallel__vpp=2,
+        npu__mc2=True,
+        train__recompute="full",
+    )
+    for packed in (False, True):
+        emitted = {a for a in flags_of(config(**everything), packed) if a.startswith("--")}
+        assert emitted <= mindspeed.OWNED, emitted - mindspeed.OWNED
+    assert "--fp16" in flags_of(config(train__precision="fp16"))
+
+
 def test_fp32_and_no_recompute_add_no_flags():
     argv = flags_of(config(train__precision="fp32"))
     assert not {"--bf16", "--fp16", "--recompute-granularity"} & set(argv)
@@ -143,6 +158,11 @@ def test_packed_batches_use_the_given_mask_mode():
             dict(npu__mindspeed_flags=["--sparse-mode=3"]),
             "mindspeed",
             r"--sparse-mode=3 is set from mtrain's own keys",
+        ),
+        (
+            dict(npu__mindspeed_flags=["--pipeline-model-parallel-size=4"]),
+            "mindspeed",
+            r"--pipeline-model-parallel-size=4 is set from mtrain's own keys",
         ),
         (
             dict(npu__mindspeed_flags=["--use-flash-attn"]),

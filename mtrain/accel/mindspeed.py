@@ -14,6 +14,7 @@ import importlib
 import sys
 from typing import Any
 
+from mtrain.accel.npu_spec import SPARSE_TOP_LEFT_CAUSAL
 from mtrain.errors import ConfigError
 
 # mtrain switch -> MindSpeed / Megatron-LM flag, emitted when the switch is true.
@@ -28,9 +29,24 @@ SWITCHES: list[tuple[str, str]] = [
     ("parallel.overlap_grad_reduce", "--overlap-grad-reduce"),
 ]
 
-# The compressed causal mask npu_fusion_attention takes with sparse_mode 2 (see accel/npu_spec.py).
-SPARSE_CAUSAL = 2
-SPARSE_GIVEN_MASK = 0
+# Flags `flags` sets from the layout, the model and train.* (besides SWITCHES); a user's
+# npu.mindspeed_flags may not repeat any of them.
+VALUE_FLAGS = (
+    "--tensor-model-parallel-size",
+    "--pipeline-model-parallel-size",
+    "--num-layers-per-virtual-pipeline-stage",
+    "--normalization",
+    "--swiglu",
+    "--position-embedding-type",
+    "--bf16",
+    "--fp16",
+    "--recompute-granularity",
+    "--recompute-method",
+    "--recompute-num-layers",
+    "--sparse-mode",
+)
+OWNED = frozenset(flag for _, flag in SWITCHES) | frozenset(VALUE_FLAGS)
+SPARSE_GIVEN_MASK = 0  # npu_fusion_attention applies the mask it is given
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -69,9 +85,8 @@ def check(cfg: Any, layout: dict[str, Any], kernels: str) -> None:
             raise ConfigError(
                 f"npu.mindspeed_flags: {flag!r} is not a flag; give '--name' or '--name=value'"
             )
-    owned = {f for _, f in SWITCHES} | {"--sparse-mode", "--tensor-model-parallel-size"}
     for flag in npu.mindspeed_flags:
-        if flag.split("=", 1)[0] in owned:
+        if flag.split("=", 1)[0] in OWNED:
             raise ConfigError(
                 f"npu.mindspeed_flags: {flag} is set from mtrain's own keys; use the key "
                 f"instead (see the table in mtrain/accel/mindspeed.py)"
@@ -107,7 +122,7 @@ def flags(cfg: Any, layout: dict[str, Any], packed: bool) -> list[str]:
     if cfg.npu.flash_attn:
         # Causal batches pass the compressed 2048x2048 mask (sparse mode 2); packed batches pass
         # their full block-causal mask, which the kernel applies as given (mode 0).
-        out += ["--sparse-mode", str(SPARSE_GIVEN_MASK if packed else SPARSE_CAUSAL)]
+        out += ["--sparse-mode", str(SPARSE_GIVEN_MASK if packed else SPARSE_TOP_LEFT_CAUSAL)]
     return out + list(cfg.npu.mindspeed_flags)
 
 
