@@ -48,7 +48,7 @@ def package_version(name: str) -> str | None:
 
 def versions() -> dict[str, str | None]:
     found = {name: package_version(name) for name in PACKAGES}
-    if found["mindspeed"] is None and npu.mindspeed_available():
+    if found["mindspeed"] is None and accel.installed("mindspeed"):
         found["mindspeed"] = "importable (version unknown)"
     return found
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,13 +15,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_wheel_holds_every_config_file(tmp_path):
+    # Built from a copy, so the build leaves nothing (build/, *.egg-info) in the checkout.
+    source = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for folder in ("mtrain", "converters", "conf"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    out = tmp_path / "wheel"
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(out), str(source)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (wheel,) = tmp_path.glob("mtrain-*.whl")
+    (wheel,) = out.glob("mtrain-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {
         f"share/mtrain/conf/{p.relative_to(ROOT / 'conf').as_posix()}"

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import re
 
 import torch
 
-from mtrain.accel.runtime_env import apply_npu_defaults
 from mtrain.errors import ConfigError
 
 NAME = "npu"
@@ -18,8 +16,8 @@ DIST_BACKEND = "hccl"
 
 def install_shim() -> None:
     """Import torch_npu and its cuda->npu mapping (must precede any megatron import), and bind
-    this process to its NPU among the visible ones (ASCEND_RT_VISIBLE_DEVICES)."""
-    apply_npu_defaults()  # normally done by mtrain/__init__ already; kept for direct callers
+    this process to its NPU among the visible ones (ASCEND_RT_VISIBLE_DEVICES). The runtime
+    environment was set when `mtrain` was imported (accel/runtime_env.py)."""
     import torch_npu  # noqa: F401
     from torch_npu.contrib import transfer_to_npu  # noqa: F401
 
@@ -41,10 +39,6 @@ def device() -> torch.device:
 
 def device_count() -> int:
     return torch.npu.device_count()  # type: ignore[attr-defined]
-
-
-def mindspeed_available() -> bool:
-    return importlib.util.find_spec("mindspeed") is not None
 
 
 def cann_version() -> str | None:

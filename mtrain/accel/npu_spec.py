@@ -192,8 +192,3 @@ def layer_spec(qk_layernorm: bool, ops: Any, config: Any):
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=norm
     )
-
-
-def uses_cu_seqlens(ops: Any) -> bool:
-    """Packed batches give cu_seqlens (not a dense mask) when the flash kernel runs attention."""
-    return bool(ops.flash_attn)

@@ -7,7 +7,6 @@ A value the user already exported is kept.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 NPU_DEFAULTS = {
@@ -21,10 +20,6 @@ NPU_DEFAULTS = {
 
 
 APPLIED: dict[str, str] = {}  # the defaults this process set (the rest came from the user)
-
-
-def torch_npu_installed() -> bool:
-    return importlib.util.find_spec("torch_npu") is not None
 
 
 def apply_npu_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
