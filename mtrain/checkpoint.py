@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtrain import compat
 from mtrain.checkpoint_format import (
     CHECKPOINT_VERSION,
     TRACKER,
@@ -248,26 +249,6 @@ def save_training_checkpoint(
     return final
 
 
-def _load_distributed_shards(optimizer, path: Path) -> None:
-    """Two megatron-core 0.12.1 issues with torch's Adam (no Apex/TE), handled here:
-    `load_state_dict` gives every parameter's state the *same* "step" tensor, which Adam then
-    increments in place once per parameter (wrong bias correction from the first resumed step);
-    and the DP-zero loader expects a saved tensor for every state key, "step" included (KeyError).
-    So: set the steps aside while loading, then give each parameter its own copy."""
-    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    steps = [
-        (state, state.pop("step"))
-        for opt in inner
-        for state in opt.state.values()
-        if "step" in state
-    ]
-    try:
-        optimizer.load_parameter_state(str(path))
-    finally:
-        for state, step in steps:
-            state["step"] = step.clone()
-
-
 @torch.no_grad()  # in fp32 the optimizer's main params are the model params themselves
 def load_training_checkpoint(
     load_dir: str | Path,
@@ -307,7 +288,7 @@ def load_training_checkpoint(
                 f"{shard_file} not found: the checkpoint was saved without "
                 "parallel.distributed_optimizer=true; resume with the same setting"
             )
-        _load_distributed_shards(optimizer, shard_file)
+        compat.load_distributed_optimizer_state(optimizer, str(shard_file))
     scheduler.load_state_dict(payload["opt_param_scheduler"])
     rng = payload.get("rng_state")
     if rng is not None and len(rng) == ps.get_data_parallel_world_size():

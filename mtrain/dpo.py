@@ -22,8 +22,8 @@ from mtrain.data.pairs import build_pair_datasets
 from mtrain.data.sampler import micro_batches
 from mtrain.errors import ConfigError
 from mtrain.losses import DPO_LOSSES, make_dpo_loss, pair_forward
-from mtrain.plan import describe_plan
-from mtrain.trainer import Task, train
+from mtrain.dry_run import describe_plan
+from mtrain.trainer import Setup, Task, train
 
 log = logging.getLogger("mtrain.dpo")
 REFERENCES = ("precompute", "model")
@@ -88,14 +88,14 @@ def data_fingerprint(cfg: DPOConfig, pairs: int) -> dict:
     }
 
 
-def make_dpo_task(cfg: DPOConfig, layout: dict) -> Task:
+def make_dpo_task(cfg: DPOConfig, setup: Setup) -> Task:
     from mtrain import reference
 
-    settings, tr = cfg.dpo.validate(), cfg.train
+    settings, tr = cfg.dpo, cfg.train
     cfg.model.tokenizer_dir("DPO renders and tokenizes the pairs with the model's HF tokenizer")
     if cfg.load is None:
         raise ConfigError("DPO needs load=CKPT_DIR: the starting model, also the reference")
-    data = cfg.data.validate()
+    data = cfg.data
     if data.val_ratio or data.val_path is not None:
         raise ConfigError("data.val_ratio / data.val_path: validation is not available for DPO yet")
     train_set, _ = parallel.node_first(
@@ -143,8 +143,6 @@ def make_dpo_task(cfg: DPOConfig, layout: dict) -> Task:
 @hydra_command("dpo", DPOConfig)
 def main(cfg: DPOConfig) -> None:
     if cfg.dry_run:
-        cfg.data.validate()
-        cfg.dpo.validate()
         print(describe_plan(cfg))
         return
     train(cfg, make_dpo_task)

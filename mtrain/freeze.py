@@ -72,11 +72,6 @@ def apply_freeze(
 
     Must run before DDP and the optimizer are built: both only take trainable parameters.
     """
-    if not patterns:
-        raise ConfigError(
-            "finetuning_type=freeze needs freeze.trainable, e.g. "
-            "freeze.trainable=[layers.-4:,output_layer]"
-        )
     rules = [_parse(p, num_layers) for p in patterns]
     if tied and ({"embedding", "output_layer"} & set(patterns)):
         rules.append(
@@ -94,17 +89,3 @@ def apply_freeze(
             total += param.numel()
             trainable += param.numel() if param.requires_grad else 0
     return trainable, total
-
-
-def keep_frozen_tied_embedding_reducible(chunks: list[torch.nn.Module]) -> None:
-    """megatron-core all-reduces the tied embedding's `main_grad` between the first and last
-    pipeline stages without checking it is trained; a frozen one gets a zero gradient buffer."""
-    for chunk in chunks:
-        module = getattr(chunk, "module", chunk)
-        if not module.share_embeddings_and_output_weights:
-            continue
-        if not (module.pre_process or module.post_process):
-            continue
-        weight = module.shared_embedding_or_output_weight()
-        if weight is not None and not weight.requires_grad and not hasattr(weight, "main_grad"):
-            weight.main_grad = torch.zeros_like(weight, dtype=torch.float32)

@@ -1,119 +1,103 @@
-"""`dry_run=true`: validate a training config and print the layout and a memory estimate per
-device, without starting a process group or building the model.
+"""`ParallelPlan`: how one run's processes are laid out, built and checked once, then read-only.
 
-The estimate is for the most loaded pipeline stage. Weights in the training precision; fp32
-gradient buffers; Adam in fp32 (master weights + two moments), divided over DP with the
-distributed optimizer. Activations per layer and micro-batch follow Korthikanti et al. (2022):
-s*b*h*(34 + 5*a*s/h) bytes without recomputation (the 5as/h term is the attention matrix, absent
-with flash attention), 34*s*b*h with selective and 2*s*b*h with full recomputation, divided by TP,
-times the micro-batches the first 1F1B stage keeps in flight (min(pp, micro-batches)).
+Every part of a training run (process groups, model build, schedule, checkpoints, logs) reads the
+same frozen plan. What is known only later (e.g. a forward-only pass over a different number of
+micro-batches) is passed next to it, never written into it.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
-from mtrain.config.schema import TrainingCommandConfig, validate
-from mtrain.progress import flops_per_token
-
-GiB = 1024**3
+from mtrain.errors import ConfigError
 
 
-def lora_parameters(cfg: TrainingCommandConfig, layout: dict) -> float:
-    """Adapter parameters per layer on one device (mtrain/lora.py's layout: the A of a
-    column-parallel base and the B of a row-parallel one are replicated over TP)."""
-    spec, tp, r = layout["spec"], layout["tp"], cfg.lora.r
-    h, f, d = spec.hidden_size, spec.ffn_hidden_size, spec.kv_channels
-    q, kv = spec.num_attention_heads * d, spec.num_query_groups * d
-    shapes = {  # target: (in, out, column-parallel)
-        "linear_qkv": (h, q + 2 * kv, True),
-        "linear_proj": (q, h, False),
-        "linear_fc1": (h, 2 * f, True),
-        "linear_fc2": (f, h, False),
-    }
-    total = 0.0
-    for target in cfg.lora.target_modules:
-        n_in, n_out, column = shapes[target]
-        total += r * (n_in + n_out / tp) if column else r * (n_in / tp + n_out)
-    return total
-
-
-def memory_estimate(cfg: TrainingCommandConfig, layout: dict) -> dict[str, float]:
-    spec, tp, pp, dp = layout["spec"], layout["tp"], layout["pp"], layout["dp"]
-    tr = cfg.train
-    h, f, d = spec.hidden_size, spec.ffn_hidden_size, spec.kv_channels
-    q, kv = spec.num_attention_heads * d, spec.num_query_groups * d
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
-    layers = spec.num_layers // pp
-    vocab = spec.padded_vocab_size(tp) * h
-    first = layers * per_layer / tp + vocab / tp
-    last = layers * per_layer / tp + (vocab / tp if (not spec.tie_word_embeddings or pp > 1) else 0)
-    params = max(first, last) if pp > 1 else first + last - layers * per_layer / tp
-    # Gradients and optimizer state exist for trained parameters only: with LoRA, the adapters.
-    trained = lora_parameters(cfg, layout) * layers if cfg.finetuning_type == "lora" else params
-    weight_bytes = 4 if tr.precision == "fp32" else 2
-    optimizer_bytes = (8 if tr.precision == "fp32" else 12) / (
-        dp if cfg.parallel.distributed_optimizer else 1
-    )
-    # DPO: a sample is a pair (two sequences); a `model` reference of a full fine-tune is a
-    # second copy of the weights (with LoRA it is the policy with its adapters off).
-    dpo = getattr(cfg, "dpo", None)
-    rows = 2 if dpo is not None else 1
-    copies = (
-        2 if dpo is not None and dpo.reference == "model" and cfg.finetuning_type != "lora" else 1
-    )
-    s, b, a = tr.seq_length, tr.micro_batch_size * rows, spec.num_attention_heads
-    per_layer_act = {
-        None: s * b * h * (34 + 5 * a * s / h),
-        "selective": 34 * s * b * h,
-        "full": 2 * s * b * h,
-    }[tr.recompute]
-    in_flight = min(pp, layout["micro_batches"])
-    activations = per_layer_act * layers / tp * in_flight
-    logits = 4 * s * b * spec.padded_vocab_size(tp) / tp * 2  # fp32 logits and their grad
-    return {
-        "parameters": params,
-        "trained": trained,
-        "weights": (copies * params + (trained if cfg.finetuning_type == "lora" else 0))
-        * weight_bytes
-        / GiB,
-        "gradients": trained * 4 / GiB,
-        "optimizer": trained * optimizer_bytes / GiB,
-        "activations": (activations + logits) / GiB,
-    }
-
-
-def describe_plan(cfg: TrainingCommandConfig) -> str:
-    """The human-readable plan; raises ConfigError on an invalid config."""
-    from mtrain.config.schema import resolve_layout
-
-    tp, pp = resolve_layout(cfg)
-    world = int(os.environ.get("WORLD_SIZE", tp * pp))
-    layout = validate(cfg, world)
-    spec, tr = layout["spec"], cfg.train
-    mem = memory_estimate(cfg, layout)
-    total = sum(v for k, v in mem.items() if k not in ("parameters", "trained"))
-    tokens = tr.global_batch_size * tr.seq_length
-    lines = [
-        f"model      {cfg.model.name}: {spec.num_parameters() / 1e9:.2f} B parameters, "
-        f"{spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_attention_heads}"
-        f"/{spec.num_query_groups}, vocab {spec.vocab_size}",
-        f"layout     {world} devices = tp {tp} x pp {pp} x dp {layout['dp']}"
-        + (f", vpp {layout['vpp']}" if layout["vpp"] > 1 else "")
-        + (", sequence parallel" if cfg.parallel.sequence_parallel else "")
-        + (", distributed optimizer" if cfg.parallel.distributed_optimizer else ""),
-        f"batch      {tr.global_batch_size} x {tr.seq_length} tokens = {tokens:,} per step, "
-        f"{layout['micro_batches']} micro-batches of {tr.micro_batch_size} per DP rank",
-        f"compute    {flops_per_token(spec, tr.seq_length) * tokens / 1e15:.2f} PFLOP per step",
-        f"memory     per device (busiest stage, estimate): {total:.1f} GiB = weights "
-        f"{mem['weights']:.1f} + grads {mem['gradients']:.1f} + optimizer {mem['optimizer']:.1f}"
-        f" + activations {mem['activations']:.1f} ({tr.recompute or 'no'} recompute, "
-        f"{mem['parameters'] / 1e9:.2f} B parameters on the device"
-        + (
-            f", {mem['trained'] / 1e6:.1f} M of them LoRA adapters (r={cfg.lora.r})"
-            if cfg.finetuning_type == "lora"
-            else ""
+def data_parallel_size(tp: int, pp: int, world_size: int, cp: int = 1, ep: int = 1) -> int:
+    """The DP size of a tp x pp (x cp) layout on `world_size` processes; refuses one that does
+    not fit, naming the keys. The one place this rule and its message live."""
+    model_parallel = tp * pp * cp
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"parallel.tp={tp} and parallel.pp={pp} must be >= 1")
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel.tp={tp} x parallel.pp={pp} = {model_parallel} does not divide the "
+            f"{world_size} processes started; launch a multiple of {model_parallel} processes"
         )
-        + ")",
-    ]
-    return "\n".join(lines)
+    return world_size // model_parallel
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """The layout of one run. `dp` = world_size / (tp * pp * cp); expert parallelism (`ep`)
+    divides the data-parallel ranks of the expert layers and leaves the rest unchanged."""
+
+    tp: int  # tensor-parallel size
+    pp: int  # pipeline-parallel size
+    vpp: int  # virtual pipeline chunks per stage; 1 = plain 1F1B
+    dp: int  # data-parallel size
+    world_size: int  # processes in the job
+    micro_batches: int  # micro-batches per optimizer step on each DP rank
+    micro_batch_size: int = 1  # samples per micro-batch
+    sequence_parallel: bool = False  # activations split along the sequence within TP
+    distributed_optimizer: bool = False  # optimizer state sharded over DP
+    ep: int = 1  # expert-parallel size (MoE); 1 for dense models
+    cp: int = 1  # context-parallel size (long sequences)
+
+    @classmethod
+    def build(
+        cls,
+        tp: int,
+        pp: int,
+        world_size: int,
+        vpp: int = 1,
+        micro_batch_size: int = 1,
+        global_batch_size: int | None = None,
+        sequence_parallel: bool = False,
+        distributed_optimizer: bool = False,
+    ) -> ParallelPlan:
+        """Check the layout rules that need only the sizes (the model's own divisibility rules
+        are `ModelSpec.check_parallel`)."""
+        dp = data_parallel_size(tp, pp, world_size)
+        if vpp < 1:
+            raise ConfigError(f"parallel.vpp={vpp} must be >= 1")
+        if vpp > 1 and pp == 1:
+            raise ConfigError(f"parallel.vpp={vpp} needs parallel.pp > 1")
+        if sequence_parallel and tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+        global_batch_size = global_batch_size or micro_batch_size * dp
+        if global_batch_size % (micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size={global_batch_size} must be a multiple of "
+                f"train.micro_batch_size={micro_batch_size} x data-parallel size {dp}"
+            )
+        micro_batches = global_batch_size // (micro_batch_size * dp)
+        if vpp > 1 and micro_batches % pp:
+            raise ConfigError(
+                f"the interleaved schedule (parallel.vpp={vpp}) needs the number of "
+                f"micro-batches per step ({micro_batches}) to be a multiple of "
+                f"parallel.pp={pp}"
+            )
+        return cls(
+            tp=tp,
+            pp=pp,
+            vpp=vpp,
+            dp=dp,
+            world_size=world_size,
+            micro_batches=micro_batches,
+            micro_batch_size=micro_batch_size,
+            sequence_parallel=sequence_parallel,
+            distributed_optimizer=distributed_optimizer,
+        )
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batches * self.micro_batch_size * self.dp
+
+    def describe(self) -> str:
+        """`16 devices = tp 8 x pp 2 x dp 1[, vpp 2][, sequence parallel]...`"""
+        return (
+            f"{self.world_size} devices = tp {self.tp} x pp {self.pp} x dp {self.dp}"
+            + (f", vpp {self.vpp}" if self.vpp > 1 else "")
+            + (", sequence parallel" if self.sequence_parallel else "")
+            + (", distributed optimizer" if self.distributed_optimizer else "")
+        )

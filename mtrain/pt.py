@@ -16,8 +16,8 @@ from mtrain.data.indexed import IndexedTokens
 from mtrain.data.pt import build_pt_dataset, prepare_corpus
 from mtrain.data.sampler import micro_batches
 from mtrain.losses import lm_loss
-from mtrain.plan import describe_plan
-from mtrain.trainer import Task, train
+from mtrain.dry_run import describe_plan
+from mtrain.trainer import Setup, Task, train
 
 log = logging.getLogger("mtrain.pt")
 
@@ -27,7 +27,7 @@ class PTConfig(TrainingCommandConfig):
     """Pretraining: the shared training config; the data is raw text (`data.*`)."""
 
 
-def make_pt_task(cfg: PTConfig, layout: dict) -> Task:
+def make_pt_task(cfg: PTConfig, setup: Setup) -> Task:
     cfg.model.tokenizer_dir("pretraining tokenizes with the model's HF tokenizer")
     tr = cfg.train
     if tr.epochs is not None:

@@ -32,7 +32,7 @@ log = logging.getLogger("mtrain.dpo")
 Batch = dict[str, torch.Tensor]
 
 
-def pass_logps(chunks: list, batches: list[Batch], layout: dict, tr) -> list[torch.Tensor]:
+def pass_logps(chunks: list, batches: list[Batch], plan, tr) -> list[torch.Tensor]:
     """Log-probs [m, 2] of each micro-batch's pairs, in order, on the last pipeline stage (an
     empty list elsewhere). Collective over the model-parallel group."""
     from megatron.core import parallel_state as ps
@@ -53,10 +53,11 @@ def pass_logps(chunks: list, batches: list[Batch], layout: dict, tr) -> list[tor
             [iter(batches) for _ in chunks],
             pair_forward,
             capture,
-            {**layout, "micro_batches": len(batches)},
+            plan,
             tr,
             forward_only=True,
             rows=2,
+            micro_batches=len(batches),
         )
     for c, mode in zip(chunks, modes):
         c.train(mode)
@@ -72,9 +73,9 @@ def frozen_copy(run) -> list:
     """The starting model again, frozen and in eval mode, at the run's layout."""
     from mtrain.models.provider import build_model_chunks
 
-    spec, lay = run.layout["spec"], run.layout
+    spec, plan = run.spec, run.plan
     chunks = [c.to(accel.device()) for c in build_model_chunks(spec, run.options)]
-    load_model_weights(chunks, run.cfg.load, spec, lay["tp"], lay["pp"], lay["vpp"])
+    load_model_weights(chunks, run.cfg.load, spec, plan.tp, plan.pp, plan.vpp)
     for c in chunks:
         c.requires_grad_(False)
         c.eval()
@@ -88,12 +89,12 @@ def per_step_reference():
     def before_step(run, batches: list[Batch]) -> None:
         if run.cfg.finetuning_type == "lora":
             with adapters_disabled(run.model):
-                _attach(batches, pass_logps(run.model, batches, run.layout, run.cfg.train))
+                _attach(batches, pass_logps(run.model, batches, run.plan, run.cfg.train))
             return
         if not reference:
             reference.extend(frozen_copy(run))
             log.info("reference: a frozen copy of %s at the same layout", run.cfg.load)
-        _attach(batches, pass_logps(reference, batches, run.layout, run.cfg.train))
+        _attach(batches, pass_logps(reference, batches, run.plan, run.cfg.train))
 
     return before_step
 
@@ -127,13 +128,13 @@ def precompute(run, dataset, path: Path) -> np.ndarray:
             "cache, start the run afresh, or use dpo.reference=model"
         )
     start = time.perf_counter()
-    tr, layout = run.cfg.train, run.layout
-    mbs, dp, dp_rank = tr.micro_batch_size, layout["dp"], ps.get_data_parallel_rank()
+    tr, plan = run.cfg.train, run.plan
+    mbs, dp, dp_rank = tr.micro_batch_size, plan.dp, ps.get_data_parallel_rank()
     n = len(dataset)
     # Every DP rank runs the same number of micro-batches (the metric reduction is collective
     # over DP); the last ones wrap around and are computed twice.
     per_rank = -(-n // (mbs * dp))
-    per_call = layout["micro_batches"]
+    per_call = plan.micro_batches
     calls = -(-per_rank // per_call)
     found: dict[int, list[float]] = {}
     for call in range(calls):
@@ -143,7 +144,7 @@ def precompute(run, dataset, path: Path) -> np.ndarray:
             items = [dataset[(first + j) % n] for j in range(mbs)]
             pair_ids += [int(item["pair"]) for item in items]
             batches.append(collate(items))
-        logps = pass_logps(run.model, batches, layout, tr)
+        logps = pass_logps(run.model, batches, plan, tr)
         if logps:
             for pid, values in zip(pair_ids, torch.cat(logps).tolist()):
                 found[pid] = values

@@ -41,9 +41,20 @@ def means(sums: torch.Tensor) -> dict[str, float]:
     return {name: s / w for name, (s, w) in zip(METRICS, sums.tolist()) if w > 0}
 
 
-def run_schedule(model, iterators, forward, loss, layout, tr, forward_only: bool, rows: int = 1):
-    """One global batch through megatron's pipeline schedule; returns the metric sums. `rows`:
-    sequences per sample (the schedule sizes its pipeline messages by them)."""
+def run_schedule(
+    model,
+    iterators,
+    forward,
+    loss,
+    plan,
+    tr,
+    forward_only: bool,
+    rows: int = 1,
+    micro_batches: int | None = None,
+):
+    """One global batch (or `micro_batches` micro-batches) through megatron's pipeline schedule;
+    returns the metric sums. `rows`: sequences per sample (the schedule sizes its pipeline
+    messages by them)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator, chunk):
@@ -54,7 +65,7 @@ def run_schedule(model, iterators, forward, loss, layout, tr, forward_only: bool
         forward_step_func=forward_step,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=model,
-        num_microbatches=layout["micro_batches"],
+        num_microbatches=plan.micro_batches if micro_batches is None else micro_batches,
         seq_length=tr.seq_length,
         micro_batch_size=tr.micro_batch_size * rows,
         forward_only=forward_only,

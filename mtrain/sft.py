@@ -22,8 +22,8 @@ from mtrain.data.packing import block_causal_mask
 from mtrain.data.sampler import micro_batches
 from mtrain.data.sft import build_sft_datasets
 from mtrain.losses import lm_loss
-from mtrain.plan import describe_plan
-from mtrain.trainer import Task, train
+from mtrain.dry_run import describe_plan
+from mtrain.trainer import Setup, Task, train
 
 log = logging.getLogger("mtrain.sft")
 
@@ -58,9 +58,9 @@ class Rows(torch.utils.data.Dataset):
         return sample
 
 
-def make_sft_task(cfg: SFTConfig, layout: dict) -> Task:
+def make_sft_task(cfg: SFTConfig, setup: Setup) -> Task:
     cfg.model.tokenizer_dir("SFT renders and tokenizes conversations with the model's HF tokenizer")
-    tr, data = cfg.train, cfg.data.validate()
+    tr, data = cfg.train, cfg.data
     train_set, val_set = parallel.node_first(
         lambda: build_sft_datasets(data, cfg.model.hf_dir, tr.seq_length, tr.seed)
     )
@@ -71,7 +71,7 @@ def make_sft_task(cfg: SFTConfig, layout: dict) -> Task:
             tr.epochs,
             iters_for_epochs(tr, len(train_set)),
         )
-    cu_masks = kernels.cu_seqlens_masks(layout.get("kernels", "local"), cfg.npu)
+    cu_masks = kernels.cu_seqlens_masks(setup.kernels, cfg.npu)
     rows = Rows(
         Epochs(train_set, tr.iters * tr.global_batch_size, tr.seed),
         data.packing,
@@ -105,7 +105,6 @@ def make_sft_task(cfg: SFTConfig, layout: dict) -> Task:
 @hydra_command("sft", SFTConfig)
 def main(cfg: SFTConfig) -> None:
     if cfg.dry_run:
-        cfg.data.validate()
         print(describe_plan(cfg))
         return
     train(cfg, make_sft_task)

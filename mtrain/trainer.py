@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from mtrain import accel, parallel
+from mtrain import accel, compat, parallel
 from mtrain import log as mlog
 from mtrain.checkpoint import (
     TrainState,
@@ -34,11 +34,13 @@ from mtrain.checkpoint_format import RELEASE, TRACKER, MegatronCheckpoint, read_
 from mtrain.config.schema import TrainingCommandConfig, validate
 from mtrain.dtypes import DTYPE_NAMES, DTYPES
 from mtrain.errors import ConfigError, MtrainError
-from mtrain.freeze import apply_freeze, keep_frozen_tied_embedding_reducible
+from mtrain.freeze import apply_freeze
 from mtrain.lora import AdapterCheckpointInfo, add_adapters
 from mtrain.losses import lm_forward, lm_loss_and_accuracy, logits_forward
 from mtrain.models.provider import BuildOptions, build_model_chunks
-from mtrain.models.spec import megatron_args
+from mtrain.models.spec import ModelSpec, megatron_args
+from mtrain.optim import build_optimizer, connect_schedule, wrap_ddp
+from mtrain.plan import ParallelPlan
 from mtrain.progress import Progress, flops_per_token
 from mtrain.schedule import METRICS, means, run_schedule
 
@@ -78,16 +80,34 @@ class Task:
     before_step: Callable[[Run, list[Batch]], None] | None = None
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What is fixed before the model exists: the architecture, the parallel plan and the
+    resolved `kernels`. A task factory gets it with the config."""
+
+    spec: ModelSpec
+    plan: ParallelPlan
+    kernels: str
+
+
 @dataclass
 class Run:
     """What a task's hooks see of the run: the (DDP-wrapped) model chunks, the starting point,
-    the layout and how the model was built (to build a twin, e.g. a frozen reference)."""
+    the setup and how the model was built (to build a twin, e.g. a frozen reference)."""
 
     model: list
     state: TrainState
-    layout: dict
+    setup: Setup
     options: BuildOptions
     cfg: TrainingCommandConfig
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.setup.spec
+
+    @property
+    def plan(self) -> ParallelPlan:
+        return self.setup.plan
 
 
 class _Preemption:
@@ -111,33 +131,23 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _build(cfg: TrainingCommandConfig, layout: dict[str, Any], task: Task):
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.utils import get_model_config
-
-    tr, par = cfg.train, cfg.parallel
+def _build(cfg: TrainingCommandConfig, setup: Setup, task: Task):
+    tr, par, spec, plan = cfg.train, cfg.parallel, setup.spec, setup.plan
     opts = BuildOptions(
-        tp=layout["tp"],
-        pp=layout["pp"],
-        vpp=layout["vpp"],
+        tp=plan.tp,
+        pp=plan.pp,
+        vpp=plan.vpp,
         precision=tr.precision,
-        sequence_parallel=par.sequence_parallel,
-        kernels=layout["kernels"],
+        sequence_parallel=plan.sequence_parallel,
+        kernels=setup.kernels,
         npu=cfg.npu,
         recompute_granularity=tr.recompute,
         init_method_std=tr.init_std,
         explicit_attention_mask=task.attention_mask,
         extra={"calculate_per_token_loss": True},
     )
-    chunks = [c.to(accel.device()) for c in build_model_chunks(layout["spec"], opts)]
+    chunks = [c.to(accel.device()) for c in build_model_chunks(spec, opts)]
     if cfg.finetuning_type == "freeze":
-        spec = layout["spec"]
         trainable, total = apply_freeze(
             chunks, list(cfg.freeze.trainable), spec.num_layers, spec.tie_word_embeddings
         )
@@ -161,60 +171,16 @@ def _build(cfg: TrainingCommandConfig, layout: dict[str, Any], task: Task):
                 "nothing to train, which megatron-core's optimizer cannot handle; name something "
                 "on every stage (e.g. output_layer with tied embeddings) or lower parallel.pp"
             )
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=par.overlap_grad_reduce,
-        use_distributed_optimizer=par.distributed_optimizer,
-    )
-    model = [
-        DistributedDataParallel(
-            config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0
-        )
-        for i, c in enumerate(chunks)
-    ]
+    model = wrap_ddp(chunks, par)
     if cfg.finetuning_type != "full":
-        keep_frozen_tied_embedding_reducible(model)
-    dtype = DTYPES[tr.precision]
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=tr.lr,
-            min_lr=tr.min_lr,
-            weight_decay=tr.weight_decay,
-            adam_beta1=tr.adam_beta1,
-            adam_beta2=tr.adam_beta2,
-            adam_eps=tr.adam_eps,
-            clip_grad=tr.clip_grad,
-            bf16=tr.precision == "bf16",
-            fp16=tr.precision == "fp16",
-            params_dtype=dtype,
-            use_distributed_optimizer=par.distributed_optimizer,
-        ),
-        model,
-    )
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0 if tr.warmup_iters else tr.lr,
-        max_lr=tr.lr,
-        min_lr=tr.min_lr,
-        lr_warmup_steps=tr.warmup_iters,
-        lr_decay_steps=tr.iters,
-        lr_decay_style=tr.decay_style,
-        start_wd=tr.weight_decay,
-        end_wd=tr.weight_decay,
-        wd_incr_steps=tr.iters,
-        wd_incr_style="constant",
-    )
-    config = get_model_config(model[0])
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    no_sync = [m.no_sync for m in model]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        compat.keep_frozen_tied_embedding_reducible(model)
+    optimizer, scheduler = build_optimizer(model, tr, plan.distributed_optimizer)
+    connect_schedule(model, optimizer)
     return model, optimizer, scheduler, opts
 
 
 def _start(
-    cfg: TrainingCommandConfig, layout, model, optimizer, scheduler
+    cfg: TrainingCommandConfig, setup: Setup, model, optimizer, scheduler
 ) -> tuple[TrainState, AdapterCheckpointInfo | None]:
     """Resume `save` if it holds a checkpoint (a resubmitted job repeats its command line,
     `load=` included); else start from `load` (weights only for a converted checkpoint or with
@@ -231,7 +197,7 @@ def _start(
         log.info(
             "save=%s already holds a checkpoint: resuming it (load= only starts a run)", cfg.save
         )
-    args = (layout["spec"], layout["tp"], layout["pp"], layout["vpp"])
+    args = (setup.spec, setup.plan.tp, setup.plan.pp, setup.plan.vpp)
     iteration = read_tracker(Path(source))
     found = MegatronCheckpoint.open(Path(source), iteration).lora
     adapters, base_dir = None, None
@@ -275,14 +241,14 @@ def _start(
 
 
 def evaluate(
-    model, task: Task, cfg: TrainingCommandConfig, layout, dp_rank: int
+    model, task: Task, cfg: TrainingCommandConfig, plan: ParallelPlan, dp_rank: int
 ) -> dict[str, float]:
     """One pass over the validation set (whole global batches, at most eval.max_batches)."""
     tr = cfg.train
     batches = task.eval_samples // tr.global_batch_size
     if cfg.eval.max_batches is not None:
         batches = min(batches, cfg.eval.max_batches)
-    iterators = [task.eval_batches(dp_rank, layout["dp"]) for _ in model]
+    iterators = [task.eval_batches(dp_rank, plan.dp) for _ in model]
     for m in model:
         m.eval()
     sums = torch.zeros(len(METRICS), 2, device=accel.device())
@@ -293,7 +259,7 @@ def evaluate(
                 iterators,
                 task.eval_forward,
                 task.eval_loss,
-                layout,
+                plan,
                 tr,
                 forward_only=True,
                 rows=task.rows_per_sample,
@@ -307,12 +273,13 @@ def train(
     cfg: TrainingCommandConfig, make_task: Callable[[TrainingCommandConfig, dict], Task]
 ) -> list[dict[str, float]]:
     """Run a training command; returns the per-iteration metrics (rank 0 has them all)."""
-    layout = validate(cfg, parallel.world_size())
+    spec = cfg.model.spec()
+    plan = validate(cfg, parallel.world_size(), spec)
     mlog.setup(all_ranks=cfg.log.all_ranks)
-    layout["kernels"] = accel.start(cfg, layout)
-    parallel.init(layout["tp"], layout["pp"], layout["vpp"], seed=cfg.train.seed)
+    setup = Setup(spec, plan, accel.start(cfg, plan, spec.num_layers))
+    parallel.init(plan.tp, plan.pp, plan.vpp, seed=cfg.train.seed)
     try:
-        return _run(cfg, make_task, layout)
+        return _run(cfg, make_task, setup)
     finally:
         # Leave the process groups before the interpreter tears down, so no communication
         # thread outlives it (seen: an abort at exit, "terminate called without an active
@@ -320,27 +287,27 @@ def train(
         parallel.shutdown()
 
 
-def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, float]]:
+def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, float]]:
     from megatron.core import parallel_state as ps
 
-    spec, tr = layout["spec"], cfg.train
-    task = make_task(cfg, layout)  # may resolve train.epochs into train.iters
-    model, optimizer, scheduler, options = _build(cfg, layout, task)
-    state, adapters = _start(cfg, layout, model, optimizer, scheduler)
-    run = Run(model, state, layout, options, cfg)
+    spec, plan, tr = setup.spec, setup.plan, cfg.train
+    task = make_task(cfg, setup)  # may resolve train.epochs into train.iters
+    model, optimizer, scheduler, options = _build(cfg, setup, task)
+    state, adapters = _start(cfg, setup, model, optimizer, scheduler)
+    run = Run(model, state, setup, options, cfg)
     if task.on_start is not None:
         task.on_start(run)
-    dp_rank, dp = ps.get_data_parallel_rank(), layout["dp"]
+    dp_rank, dp = ps.get_data_parallel_rank(), plan.dp
     # One iterator per model chunk: with interleaving, every chunk draws each micro-batch.
     iterators = [task.batches(state.consumed_samples, dp_rank, dp) for _ in model]
 
     args = megatron_args(
         spec,
-        layout["tp"],
-        layout["pp"],
+        plan.tp,
+        plan.pp,
         DTYPE_NAMES[DTYPES[tr.precision]],
     )
-    args.virtual_pipeline_model_parallel_size = layout["vpp"] if layout["vpp"] > 1 else None
+    args.virtual_pipeline_model_parallel_size = plan.vpp if plan.vpp > 1 else None
     if adapters is not None:
         vars(args).update(adapters.to_args())
     tokens_per_iter = tr.global_batch_size * tr.seq_length * task.rows_per_sample
@@ -362,14 +329,14 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
         "%d iterations, kernels=%s",
         task.name,
         cfg.model.name,
-        layout["tp"],
-        layout["pp"],
-        layout["vpp"],
+        plan.tp,
+        plan.pp,
+        plan.vpp,
         dp,
-        layout["micro_batches"],
+        plan.micro_batches,
         tr.micro_batch_size,
         tr.iters,
-        layout["kernels"],
+        setup.kernels,
     )
     preemption = _Preemption()
     try:
@@ -379,7 +346,7 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
             optimizer.zero_grad()
             step_iterators = iterators
             if task.before_step is not None:
-                batches = [next(iterators[0]) for _ in range(layout["micro_batches"])]
+                batches = [next(iterators[0]) for _ in range(plan.micro_batches)]
                 task.before_step(run, batches)
                 step_iterators = [iter(batches) for _ in model]
             metrics = means(
@@ -388,7 +355,7 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
                     step_iterators,
                     task.forward,
                     task.loss,
-                    layout,
+                    plan,
                     tr,
                     forward_only=False,
                     rows=task.rows_per_sample,
@@ -426,7 +393,7 @@ def _run(cfg: TrainingCommandConfig, make_task, layout: dict) -> list[dict[str, 
                 and every
                 and (state.iteration % every == 0 or state.iteration == tr.iters)
             ):
-                progress.evaluation(state.iteration, evaluate(model, task, cfg, layout, dp_rank))
+                progress.evaluation(state.iteration, evaluate(model, task, cfg, plan, dp_rank))
             interval = cfg.checkpoint.save_interval
             preempted = preemption.agreed()
             done = state.iteration == tr.iters

@@ -10,7 +10,7 @@ import pytest
 from mtrain.config.model import load_preset
 from mtrain.config.schema import TrainingCommandConfig, iters_for_epochs, validate
 from mtrain.errors import ConfigError
-from mtrain.plan import memory_estimate
+from mtrain.dry_run import memory_estimate
 
 
 def config(preset="qwen3_tiny", **changes) -> TrainingCommandConfig:
@@ -24,9 +24,9 @@ def config(preset="qwen3_tiny", **changes) -> TrainingCommandConfig:
 
 
 def test_layout_defaults_to_the_presets_recommendation():
-    layout = validate(config("qwen3_32b"), world_size=32)
-    assert (layout["tp"], layout["pp"], layout["dp"]) == (8, 2, 2)
-    assert layout["micro_batches"] == 8 // (1 * 2)
+    plan = validate(config("qwen3_32b"), world_size=32)
+    assert (plan.tp, plan.pp, plan.dp) == (8, 2, 2)
+    assert plan.micro_batches == 8 // (1 * 2)
 
 
 @pytest.mark.parametrize(

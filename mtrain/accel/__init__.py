@@ -1,7 +1,7 @@
 """Device backends. Code outside this package says `accel.device()` / `accel.dist_backend()`,
 never a device literal.
 
-`start(cfg, layout)` (training commands) or `activate("auto" | "cpu" | "cuda" | "npu")` picks the
+`start(cfg, plan, num_layers)` (training commands) or `activate("auto" | "cpu" | "cuda" | "npu")` picks the
 backend once per process, before megatron is imported by anything that runs on it, and applies
 its set-up (the CPU shim, torch_npu's device mapping, MindSpeed's patches). This module imports
 torch lazily: `mtrain/__init__.py` must set the Ascend environment before torch loads.
@@ -104,7 +104,7 @@ def activate(name: str = "auto") -> ModuleType:
     return backend
 
 
-def start(cfg: Any, layout: dict[str, Any]) -> str:
+def start(cfg: Any, plan: Any, num_layers: int) -> str:
     """Set up the device and kernels of a training command; returns the resolved `kernels`.
 
     Order matters on Ascend: torch_npu and its cuda->npu mapping, then MindSpeed's adaptor with
@@ -125,10 +125,11 @@ def start(cfg: Any, layout: dict[str, Any]) -> str:
         kernels = "sdpa"
         log.info("kernels: sdpa, not te: LoRA adapters need the unfused input norms")
     layers.check(kernels, cfg.npu, cfg.parallel.sequence_parallel)
-    mindspeed.check(cfg, layout, kernels)
+    mindspeed.check(cfg, plan, kernels)
     argv = None
     if kernels == "mindspeed":
-        argv = mindspeed.flags(cfg, layout, packed=bool(getattr(cfg.data, "packing", False)))
+        packed = bool(getattr(cfg.data, "packing", False))
+        argv = mindspeed.flags(cfg, plan, num_layers, packed=packed)
     activate(name)
     if argv is not None:
         mindspeed.install(argv)

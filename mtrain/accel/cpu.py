@@ -21,8 +21,6 @@ What the shim does and does not change:
 * ``Tensor.type()`` reports ``torch.cuda.*Tensor`` for CPU tensors only when the caller is a
   megatron module (its optimizer and grad clipping reject other type strings); everyone else
   still sees ``torch.FloatTensor``.
-* megatron's FP8 fallback for a missing Transformer Engine no longer raises when there are no
-  FP8 params (the distributed optimizer calls it on every step).
 
 Verified with megatron-core 0.12.1 under torchrun + gloo: GPTModel (local spec) training at
 TP2xPP2, DP2xTP2 and interleaved TP2xPP2xVPP2, tied and untied embeddings, DDP with and without
@@ -106,7 +104,6 @@ def install_shim() -> None:
     _patch_factories()
     _patch_tensor_methods()
     _patch_megatron_rng()
-    _patch_megatron_fp8_fallback()
     _INSTALLED = True
 
 
@@ -363,20 +360,3 @@ def _patch_megatron_rng() -> None:
     tracker = mrandom._CUDA_RNG_STATE_TRACKER
     if tracker is not None and type(tracker) is original:
         tracker.__class__ = CpuRNGStatesTracker
-
-
-def _patch_megatron_fp8_fallback() -> None:
-    from megatron.core import fp8_utils
-
-    # distrib_optimizer.py _copy_main_params_to_model_params calls quantize_param_shard() on every
-    # step, and without Transformer Engine (never on CPU) megatron's fallback raises even when the
-    # list of FP8 params is empty. Raise only when there is something to quantize.
-    if fp8_utils.HAVE_TE:
-        return
-    fallback = fp8_utils._quantize_param_shard_impl
-
-    def quantize_param_shard_impl(model_params, *args: Any, **kwargs: Any) -> None:
-        if len(model_params) > 0:
-            fallback(model_params, *args, **kwargs)
-
-    fp8_utils._quantize_param_shard_impl = quantize_param_shard_impl

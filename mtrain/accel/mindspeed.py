@@ -55,7 +55,7 @@ def _get(cfg: Any, key: str) -> Any:
     return cfg
 
 
-def check(cfg: Any, layout: dict[str, Any], kernels: str) -> None:
+def check(cfg: Any, plan: Any, kernels: str) -> None:
     """Refuse NPU option combinations that MindSpeed or mtrain cannot run, naming the keys."""
     npu, par = cfg.npu, cfg.parallel
     if npu.mc2:
@@ -64,10 +64,10 @@ def check(cfg: Any, layout: dict[str, Any], kernels: str) -> None:
                 f"npu.mc2=true needs kernels=mindspeed (kernels={kernels}); MC2 is a MindSpeed "
                 "feature: install MindSpeed or set npu.mc2=false"
             )
-        if layout["tp"] == 1 or not par.sequence_parallel:
+        if plan.tp == 1 or not par.sequence_parallel:
             raise ConfigError(
                 f"npu.mc2=true needs parallel.tp > 1 and parallel.sequence_parallel=true "
-                f"(tp={layout['tp']}, sequence_parallel={par.sequence_parallel}); "
+                f"(tp={plan.tp}, sequence_parallel={par.sequence_parallel}); "
                 "MC2 fuses the sequence-parallel all-gather/reduce-scatter into the matmuls"
             )
         if cfg.finetuning_type == "lora":
@@ -93,15 +93,15 @@ def check(cfg: Any, layout: dict[str, Any], kernels: str) -> None:
             )
 
 
-def flags(cfg: Any, layout: dict[str, Any], packed: bool) -> list[str]:
+def flags(cfg: Any, plan: Any, num_layers: int, packed: bool) -> list[str]:
     """MindSpeed's argv for this run. `packed`: batches carry block-causal masks (packed SFT)."""
     out = [flag for key, flag in SWITCHES if _get(cfg, key)]
     tr = cfg.train
     out += [
         "--tensor-model-parallel-size",
-        str(layout["tp"]),
+        str(plan.tp),
         "--pipeline-model-parallel-size",
-        str(layout["pp"]),
+        str(plan.pp),
         # The model shape MindSpeed's validators check its fused kernels against.
         "--normalization",
         "RMSNorm",
@@ -109,8 +109,8 @@ def flags(cfg: Any, layout: dict[str, Any], packed: bool) -> list[str]:
         "--position-embedding-type",
         "rope",
     ]
-    if layout.get("vpp", 1) > 1:
-        per_stage = layout["spec"].num_layers // (layout["pp"] * layout["vpp"])
+    if plan.vpp > 1:
+        per_stage = num_layers // (plan.pp * plan.vpp)
         out += ["--num-layers-per-virtual-pipeline-stage", str(per_stage)]
     if tr.precision in ("bf16", "fp16"):
         out.append(f"--{tr.precision}")

@@ -8,7 +8,7 @@ names the keys involved.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,14 @@ from mtrain.config.kernels import KERNELS, NpuConfig
 from mtrain.config.lora import LoraConfig
 from mtrain.config.model import ModelConfig
 from mtrain.errors import ConfigError
+from mtrain.models.spec import ModelSpec
+from mtrain.plan import ParallelPlan
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 FINETUNING_TYPES = ("full", "freeze", "lora")
 DECAY_STYLES = ("cosine", "linear", "constant")
+RECOMPUTE = (None, "selective", "full")
+ON_NAN = ("stop", "skip")
 
 
 @dataclass
@@ -34,6 +38,13 @@ class ParallelConfig:
     sequence_parallel: bool = False  # split activations along the sequence within TP (needs tp > 1)
     distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
     overlap_grad_reduce: bool = False  # overlap the DP gradient all-reduce with backward
+
+    def validate(self) -> ParallelConfig:
+        for key in ("tp", "pp", "vpp"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"parallel.{key}={value} must be >= 1")
+        return self
 
 
 @dataclass
@@ -59,12 +70,43 @@ class TrainConfig:
     init_std: float = 0.02  # std of the random init when training from scratch
     exit_after_iters: int | None = None  # stop (saving a checkpoint) after N iterations of this run
 
+    def validate(self) -> TrainConfig:
+        for key, allowed in (
+            ("precision", PRECISIONS),
+            ("decay_style", DECAY_STYLES),
+            ("recompute", RECOMPUTE),
+            ("on_nan", ON_NAN),
+        ):
+            if getattr(self, key) not in allowed:
+                names = ", ".join("null" if a is None else a for a in allowed)
+                raise ConfigError(f"train.{key}={getattr(self, key)} is not one of {names}")
+        if (self.iters is None) == (self.epochs is None):
+            raise ConfigError("give exactly one of train.iters and train.epochs")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"train.epochs={self.epochs} must be positive")
+        for key in ("iters", "micro_batch_size", "global_batch_size", "seq_length"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be positive")
+        check_iters(self)
+        if self.exit_after_iters is not None and self.exit_after_iters <= 0:
+            raise ConfigError(f"train.exit_after_iters={self.exit_after_iters} must be positive")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
+        return self
+
 
 @dataclass
 class CheckpointConfig:
     save_interval: int | None = None  # save every N iterations (and always at the end)
     keep_last: int | None = None  # keep only the N newest checkpoints in `save`; null keeps all
     finetune: bool = False  # `load` gives weights only: iteration, optimizer and data restart
+
+    def validate(self) -> CheckpointConfig:
+        for key in ("save_interval", "keep_last"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"checkpoint.{key}={value} must be positive")
+        return self
 
 
 @dataclass
@@ -76,11 +118,23 @@ class LogConfig:
     peak_tflops: float | None = None  # per-device peak for MFU; default from the device table
     all_ranks: bool = False  # log from every rank, not just rank 0
 
+    def validate(self) -> LogConfig:
+        if self.interval <= 0:
+            raise ConfigError(f"log.interval={self.interval} must be positive")
+        return self
+
 
 @dataclass
 class EvalConfig:
     interval: int | None = None  # validate every N iterations and at the end; null = never
     max_batches: int | None = None  # global batches per validation; null = the whole set
+
+    def validate(self) -> EvalConfig:
+        for key in ("interval", "max_batches"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"eval.{key}={value} must be positive")
+        return self
 
 
 @dataclass
@@ -139,69 +193,16 @@ def resolve_layout(cfg: TrainingCommandConfig) -> tuple[int, int]:
     return tp, pp
 
 
-def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
-    """Every check that needs no process group; returns the derived layout numbers."""
-    spec = cfg.model.spec()
-    tp, pp = resolve_layout(cfg)
-    par, tr = cfg.parallel, cfg.train
-    try:
-        spec.check_parallel(tp, pp, par.vpp)
-    except ConfigError as err:
-        raise ConfigError(f"parallel: {err}") from None
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the "
-            f"{world_size} processes started; launch a multiple of {tp * pp}"
-        )
-    dp = world_size // (tp * pp)
-    if par.vpp > 1 and pp == 1:
-        raise ConfigError(f"parallel.vpp={par.vpp} needs parallel.pp > 1")
-    if par.sequence_parallel and tp == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+def check_combinations(cfg: TrainingCommandConfig, spec: ModelSpec) -> None:
+    """The rules that involve more than one config group (each group checks its own keys)."""
     if cfg.kernels not in KERNELS:
         raise ConfigError(f"kernels={cfg.kernels} is not one of {', '.join(KERNELS)}")
-    if tr.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision={tr.precision} is not one of {PRECISIONS}")
-    if tr.decay_style not in DECAY_STYLES:
-        raise ConfigError(f"train.decay_style={tr.decay_style} is not one of {DECAY_STYLES}")
-    if tr.recompute not in (None, "selective", "full"):
-        raise ConfigError(f"train.recompute={tr.recompute} is not one of null, selective, full")
-    if tr.on_nan not in ("stop", "skip"):
-        raise ConfigError(f"train.on_nan={tr.on_nan} is not one of stop, skip")
-    if (tr.iters is None) == (tr.epochs is None):
-        raise ConfigError("give exactly one of train.iters and train.epochs")
-    if tr.epochs is not None and tr.epochs <= 0:
-        raise ConfigError(f"train.epochs={tr.epochs} must be positive")
-    for key in ("iters", "micro_batch_size", "global_batch_size", "seq_length"):
-        if getattr(tr, key) is not None and getattr(tr, key) <= 0:
-            raise ConfigError(f"train.{key}={getattr(tr, key)} must be positive")
-    if tr.global_batch_size % (tr.micro_batch_size * dp):
+    if cfg.train.seq_length > spec.max_position_embeddings:
         raise ConfigError(
-            f"train.global_batch_size={tr.global_batch_size} must be a multiple of "
-            f"train.micro_batch_size={tr.micro_batch_size} x data-parallel size {dp}"
-        )
-    micro_batches = tr.global_batch_size // (tr.micro_batch_size * dp)
-    if par.vpp > 1 and micro_batches % pp:
-        raise ConfigError(
-            f"the interleaved schedule (parallel.vpp={par.vpp}) needs the number of "
-            f"micro-batches per step ({micro_batches}) to be a multiple of "
-            f"parallel.pp={pp}"
-        )
-    if tr.seq_length > spec.max_position_embeddings:
-        raise ConfigError(
-            f"train.seq_length={tr.seq_length} exceeds the model's "
+            f"train.seq_length={cfg.train.seq_length} exceeds the model's "
             f"max_position_embeddings={spec.max_position_embeddings}"
         )
-    check_iters(tr)
-    if tr.exit_after_iters is not None and tr.exit_after_iters <= 0:
-        raise ConfigError(f"train.exit_after_iters={tr.exit_after_iters} must be positive")
-    if tr.min_lr > tr.lr:
-        raise ConfigError(f"train.min_lr={tr.min_lr} exceeds train.lr={tr.lr}")
     ck = cfg.checkpoint
-    if ck.save_interval is not None and ck.save_interval <= 0:
-        raise ConfigError(f"checkpoint.save_interval={ck.save_interval} must be positive")
-    if ck.keep_last is not None and ck.keep_last <= 0:
-        raise ConfigError(f"checkpoint.keep_last={ck.keep_last} must be positive")
     if ck.save_interval is not None and cfg.save is None:
         raise ConfigError("checkpoint.save_interval is set but save is not; pass save=DIR")
     if ck.finetune and cfg.load is None:
@@ -222,17 +223,38 @@ def validate(cfg: TrainingCommandConfig, world_size: int) -> dict[str, Any]:
             "finetuning_type=freeze needs freeze.trainable, e.g. "
             "freeze.trainable=[layers.-4:,output_layer]"
         )
-    for key in ("interval", "max_batches"):
-        value = getattr(cfg.eval, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"eval.{key}={value} must be positive")
-    if cfg.log.interval <= 0:
-        raise ConfigError(f"log.interval={cfg.log.interval} must be positive")
-    return {
-        "spec": spec,
-        "tp": tp,
-        "pp": pp,
-        "vpp": par.vpp,
-        "dp": dp,
-        "micro_batches": micro_batches,
-    }
+
+
+def _groups(cfg: Any) -> list[Any]:
+    """The config groups of a command config that check themselves (`validate()`), in order.
+    The model is checked by `ModelConfig.spec()`, the `lora` group only when LoRA is on (see
+    check_combinations)."""
+    values = [getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("model", "lora")]
+    return [v for v in values if is_dataclass(v) and callable(getattr(v, "validate", None))]
+
+
+def validate(
+    cfg: TrainingCommandConfig, world_size: int, spec: ModelSpec | None = None
+) -> ParallelPlan:
+    """Every check that needs no process group, once; returns the run's parallel plan."""
+    for group in _groups(cfg):
+        group.validate()
+    spec = cfg.model.spec() if spec is None else spec
+    tp, pp = resolve_layout(cfg)
+    par, tr = cfg.parallel, cfg.train
+    try:
+        spec.check_parallel(tp, pp, par.vpp)
+    except ConfigError as err:
+        raise ConfigError(f"parallel: {err}") from None
+    plan = ParallelPlan.build(
+        tp,
+        pp,
+        world_size,
+        vpp=par.vpp,
+        micro_batch_size=tr.micro_batch_size,
+        global_batch_size=tr.global_batch_size,
+        sequence_parallel=par.sequence_parallel,
+        distributed_optimizer=par.distributed_optimizer,
+    )
+    check_combinations(cfg, spec)
+    return plan

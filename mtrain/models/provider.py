@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mtrain import compat
 from mtrain.accel import kernels
 from mtrain.config.kernels import NpuConfig
 from mtrain.dtypes import DTYPES
@@ -87,10 +88,7 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         **kernels.megatron_fusions(opts.kernels),
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        # With PP=2 both pipeline neighbours are the same rank: batched p2p sends activations and
-        # gradients to it over one group, where they can be matched to the wrong receive (seen
-        # with the interleaved schedule on gloo). The unbatched path uses one group per direction.
-        batch_p2p_comm=opts.pp != 2,
+        batch_p2p_comm=compat.batch_p2p_comm(opts.pp),
         **recompute,
         **opts.extra,
     )

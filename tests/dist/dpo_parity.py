@@ -90,7 +90,8 @@ def main() -> None:
     from mtrain.config.schema import TrainingCommandConfig
     from mtrain.losses import make_dpo_loss, pair_forward
     from mtrain.schedule import run_schedule
-    from mtrain.trainer import Task, _build
+    from mtrain.plan import ParallelPlan
+    from mtrain.trainer import Setup, Task, _build
 
     ckpt = MegatronCheckpoint.open(ckpt_dir)
     accel.activate("cpu")
@@ -102,10 +103,10 @@ def main() -> None:
     cfg.train.precision, cfg.train.seq_length, cfg.train.micro_batch_size = "fp32", SEQ, 2
     cfg.train.global_batch_size, cfg.train.iters = PAIRS, 1
     dp = torch.distributed.get_world_size() // (ckpt.tp * ckpt.pp)
-    layout = {"spec": ckpt.spec, "tp": ckpt.tp, "pp": ckpt.pp, "vpp": 1, "dp": dp, "kernels": "local"}
-    layout["micro_batches"] = PAIRS // (2 * dp)
+    plan = ParallelPlan.build(ckpt.tp, ckpt.pp, dp * ckpt.tp * ckpt.pp, micro_batch_size=2,
+                              global_batch_size=PAIRS)  # fmt: skip
     task = Task(name="dpo", batches=None, loss=None, forward=pair_forward, rows_per_sample=2)
-    model, _, _, _ = _build(cfg, layout, task)
+    model, _, _, _ = _build(cfg, Setup(ckpt.spec, plan, "local"), task)
     load_model_weights(model, ckpt_dir, ckpt.spec, ckpt.tp, ckpt.pp)
     dp_rank = ps.get_data_parallel_rank()
     mine = [{k: v[i : i + 2] for k, v in batch.items()} for i in range(2 * dp_rank, PAIRS, 2 * dp)]
@@ -115,7 +116,7 @@ def main() -> None:
         for m in model:
             m.zero_grad_buffer()
         sums = run_schedule(
-            model, [iter(mine)], pair_forward, make_dpo_loss(*args), layout, cfg.train,
+            model, [iter(mine)], pair_forward, make_dpo_loss(*args), plan, cfg.train,
             forward_only=False, rows=2,
         )  # fmt: skip
         loss = sums[0, 0] / sums[0, 1]

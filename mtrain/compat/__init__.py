@@ -1,0 +1,24 @@
+"""Every workaround for a megatron-core (0.12.x) behaviour, in one place.
+
+Each function below names the version it was seen on, the symptom without it, and the test that
+shows it. A megatron-core or MindSpeed upgrade starts here: rerun those tests without the
+workaround and delete what is no longer needed. The rest of mtrain reaches megatron-core only
+through a few named seams: the model build (`mtrain/models/provider.py` and the layer specs in
+`mtrain/kernels/`), LoRA's tensor-parallel linears (`mtrain/lora.py`), the pipeline schedule
+(`mtrain/schedule.py`), the optimizer (`mtrain/optim.py`), process groups and their queries
+(`mtrain/parallel.py`) and the CPU device backend (`mtrain/accel/cpu.py`).
+"""
+
+from mtrain.compat.megatron_core import (
+    batch_p2p_comm,
+    keep_frozen_tied_embedding_reducible,
+    load_distributed_optimizer_state,
+    tolerate_empty_fp8_quantization,
+)
+
+__all__ = [
+    "batch_p2p_comm",
+    "keep_frozen_tied_embedding_reducible",
+    "load_distributed_optimizer_state",
+    "tolerate_empty_fp8_quantization",
+]
