@@ -44,6 +44,7 @@ from mtrain import accel, parallel  # noqa: E402
 from mtrain.config.kernels import NpuConfig  # noqa: E402
 from mtrain.data.packing import block_causal_mask, sequence  # noqa: E402
 from mtrain.errors import ConfigError  # noqa: E402
+from mtrain.kernels import check, resolve_kernels  # noqa: E402
 from mtrain.models.spec import ModelSpec  # noqa: E402
 
 GiB = 2**30
@@ -119,7 +120,7 @@ def kernel_choices(requested: str | None, device_name: str) -> list[str]:
         wanted = [k.strip() for k in requested.split(",") if k.strip()]
     chosen = ["local"]
     for k in wanted:
-        k = accel.resolve_kernels(k, device_name)
+        k = resolve_kernels(k, device_name)
         if k == "mindspeed":
             raise ConfigError(
                 "--kernels: MindSpeed patches megatron for the whole process, local included; "
@@ -171,7 +172,6 @@ def build(spec: ModelSpec, kernels: str, a: argparse.Namespace):
     """The model chunk for `kernels`, and whether it takes packed rows' masks as cu_seqlens."""
     from megatron.core import tensor_parallel
 
-    from mtrain.accel.kernels import check
     from mtrain.models.provider import BuildOptions, build_model_chunks
 
     opts = BuildOptions(

@@ -39,12 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.convert import GiB, baseline_rss, best_of, convert_in_child, prefault, timed  # noqa: E402
-from converters.adapters import PEFT_WEIGHTS, adapter_names, peft_names, target_entries  # noqa: E402
+from converters.adapters import PEFT_WEIGHTS, adapter_names, peft_names  # noqa: E402
 from converters.layout import Dims, shard_shape  # noqa: E402
-from converters.mappings.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Kind  # noqa: E402
 from converters.stages import piece_layers  # noqa: E402
-from mtrain.checkpoint_format import (  # noqa: E402
+from mtrain.checkpoint import (  # noqa: E402
     CHECKPOINT_VERSION,
+    AdapterCheckpointInfo,
     MegatronCheckpoint,
     iteration_dir_name,
     load_rank_file,
@@ -53,7 +53,7 @@ from mtrain.checkpoint_format import (  # noqa: E402
     write_tracker,
 )
 from mtrain.config.lora import TARGETS, LoraConfig  # noqa: E402
-from mtrain.lora import AdapterCheckpointInfo  # noqa: E402
+from mtrain.models.families.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Kind  # noqa: E402
 
 ITERATION = 1
 TIME_TARGET, RSS_TARGET = 1.3, 1.2
@@ -70,7 +70,7 @@ def write_synthetic_adapters(base_ckpt_dir: Path, out_dir: Path, r: int) -> Lora
     spec, tp, pp = base.spec, base.tp, base.pp
     cfg = LoraConfig(r=r, alpha=2.0 * r).validate()
     info = AdapterCheckpointInfo(cfg, str(base_ckpt_dir.resolve()), base_iteration="release")
-    entries, dims = target_entries(spec.family_table), Dims.of(spec, tp)
+    entries, dims = spec.family_table.lora_targets, Dims.of(spec, tp)
     iter_dir = out_dir / iteration_dir_name(ITERATION)
     for pp_rank in range(pp):
         for tp_rank in range(tp):

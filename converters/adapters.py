@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from converters.layout import Dims, merge, shard_shape
-from converters.mappings.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Entry, Family, Kind
 from converters.stages import piece_layers
-from mtrain.atomic import atomic_output_dir
-from mtrain.checkpoint_format import MegatronCheckpoint
+from mtrain.checkpoint import MegatronCheckpoint, atomic_output_dir
 from mtrain.errors import CheckpointError
+from mtrain.models.families.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Entry, Kind
 
 log = logging.getLogger("converters.mcore2hf")
 
@@ -32,15 +31,6 @@ PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 _COLUMN_LIKE = (Kind.COLUMN, Kind.QKV, Kind.GATED_FC1)
-
-
-def target_entries(family: Family) -> dict[str, Entry]:
-    """LoRA target name (megatron module name, e.g. linear_qkv) -> its layer entry."""
-    return {
-        e.mcore.split(".")[-2]: e
-        for e in family.layer
-        if e.kind in (*_COLUMN_LIKE, Kind.ROW) and e.mcore.endswith(".weight")
-    }
 
 
 def adapter_names(mcore_name: str) -> tuple[str, str]:
@@ -79,7 +69,7 @@ def merge_adapter(
 
 def adapter_targets(ckpt: MegatronCheckpoint) -> list[Entry]:
     """The layer entries an adapter checkpoint adapts, in its args' order."""
-    entries = target_entries(ckpt.spec.family_table)
+    entries = ckpt.spec.family_table.lora_targets
     return [entries[t] for t in ckpt.lora.config.target_modules]
 
 
@@ -121,7 +111,7 @@ def check_adapter_states(ckpt: MegatronCheckpoint) -> None:
 def peft_config(ckpt: MegatronCheckpoint, base_model: str) -> dict:
     """adapter_config.json for PEFT's LoraConfig."""
     lora = ckpt.lora.config
-    entries = target_entries(ckpt.spec.family_table)
+    entries = ckpt.spec.family_table.lora_targets
     modules = sorted({peft_module(n) for t in lora.target_modules for n in entries[t].hf})
     return {
         "peft_type": "LORA",

@@ -19,19 +19,22 @@ from omegaconf import MISSING
 from converters.hf_io import HFReader
 from converters.layout import Dims, shard
 from converters.stages import all_hf_tensors, stage_groups
-from mtrain.atomic import atomic_output_dir, check_output_dir
-from mtrain.checkpoint_format import (
+from mtrain.checkpoint import (
     CHECKPOINT_VERSION,
     RELEASE,
+    atomic_output_dir,
+    check_output_dir,
     iteration_dir_name,
+    megatron_args,
     rank_file,
     save_rank_file,
     write_tracker,
 )
 from mtrain.cli import hydra_command
 from mtrain.dtypes import DTYPE_NAMES, parse_dtype
-from mtrain.errors import CheckpointError, ConfigError
-from mtrain.models.spec import ModelSpec, load_hf_config, megatron_args
+from mtrain.errors import CheckpointError
+from mtrain.models.spec import ModelSpec, load_hf_config
+from mtrain.plan import check_virtual_stages
 
 log = logging.getLogger("converters.hf2mcore")
 
@@ -81,17 +84,15 @@ def convert(cfg: HF2McoreConfig) -> Path:
     dtype = parse_dtype(cfg.dtype)
     check_output_dir(out_dir, cfg.force, [hf_dir])
     spec, _ = load_hf_config(hf_dir)
-    if cfg.vpp > 1 and cfg.pp == 1:
-        raise ConfigError(f"vpp={cfg.vpp} needs pp > 1 (virtual chunks interleave pipeline stages)")
+    check_virtual_stages(cfg.pp, cfg.vpp, prefix="")
     spec.check_parallel(cfg.tp, cfg.pp, cfg.vpp)
     reader = HFReader(hf_dir)
     dims = Dims.of(spec, cfg.tp)
     check_hf_tensors(reader, spec, dims)
     stored = reader.info(spec.family_table.embedding.hf[0]).dtype
-    args = megatron_args(spec, cfg.tp, cfg.pp, DTYPE_NAMES.get(dtype or stored, "bfloat16"))
-    args.virtual_pipeline_model_parallel_size = cfg.vpp if cfg.vpp > 1 else None
-    if cfg.vpp > 1:
-        args.num_layers_per_virtual_pipeline_stage = spec.num_layers // (cfg.pp * cfg.vpp)
+    args = megatron_args(
+        spec, cfg.tp, cfg.pp, cfg.vpp, DTYPE_NAMES.get(dtype or stored, "bfloat16")
+    )
 
     start = time.perf_counter()
     log.info(

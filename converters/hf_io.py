@@ -57,25 +57,36 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if length > _MAX_HEADER:
                 raise ValueError(f"header of {length} bytes")
             header = json.loads(f.read(length))
+            size = os.fstat(f.fileno()).st_size
         header.pop("__metadata__", None)
         base = 8 + length
-        return {
+        tensors = {
             name: TensorInfo(
                 path.name, DTYPES[h["dtype"]], tuple(h["shape"]), base + h["data_offsets"][0]
             )
             for name, h in header.items()
         }
-    except (OSError, ValueError, KeyError, struct.error) as err:
+        end = base + max((h["data_offsets"][1] for h in header.values()), default=0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err!r})") from None
+    if size < end:
+        raise CheckpointError(
+            f"{path}: truncated ({size} bytes, its header describes {end}); copy or download it "
+            "again"
+        )
+    return tensors
 
 
-def _pread_into(fd: int, tensor: torch.Tensor, offset: int) -> None:
+def _pread_into(fd: int, tensor: torch.Tensor, offset: int, path: Path) -> None:
     view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
-            raise CheckpointError(f"unexpected end of file at byte {offset + done}")
+            raise CheckpointError(
+                f"{path}: unexpected end of file at byte {offset + done}; the file is truncated "
+                "(copy or download it again)"
+            )
         done += n
 
 
@@ -97,9 +108,15 @@ class HFReader:
         index = self.dir / INDEX_FILE
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
+                weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index}: not a safetensors index ({err!r})") from None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise CheckpointError(
+                    f"{index}: weight_map must map tensor names to file names (a JSON object)"
+                )
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.dir / f).is_file()]
             if missing:
@@ -148,13 +165,13 @@ class HFReader:
         r0, r1, _ = (rows or slice(None)).indices(shape[0]) if shape else (0, 0, 1)
         if not shape:  # a scalar
             out = torch.empty((), dtype=info.dtype)
-            _pread_into(fd, out, info.offset)
+            _pread_into(fd, out, info.offset, self.dir / info.file)
             return out
         row_bytes = math.prod(shape[1:]) * info.dtype.itemsize
         if cols is None:
             out = torch.empty((r1 - r0, *shape[1:]), dtype=info.dtype)
             if out.numel():
-                _pread_into(fd, out, info.offset + r0 * row_bytes)
+                _pread_into(fd, out, info.offset + r0 * row_bytes, self.dir / info.file)
             return out
         c0, c1, _ = cols.indices(shape[1])
         out = torch.empty((r1 - r0, c1 - c0, *shape[2:]), dtype=info.dtype)
@@ -162,7 +179,7 @@ class HFReader:
         block = torch.empty((min(step, r1 - r0), *shape[1:]), dtype=info.dtype)
         for start in range(r0, r1, step):
             n = min(step, r1 - start)
-            _pread_into(fd, block[:n], info.offset + start * row_bytes)
+            _pread_into(fd, block[:n], info.offset + start * row_bytes, self.dir / info.file)
             out[start - r0 : start - r0 + n] = block[:n, c0:c1]
         return out
 

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from converters.mappings.base import Entry, Kind
+from mtrain.models.families.base import Entry, Kind
 from mtrain.models.spec import ModelSpec
 
 
@@ -50,14 +50,7 @@ class Dims:
             head_dim=d,
             vocab=spec.vocab_size,
             padded_vocab=spec.padded_vocab_size(tp),
-            symbols={
-                "hidden": spec.hidden_size,
-                "ffn": spec.ffn_hidden_size,
-                "vocab": spec.vocab_size,
-                "q": spec.num_attention_heads * d,
-                "kv": spec.num_query_groups * d,
-                "head": d,
-            },
+            symbols=spec.shape_symbols(),
         )
 
     def hf_shapes(self, entry: Entry) -> list[tuple[int, ...]]:

@@ -33,8 +33,7 @@ from converters.adapters import (
 from converters.hf_io import DEFAULT_MAX_SHARD_BYTES, HFShardedWriter
 from converters.layout import Dims, merge, shard_shape
 from converters.stages import stage_groups
-from mtrain.atomic import atomic_output_dir, check_output_dir
-from mtrain.checkpoint_format import MegatronCheckpoint
+from mtrain.checkpoint import MegatronCheckpoint, atomic_output_dir, check_output_dir
 from mtrain.cli import hydra_command
 from mtrain.dtypes import DTYPE_NAMES, parse_dtype
 from mtrain.errors import CheckpointError, ConfigError

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from converters.mappings.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Entry
+from mtrain.models.families.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Entry
 from mtrain.models.spec import ModelSpec
 
 

@@ -20,9 +20,9 @@ from mtrain.config.schema import TrainingCommandConfig, iters_for_epochs
 from mtrain.data.epochs import Epochs
 from mtrain.data.pairs import build_pair_datasets
 from mtrain.data.sampler import micro_batches
+from mtrain.dry_run import describe_plan
 from mtrain.errors import ConfigError
 from mtrain.losses import DPO_LOSSES, make_dpo_loss, pair_forward
-from mtrain.dry_run import describe_plan
 from mtrain.trainer import Setup, Task, train
 
 log = logging.getLogger("mtrain.dpo")

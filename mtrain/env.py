@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtrain import accel
+from mtrain import accel, kernels
 from mtrain.accel import npu, runtime_env
 from mtrain.accel.runtime_env import NPU_DEFAULTS
 from mtrain.cli import hydra_command
@@ -66,7 +66,7 @@ def report(device: str = "auto") -> list[tuple[str, str]]:
     for key, value in accel.module(picked).describe().items():
         rows.append((f"{picked}.{key}", value))
     rows.append(("backend", f"{picked} ({accel.module(picked).DIST_BACKEND})"))
-    rows.append(("kernels (auto)", accel.resolve_kernels("auto", picked)))
+    rows.append(("kernels (auto)", kernels.resolve_kernels("auto", picked)))
     if picked == "npu":
         for key in NPU_DEFAULTS:
             where = " (mtrain default)" if key in runtime_env.APPLIED else ""

@@ -2,17 +2,23 @@
 
 Errors that a user can fix (bad config, bad input files) are `MtrainError`s: the command line
 prints them as one line and exits with code 2. Anything else is a bug and keeps its traceback.
+
+Under scripts/train.sh every worker reports the same error; the launcher sets `MTRAIN_ERROR_FILE`,
+the first worker to fail writes its line there, and the launcher shows that line once instead of
+torchrun's report (and exits 2 too).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 EXIT_USER_ERROR = 2
+ERROR_FILE_VAR = "MTRAIN_ERROR_FILE"
 
 F = TypeVar("F", bound=Callable)
 
@@ -33,6 +39,20 @@ class DataError(MtrainError):
     """An input data file or record cannot be used."""
 
 
+def report(err: MtrainError) -> None:
+    """`error: <message>` on stderr as one line, and in the launcher's error file (the first
+    process to fail writes it; the others find it taken)."""
+    line = "error: " + " ".join(str(err).split("\n"))
+    path = os.environ.get(ERROR_FILE_VAR)
+    if path:
+        try:
+            with open(path, "x") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass
+    print(line, file=sys.stderr, flush=True)
+
+
 def exit_on_user_error(fn: F) -> F:
     """Run `fn`; on an `MtrainError` print `error: <message>` to stderr and exit with code 2."""
 
@@ -42,7 +62,7 @@ def exit_on_user_error(fn: F) -> F:
             return fn(*args, **kwargs)
         except MtrainError as err:
             logging.shutdown()
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            report(err)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]

@@ -25,27 +25,18 @@ names are the base's plus `.lora_A.weight` / `.lora_B.weight`; base names are un
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mtrain.config.lora import TARGETS, LoraConfig
-from mtrain.errors import CheckpointError, ConfigError
+from mtrain.errors import ConfigError
 
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
-# Where each target sits in a megatron-core decoder layer.
-_MODULE_PATHS = {
-    "linear_qkv": "self_attention.linear_qkv",
-    "linear_proj": "self_attention.linear_proj",
-    "linear_fc1": "mlp.linear_fc1",
-    "linear_fc2": "mlp.linear_fc2",
-}
 
 
 def is_adapter_key(name: str) -> bool:
@@ -174,9 +165,10 @@ def add_adapters(chunks: list[torch.nn.Module], cfg: LoraConfig, seed: int) -> t
             param.requires_grad_(False)
         for layer in chunk.decoder.layers:
             global_layer = layer.layer_number - 1
+            paths = {name.rsplit(".", 1)[-1]: name for name, _ in layer.named_modules()}
             for target in cfg.target_modules:
                 attach_adapter(
-                    layer.get_submodule(_MODULE_PATHS[target]),
+                    layer.get_submodule(paths[target]),
                     cfg,
                     seed=seed * 1_000_003 + global_layer * 16 + TARGETS.index(target),
                     sequence_parallel=chunk.config.sequence_parallel,
@@ -226,74 +218,3 @@ def merged_weight(
         acc.copy_(weight[rows]).addmm_(b32[rows], a32, alpha=scaling)
         out[rows] = acc
     return out
-
-
-# --- adapter checkpoints ----------------------------------------------------------------------
-#
-# An adapter checkpoint is a Megatron legacy checkpoint whose model state holds only the
-# adapters. Its args carry the LoRA settings (Megatron-LM / MindSpeed-LLM argument names where
-# they exist) and the base checkpoint it was trained on.
-
-
-@dataclass
-class AdapterCheckpointInfo:
-    config: LoraConfig
-    base_dir: str  # absolute path of the base checkpoint directory
-    base_iteration: str  # the base's iteration ("release" or a number) when training started
-
-    def to_args(self) -> dict:
-        return {
-            "lora_r": self.config.r,
-            "lora_alpha": self.config.alpha,
-            "lora_dropout": self.config.dropout,
-            "lora_use_rslora": self.config.rslora,
-            "lora_target_modules": list(self.config.target_modules),
-            "lora_base_checkpoint": self.base_dir,
-            "lora_base_iteration": str(self.base_iteration),
-        }
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, source: str) -> AdapterCheckpointInfo | None:
-        if getattr(args, "lora_base_checkpoint", None) is None:
-            return None
-        try:
-            config = LoraConfig(
-                r=int(args.lora_r),
-                alpha=float(args.lora_alpha),
-                dropout=float(getattr(args, "lora_dropout", 0.0)),
-                rslora=bool(getattr(args, "lora_use_rslora", False)),
-                target_modules=list(args.lora_target_modules),
-            ).validate()
-        except (AttributeError, ConfigError) as err:
-            raise CheckpointError(f"{source}: bad LoRA args ({err})") from None
-        return cls(config, str(args.lora_base_checkpoint), str(args.lora_base_iteration))
-
-    def resolve_base(self, override: str | Path | None) -> tuple[Path, str | None]:
-        """The base checkpoint directory and iteration to load: the recorded one, or `override`
-        (at the recorded iteration if it is the same directory, else at its latest)."""
-        recorded = Path(self.base_dir)
-        if override is None:
-            if not recorded.is_dir():
-                raise CheckpointError(
-                    f"the adapters' base checkpoint {recorded} (recorded at training time) is "
-                    "gone; pass its new location (base_dir= for converters, load= for training)"
-                )
-            return recorded, self.base_iteration
-        override = Path(override)
-        same = override.resolve() == recorded.resolve() if recorded.exists() else False
-        return override, self.base_iteration if same else None
-
-    def check_matches(self, cfg: LoraConfig, source: str) -> None:
-        """A resumed or continued run must use the adapters' own settings."""
-        saved = self.config
-        for key in ("r", "alpha", "rslora"):
-            if getattr(saved, key) != getattr(cfg, key):
-                raise ConfigError(
-                    f"lora.{key}={getattr(cfg, key)} but {source} was trained with "
-                    f"lora.{key}={getattr(saved, key)}; use the same value"
-                )
-        if sorted(saved.target_modules) != sorted(cfg.target_modules):
-            raise ConfigError(
-                f"lora.target_modules={list(cfg.target_modules)} but {source} has adapters on "
-                f"{saved.target_modules}; use the same modules"
-            )

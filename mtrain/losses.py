@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from mtrain import parallel
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -34,16 +36,21 @@ def logits_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(batch["tokens"], batch["position_ids"], attention_mask=batch.get("attention_mask"))
 
 
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits from their TP shards (for checks; training never needs it)."""
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+
+
 def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
     """Global argmax over a vocabulary split across TP ranks (first maximum wins, as torch's)."""
-    from megatron.core import parallel_state as ps
-
     local_max, local_idx = logits.max(dim=-1)
-    tp = ps.get_tensor_model_parallel_world_size()
+    tp = parallel.tp_size()
     if tp == 1:
         return local_idx
-    local_idx = local_idx + ps.get_tensor_model_parallel_rank() * logits.shape[-1]
-    group = ps.get_tensor_model_parallel_group()
+    local_idx = local_idx + parallel.tp_rank() * logits.shape[-1]
+    group = parallel.tp_group()
     maxes = [torch.empty_like(local_max) for _ in range(tp)]
     indices = [torch.empty_like(local_idx) for _ in range(tp)]
     torch.distributed.all_gather(maxes, local_max.contiguous(), group=group)

@@ -1,4 +1,8 @@
-"""Process groups: torch.distributed from torchrun's environment, then megatron's parallel_state."""
+"""Process groups: torch.distributed from torchrun's environment, then megatron's parallel_state.
+
+The one seam to megatron's `parallel_state`: the rest of mtrain asks this module for its ranks,
+sizes and groups.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mtrain import accel
-from mtrain.errors import ConfigError
+from mtrain.plan import data_parallel_size
 
 
 def global_rank() -> int:
@@ -18,17 +22,6 @@ def global_rank() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_world(tp: int, pp: int, world: int | None = None) -> int:
-    """The data-parallel size of `tp` x `pp` on `world` processes; refuse a layout that does not fit."""
-    world = world_size() if world is None else world
-    if world % (tp * pp):
-        raise ConfigError(
-            f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the "
-            f"{world} processes started; launch a multiple of {tp * pp} processes"
-        )
-    return world // (tp * pp)
 
 
 def init(
@@ -40,7 +33,7 @@ def init(
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    dp = check_world(tp, pp)
+    dp = data_parallel_size(tp, pp, world_size())
     init_process_group(timeout_minutes)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
@@ -95,3 +88,71 @@ def shutdown() -> None:
     destroy()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --- where this rank sits (after `init`) -----------------------------------------------------
+
+
+def _state():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def tp_rank() -> int:
+    return _state().get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    return _state().get_tensor_model_parallel_world_size()
+
+
+def tp_group():
+    return _state().get_tensor_model_parallel_group()
+
+
+def pp_rank() -> int:
+    return _state().get_pipeline_model_parallel_rank()
+
+
+def pp_size() -> int:
+    return _state().get_pipeline_model_parallel_world_size()
+
+
+def pp_group():
+    return _state().get_pipeline_model_parallel_group()
+
+
+def dp_rank() -> int:
+    return _state().get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    return _state().get_data_parallel_world_size()
+
+
+def dp_group():
+    return _state().get_data_parallel_group()
+
+
+def is_first_stage() -> bool:
+    """This rank holds the first pipeline stage (whatever its virtual chunk)."""
+    return _state().is_pipeline_first_stage(ignore_virtual=True)
+
+
+def is_last_stage() -> bool:
+    """This rank holds the last pipeline stage (whatever its virtual chunk)."""
+    return _state().is_pipeline_last_stage(ignore_virtual=True)
+
+
+def rng_tracker_states() -> dict[str, torch.Tensor]:
+    """megatron's named RNG streams (the tensor-parallel one, ...) of this rank."""
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.get_cuda_rng_tracker().get_states()
+
+
+def set_rng_tracker_states(states: dict[str, torch.Tensor]) -> None:
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.get_cuda_rng_tracker().set_states(states)

@@ -12,18 +12,27 @@ from dataclasses import dataclass
 from mtrain.errors import ConfigError
 
 
-def data_parallel_size(tp: int, pp: int, world_size: int, cp: int = 1, ep: int = 1) -> int:
+def data_parallel_size(tp: int, pp: int, world_size: int, cp: int = 1) -> int:
     """The DP size of a tp x pp (x cp) layout on `world_size` processes; refuses one that does
     not fit, naming the keys. The one place this rule and its message live."""
     model_parallel = tp * pp * cp
-    if tp < 1 or pp < 1:
-        raise ConfigError(f"parallel.tp={tp} and parallel.pp={pp} must be >= 1")
     if world_size % model_parallel:
         raise ConfigError(
             f"parallel.tp={tp} x parallel.pp={pp} = {model_parallel} does not divide the "
             f"{world_size} processes started; launch a multiple of {model_parallel} processes"
         )
     return world_size // model_parallel
+
+
+def check_virtual_stages(pp: int, vpp: int, prefix: str = "parallel.") -> None:
+    """Virtual pipeline chunks interleave pipeline stages: they need more than one. `prefix`
+    names the keys as the command spells them (parallel.vpp, or a converter's vpp)."""
+    if vpp < 1:
+        raise ConfigError(f"{prefix}vpp={vpp} must be >= 1")
+    if vpp > 1 and pp == 1:
+        raise ConfigError(
+            f"{prefix}vpp={vpp} needs {prefix}pp > 1 (virtual chunks interleave pipeline stages)"
+        )
 
 
 @dataclass(frozen=True)
@@ -58,10 +67,7 @@ class ParallelPlan:
         """Check the layout rules that need only the sizes (the model's own divisibility rules
         are `ModelSpec.check_parallel`)."""
         dp = data_parallel_size(tp, pp, world_size)
-        if vpp < 1:
-            raise ConfigError(f"parallel.vpp={vpp} must be >= 1")
-        if vpp > 1 and pp == 1:
-            raise ConfigError(f"parallel.vpp={vpp} needs parallel.pp > 1")
+        check_virtual_stages(pp, vpp)
         if sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
         global_batch_size = global_batch_size or micro_batch_size * dp

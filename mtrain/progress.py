@@ -21,11 +21,10 @@ log = logging.getLogger("mtrain.train")
 
 
 def flops_per_token(spec: ModelSpec, seq_length: int) -> float:
-    h, f, d = spec.hidden_size, spec.ffn_hidden_size, spec.kv_channels
-    q, kv = spec.num_attention_heads * d, spec.num_query_groups * d
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f
-    matmul_params = spec.num_layers * per_layer + spec.vocab_size * h
-    return 6 * matmul_params + 12 * spec.num_layers * seq_length * q
+    family, symbols = spec.family_table, spec.shape_symbols()
+    per_layer = family.layer_matmul_parameters(symbols)
+    matmul_params = spec.num_layers * per_layer + family.output.numel(symbols)
+    return 6 * matmul_params + 12 * spec.num_layers * seq_length * symbols["q"]
 
 
 def _fmt_time(seconds: float) -> str:

@@ -15,8 +15,8 @@ from mtrain.config.schema import TrainingCommandConfig, iters_for_epochs
 from mtrain.data.indexed import IndexedTokens
 from mtrain.data.pt import build_pt_dataset, prepare_corpus
 from mtrain.data.sampler import micro_batches
-from mtrain.losses import lm_loss
 from mtrain.dry_run import describe_plan
+from mtrain.losses import lm_loss
 from mtrain.trainer import Setup, Task, train
 
 log = logging.getLogger("mtrain.pt")

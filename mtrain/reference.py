@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtrain import accel
-from mtrain.checkpoint import load_model_weights
-from mtrain.checkpoint_format import MegatronCheckpoint
+from mtrain import accel, parallel
+from mtrain.checkpoint import MegatronCheckpoint, atomic_paths, load_model_weights
 from mtrain.errors import ConfigError
 from mtrain.lora import adapters_disabled
 from mtrain.losses import pair_forward, sequence_logps
@@ -32,11 +31,9 @@ log = logging.getLogger("mtrain.dpo")
 Batch = dict[str, torch.Tensor]
 
 
-def pass_logps(chunks: list, batches: list[Batch], plan, tr) -> list[torch.Tensor]:
+def pass_logps(chunks: list, batches: list[Batch], tr) -> list[torch.Tensor]:
     """Log-probs [m, 2] of each micro-batch's pairs, in order, on the last pipeline stage (an
     empty list elsewhere). Collective over the model-parallel group."""
-    from megatron.core import parallel_state as ps
-
     captured: list[torch.Tensor] = []
 
     def capture(batch: Batch, token_losses: torch.Tensor):
@@ -53,15 +50,14 @@ def pass_logps(chunks: list, batches: list[Batch], plan, tr) -> list[torch.Tenso
             [iter(batches) for _ in chunks],
             pair_forward,
             capture,
-            plan,
-            tr,
+            len(batches),
+            tr.seq_length,
+            tr.micro_batch_size * 2,
             forward_only=True,
-            rows=2,
-            micro_batches=len(batches),
         )
     for c, mode in zip(chunks, modes):
         c.train(mode)
-    return captured if ps.is_pipeline_last_stage(ignore_virtual=True) else []
+    return captured if parallel.is_last_stage() else []
 
 
 def _attach(batches: list[Batch], logps: list[torch.Tensor]) -> None:
@@ -89,12 +85,12 @@ def per_step_reference():
     def before_step(run, batches: list[Batch]) -> None:
         if run.cfg.finetuning_type == "lora":
             with adapters_disabled(run.model):
-                _attach(batches, pass_logps(run.model, batches, run.plan, run.cfg.train))
+                _attach(batches, pass_logps(run.model, batches, run.cfg.train))
             return
         if not reference:
             reference.extend(frozen_copy(run))
             log.info("reference: a frozen copy of %s at the same layout", run.cfg.load)
-        _attach(batches, pass_logps(reference, batches, run.plan, run.cfg.train))
+        _attach(batches, pass_logps(reference, batches, run.cfg.train))
 
     return before_step
 
@@ -114,8 +110,6 @@ def cache_key(fingerprint: dict, load: str) -> str:
 def precompute(run, dataset, path: Path) -> np.ndarray:
     """Reference log-probs [pairs, 2] of `dataset` (items carry `pair`), from the model as it is
     now (the starting weights), written to `path` once; every rank returns the array."""
-    from megatron.core import parallel_state as ps
-
     from mtrain.data.sampler import collate
 
     if path.is_file():
@@ -129,7 +123,7 @@ def precompute(run, dataset, path: Path) -> np.ndarray:
         )
     start = time.perf_counter()
     tr, plan = run.cfg.train, run.plan
-    mbs, dp, dp_rank = tr.micro_batch_size, plan.dp, ps.get_data_parallel_rank()
+    mbs, dp, dp_rank = tr.micro_batch_size, plan.dp, parallel.dp_rank()
     n = len(dataset)
     # Every DP rank runs the same number of micro-batches (the metric reduction is collective
     # over DP); the last ones wrap around and are computed twice.
@@ -144,26 +138,24 @@ def precompute(run, dataset, path: Path) -> np.ndarray:
             items = [dataset[(first + j) % n] for j in range(mbs)]
             pair_ids += [int(item["pair"]) for item in items]
             batches.append(collate(items))
-        logps = pass_logps(run.model, batches, plan, tr)
+        logps = pass_logps(run.model, batches, tr)
         if logps:
             for pid, values in zip(pair_ids, torch.cat(logps).tolist()):
                 found[pid] = values
         if call == 0 or (call + 1) % 10 == 0 or call + 1 == calls:
             log.info("reference log-probs: %d/%d passes", call + 1, calls)
-    last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+    last_stage = parallel.is_last_stage()
     if last_stage:
         parts = [None] * dp
-        torch.distributed.all_gather_object(parts, found, group=ps.get_data_parallel_group())
-        if ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0:
+        torch.distributed.all_gather_object(parts, found, group=parallel.dp_group())
+        if parallel.tp_rank() == 0 and dp_rank == 0:
             table = np.zeros((n, 2), dtype=np.float64)
             for part in parts:
                 for pid, values in part.items():
                     table[pid] = values
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{torch.distributed.get_rank()}.tmp")
-            with open(tmp, "wb") as f:
+            with atomic_paths(path) as (tmp,), open(tmp, "wb") as f:
                 np.save(f, table)
-            tmp.replace(path)
             log.info(
                 "reference log-probs of %d pairs in %.1f s -> %s",
                 n,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mtrain import accel
+from mtrain import accel, parallel
 
 # Metrics a task may report, each as tensor([sum, weight]); a fixed order lets every rank
 # reduce them in one collective without exchanging names.
@@ -26,14 +26,12 @@ METRICS = (
 
 def _metric_sums(outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """[sum, weight] per METRICS entry over micro-batches and DP, on every rank (collective)."""
-    from megatron.core import parallel_state as ps
-
     sums = torch.zeros(len(METRICS), 2, device=accel.device())
     for out in outputs:  # only the last pipeline stage has outputs
         for name, value in out.items():
             sums[METRICS.index(name)] += value.to(sums.device).float()
-    torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
-    torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(sums, group=parallel.dp_group())
+    torch.distributed.all_reduce(sums, group=parallel.pp_group())
     return sums
 
 
@@ -46,15 +44,14 @@ def run_schedule(
     iterators,
     forward,
     loss,
-    plan,
-    tr,
+    micro_batches: int,
+    seq_length: int,
+    micro_batch_size: int,
     forward_only: bool,
-    rows: int = 1,
-    micro_batches: int | None = None,
-):
-    """One global batch (or `micro_batches` micro-batches) through megatron's pipeline schedule;
-    returns the metric sums. `rows`: sequences per sample (the schedule sizes its pipeline
-    messages by them)."""
+) -> torch.Tensor:
+    """`micro_batches` micro-batches through megatron's pipeline schedule; returns the metric
+    sums. `micro_batch_size` counts the sequences the model sees (a DPO pair is two): the
+    schedule sizes its pipeline messages by it and `seq_length`."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator, chunk):
@@ -65,9 +62,9 @@ def run_schedule(
         forward_step_func=forward_step,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=model,
-        num_microbatches=plan.micro_batches if micro_batches is None else micro_batches,
-        seq_length=tr.seq_length,
-        micro_batch_size=tr.micro_batch_size * rows,
+        num_microbatches=micro_batches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
     return _metric_sums(outputs)

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtrain import parallel
-from mtrain.accel import kernels
+from mtrain import kernels, parallel
 from mtrain.cli import hydra_command
 from mtrain.config.schema import TrainingCommandConfig, iters_for_epochs
 from mtrain.config.sft_data import SFTDataConfig
@@ -21,8 +20,8 @@ from mtrain.data.epochs import Epochs
 from mtrain.data.packing import block_causal_mask
 from mtrain.data.sampler import micro_batches
 from mtrain.data.sft import build_sft_datasets
-from mtrain.losses import lm_loss
 from mtrain.dry_run import describe_plan
+from mtrain.losses import lm_loss
 from mtrain.trainer import Setup, Task, train
 
 log = logging.getLogger("mtrain.sft")

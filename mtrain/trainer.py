@@ -16,31 +16,30 @@ import math
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from mtrain import accel, compat, parallel
+from mtrain import accel, compat, kernels, parallel
 from mtrain import log as mlog
 from mtrain.checkpoint import (
+    TrainingParts,
     TrainState,
-    load_model_weights,
-    load_training_checkpoint,
+    megatron_args,
+    resume,
     save_training_checkpoint,
 )
-from mtrain.checkpoint_format import RELEASE, TRACKER, MegatronCheckpoint, read_tracker
 from mtrain.config.schema import TrainingCommandConfig, validate
 from mtrain.dtypes import DTYPE_NAMES, DTYPES
 from mtrain.errors import ConfigError, MtrainError
 from mtrain.freeze import apply_freeze
-from mtrain.lora import AdapterCheckpointInfo, add_adapters
+from mtrain.lora import add_adapters
 from mtrain.losses import lm_forward, lm_loss_and_accuracy, logits_forward
 from mtrain.models.provider import BuildOptions, build_model_chunks
-from mtrain.models.spec import ModelSpec, megatron_args
+from mtrain.models.spec import ModelSpec
 from mtrain.optim import build_optimizer, connect_schedule, wrap_ddp
 from mtrain.plan import ParallelPlan
+from mtrain.preflight import check_outputs
 from mtrain.progress import Progress, flops_per_token
 from mtrain.schedule import METRICS, means, run_schedule
 
@@ -179,67 +178,6 @@ def _build(cfg: TrainingCommandConfig, setup: Setup, task: Task):
     return model, optimizer, scheduler, opts
 
 
-def _start(
-    cfg: TrainingCommandConfig, setup: Setup, model, optimizer, scheduler
-) -> tuple[TrainState, AdapterCheckpointInfo | None]:
-    """Resume `save` if it holds a checkpoint (a resubmitted job repeats its command line,
-    `load=` included); else start from `load` (weights only for a converted checkpoint or with
-    checkpoint.finetune=true); else from a random init.
-
-    With LoRA, also returns what the run's adapter checkpoints record about their base: a full
-    checkpoint in `load` is the base (fresh adapters); an adapter checkpoint brings its own."""
-    resuming = cfg.save is not None and (Path(cfg.save) / TRACKER).is_file()
-    source = cfg.save if resuming else cfg.load
-    if source is None:
-        log.info("training from a random init (seed %d)", cfg.train.seed)
-        return TrainState(), None
-    if resuming and cfg.load is not None:
-        log.info(
-            "save=%s already holds a checkpoint: resuming it (load= only starts a run)", cfg.save
-        )
-    args = (setup.spec, setup.plan.tp, setup.plan.pp, setup.plan.vpp)
-    iteration = read_tracker(Path(source))
-    found = MegatronCheckpoint.open(Path(source), iteration).lora
-    adapters, base_dir = None, None
-    if cfg.finetuning_type == "lora":
-        if found is None and resuming:
-            raise ConfigError(
-                f"save={cfg.save} holds a full checkpoint, not LoRA adapters; give the LoRA run "
-                "a save directory of its own"
-            )
-        if found is None:  # the base model: the adapters start fresh
-            adapters = AdapterCheckpointInfo(cfg.lora, str(Path(source).resolve()), str(iteration))
-        else:
-            found.check_matches(cfg.lora, source)
-            base, base_iteration = found.base_dir, found.base_iteration
-            if not Path(base).is_dir() and cfg.load not in (None, source):
-                base_dir = cfg.load  # the base moved; load= says where it is now
-                base, base_iteration = str(Path(base_dir).resolve()), read_tracker(Path(base_dir))
-            # This run's settings (dropout may differ) on the adapters' base.
-            adapters = AdapterCheckpointInfo(cfg.lora, base, str(base_iteration))
-    # A converted (release) checkpoint has weights only: it starts a fine-tune, as does the base
-    # model of a LoRA run.
-    weights_only = not resuming and (
-        cfg.checkpoint.finetune
-        or iteration == RELEASE
-        or (cfg.finetuning_type == "lora" and found is None)
-    )
-    if weights_only:
-        load_model_weights(model, source, *args, base_dir=base_dir)
-        # bf16/fp16: the optimizer's fp32 master weights were copied at construction; refresh
-        # them, or the first step would write the random init back over the loaded weights.
-        optimizer.reload_model_params()
-        log.info(
-            "fine-tuning from the weights of %s (iteration and optimizer start afresh)", source
-        )
-        return TrainState(), adapters
-    state = load_training_checkpoint(source, model, optimizer, scheduler, *args, base_dir=base_dir)
-    log.info(
-        "resumed at iteration %d (%d samples consumed)", state.iteration, state.consumed_samples
-    )
-    return state, adapters
-
-
 def evaluate(
     model, task: Task, cfg: TrainingCommandConfig, plan: ParallelPlan, dp_rank: int
 ) -> dict[str, float]:
@@ -259,10 +197,10 @@ def evaluate(
                 iterators,
                 task.eval_forward,
                 task.eval_loss,
-                plan,
-                tr,
+                plan.micro_batches,
+                tr.seq_length,
+                tr.micro_batch_size * task.rows_per_sample,
                 forward_only=True,
-                rows=task.rows_per_sample,
             )
     for m in model:
         m.train()
@@ -270,13 +208,14 @@ def evaluate(
 
 
 def train(
-    cfg: TrainingCommandConfig, make_task: Callable[[TrainingCommandConfig, dict], Task]
+    cfg: TrainingCommandConfig, make_task: Callable[[TrainingCommandConfig, Setup], Task]
 ) -> list[dict[str, float]]:
     """Run a training command; returns the per-iteration metrics (rank 0 has them all)."""
     spec = cfg.model.spec()
     plan = validate(cfg, parallel.world_size(), spec)
+    check_outputs(cfg, spec)
     mlog.setup(all_ranks=cfg.log.all_ranks)
-    setup = Setup(spec, plan, accel.start(cfg, plan, spec.num_layers))
+    setup = Setup(spec, plan, kernels.start(cfg, plan, spec.num_layers))
     parallel.init(plan.tp, plan.pp, plan.vpp, seed=cfg.train.seed)
     try:
         return _run(cfg, make_task, setup)
@@ -288,26 +227,19 @@ def train(
 
 
 def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, float]]:
-    from megatron.core import parallel_state as ps
-
     spec, plan, tr = setup.spec, setup.plan, cfg.train
     task = make_task(cfg, setup)  # may resolve train.epochs into train.iters
     model, optimizer, scheduler, options = _build(cfg, setup, task)
-    state, adapters = _start(cfg, setup, model, optimizer, scheduler)
+    parts = TrainingParts(model, optimizer, scheduler)
+    state, adapters = resume(cfg, spec, plan, parts)
     run = Run(model, state, setup, options, cfg)
     if task.on_start is not None:
         task.on_start(run)
-    dp_rank, dp = ps.get_data_parallel_rank(), plan.dp
+    dp_rank, dp = parallel.dp_rank(), plan.dp
     # One iterator per model chunk: with interleaving, every chunk draws each micro-batch.
     iterators = [task.batches(state.consumed_samples, dp_rank, dp) for _ in model]
 
-    args = megatron_args(
-        spec,
-        plan.tp,
-        plan.pp,
-        DTYPE_NAMES[DTYPES[tr.precision]],
-    )
-    args.virtual_pipeline_model_parallel_size = plan.vpp if plan.vpp > 1 else None
+    args = megatron_args(spec, plan.tp, plan.pp, plan.vpp, DTYPE_NAMES[DTYPES[tr.precision]])
     if adapters is not None:
         vars(args).update(adapters.to_args())
     tokens_per_iter = tr.global_batch_size * tr.seq_length * task.rows_per_sample
@@ -355,10 +287,10 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
                     step_iterators,
                     task.forward,
                     task.loss,
-                    plan,
-                    tr,
+                    plan.micro_batches,
+                    tr.seq_length,
+                    tr.micro_batch_size * task.rows_per_sample,
                     forward_only=False,
-                    rows=task.rows_per_sample,
                 )
             )
             metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate this step uses
@@ -405,9 +337,7 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
                 save_training_checkpoint(
                     cfg.save,
                     state,
-                    model,
-                    optimizer,
-                    scheduler,
+                    parts,
                     args,
                     cfg.checkpoint.keep_last,
                     adapters_only=adapters is not None,

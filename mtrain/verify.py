@@ -18,12 +18,13 @@ import torch
 from omegaconf import MISSING
 
 from mtrain import accel, parallel
-from mtrain.checkpoint import load_model_weights
-from mtrain.checkpoint_format import MegatronCheckpoint
+from mtrain.checkpoint import MegatronCheckpoint, load_model_weights
 from mtrain.cli import hydra_command
 from mtrain.errors import MtrainError
 from mtrain.lora import add_adapters
+from mtrain.losses import gather_vocab, logits_forward
 from mtrain.models.provider import BuildOptions, build_model_chunks
+from mtrain.schedule import run_schedule
 
 log = logging.getLogger("mtrain.verify")
 
@@ -70,40 +71,31 @@ def megatron_logits(
     chunks: list[torch.nn.Module], tokens: torch.Tensor, vocab: int
 ) -> torch.Tensor | None:
     """Full-vocabulary logits on the last pipeline stage (None on the others)."""
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     captured: list[torch.Tensor] = []
 
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        positions = torch.arange(batch.shape[1], device=batch.device).expand_as(batch)
-        output = model(batch, positions, attention_mask=None)
-
-        def keep(logits):
-            captured.append(logits.detach())
-            return logits.sum() * 0.0, {}
-
-        return output, keep
+    def keep(batch, logits):
+        captured.append(logits.detach())
+        return logits.new_zeros(()), {}
 
     for chunk in chunks:
         chunk.eval()
     # One sequence per micro-batch: the interleaved schedule needs at least PP micro-batches.
-    rows = list(tokens.split(1))
+    positions = torch.arange(tokens.shape[1]).expand(1, -1)
+    rows = [{"tokens": row, "position_ids": positions} for row in tokens.split(1)]
     with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(rows) for _ in chunks] if len(chunks) > 1 else iter(rows),
-            model=chunks,
-            num_microbatches=len(rows),
-            seq_length=tokens.shape[1],
-            micro_batch_size=1,
+        run_schedule(
+            chunks,
+            [iter(rows) for _ in chunks],
+            logits_forward,
+            keep,
+            len(rows),
+            tokens.shape[1],
+            1,
             forward_only=True,
         )
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+    if not parallel.is_last_stage():
         return None
-    full = tensor_parallel.gather_from_tensor_model_parallel_region(torch.cat(captured))
-    return full[..., :vocab].float()
+    return gather_vocab(torch.cat(captured))[..., :vocab].float()
 
 
 def checkpoint_max_diff(

@@ -10,7 +10,7 @@ import pytest
 from mtrain.config.model import load_preset
 from mtrain.config.schema import TrainingCommandConfig, iters_for_epochs, validate
 from mtrain.errors import ConfigError
-from mtrain.dry_run import memory_estimate
+from mtrain.estimates import memory_estimate
 
 
 def config(preset="qwen3_tiny", **changes) -> TrainingCommandConfig:

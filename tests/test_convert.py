@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from converters import hf2mcore, mcore2hf
 from converters.hf2mcore import HF2McoreConfig
 from converters.mcore2hf import McoreToHFConfig
-from mtrain.checkpoint_format import load_rank_file
+from mtrain.checkpoint import load_rank_file
 from mtrain.errors import CheckpointError, ConfigError
 from tests.conftest import tiny_spec
 

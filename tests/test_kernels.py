@@ -17,8 +17,8 @@ import torch
 
 from converters import hf2mcore
 from converters.hf2mcore import HF2McoreConfig
-from mtrain.accel import te
-from mtrain.accel.npu_spec import segment_ends
+from mtrain.kernels import te
+from mtrain.kernels.torch_npu import segment_ends
 from tests.conftest import tiny_spec
 from tests.torchrun import launch, torchrun
 

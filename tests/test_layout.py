@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from converters.layout import Dims, merge, shard, shard_shape
-from converters.mappings import FAMILIES
-from converters.mappings.base import Entry
+from mtrain.models.families import FAMILIES
+from mtrain.models.families.base import Entry
 from tests.conftest import tiny_spec
 
 QWEN2 = FAMILIES["qwen2"]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from converters import hf2mcore, mcore2hf
 from converters.hf2mcore import HF2McoreConfig
 from converters.mcore2hf import LoraExportConfig, McoreToHFConfig
-from mtrain.checkpoint_format import TRACKER
+from mtrain.checkpoint import TRACKER
 from mtrain.models.tiny import corpus, write_chat_task
 from tests.conftest import TINY, tiny_spec
 from tests.torchrun import launch, torchrun

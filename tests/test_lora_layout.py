@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from converters.adapters import merge_adapter, peft_names, target_entries
+from converters.adapters import merge_adapter, peft_names
 from converters.layout import Dims, merge, shard
-from converters.mappings.base import Kind
+from mtrain.checkpoint import AdapterCheckpointInfo
 from mtrain.config.lora import LoraConfig
 from mtrain.errors import CheckpointError, ConfigError
-from mtrain.lora import AdapterCheckpointInfo, merged_weight
+from mtrain.lora import merged_weight
+from mtrain.models.families.base import Kind
 from tests.conftest import tiny_spec
 
 R, SCALING = 4, 2.0
@@ -52,7 +53,7 @@ def adapter_shards(entry, names, adapters, dims: Dims, rank: int):
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("target", ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
 def test_each_rank_merging_its_shard_equals_merging_the_whole_matrix(target, tp):
-    entry = target_entries(SPEC.family_table)[target]
+    entry = SPEC.family_table.lora_targets[target]
     dims = Dims.of(SPEC, tp)
     names = [f"m{i}" for i in range(len(entry.hf))]
     weights, adapters = full_matrices(entry, dims, seed=tp)
@@ -74,7 +75,7 @@ def test_each_rank_merging_its_shard_equals_merging_the_whole_matrix(target, tp)
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("target", ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
 def test_peft_split_recovers_each_hf_modules_adapter(target, tp):
-    entry = target_entries(SPEC.family_table)[target]
+    entry = SPEC.family_table.lora_targets[target]
     dims = Dims.of(SPEC, tp)
     names = [f"m{i}" for i in range(len(entry.hf))]
     _, adapters = full_matrices(entry, dims, seed=10 + tp)
@@ -86,7 +87,7 @@ def test_peft_split_recovers_each_hf_modules_adapter(target, tp):
 
 
 def test_inconsistent_replicated_adapter_is_refused():
-    entry = target_entries(SPEC.family_table)["linear_qkv"]
+    entry = SPEC.family_table.lora_targets["linear_qkv"]
     dims = Dims.of(SPEC, 2)
     a = torch.zeros(R, 32)
     b = [torch.zeros(sum(s[0] for s in dims.hf_shapes(entry)) // 2, R)] * 2

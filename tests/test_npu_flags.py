@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from mtrain import accel
-from mtrain.accel import kernels as layers
-from mtrain.accel import mindspeed
+from mtrain import kernels as layers
 from mtrain.accel.runtime_env import NPU_DEFAULTS, apply_npu_defaults
 from mtrain.config.model import load_preset
 from mtrain.config.schema import TrainingCommandConfig, validate
 from mtrain.errors import ConfigError
+from mtrain.kernels import mindspeed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,9 +34,9 @@ def config(**changes) -> TrainingCommandConfig:
 
 
 def flags_of(cfg, packed=False):
-    layout = validate(cfg, world_size=16)
-    mindspeed.check(cfg, layout, "mindspeed")
-    return mindspeed.flags(cfg, layout, packed)
+    plan = validate(cfg, world_size=16)
+    mindspeed.check(cfg, plan, "mindspeed")
+    return mindspeed.flags(cfg, plan, cfg.model.num_layers, packed)
 
 
 def test_defaults_turn_on_the_four_fused_kernels_and_causal_flash_attention():
@@ -178,9 +178,9 @@ def test_refused_combinations(changes, kernels, message):
         cfg.finetuning_type, cfg.load = "lora", "base_ckpt"
     else:
         cfg = config(**changes)
-    layout = validate(cfg, world_size=16)
+    plan = validate(cfg, world_size=16)
     with pytest.raises(ConfigError, match=message):
-        mindspeed.check(cfg, layout, kernels)
+        mindspeed.check(cfg, plan, kernels)
 
 
 @pytest.mark.parametrize(
@@ -208,17 +208,17 @@ def test_sequence_parallel_is_accepted_where_the_norm_supports_it():
 
 
 def test_kernels_auto_and_explicit_choices():
-    assert accel.resolve_kernels("auto", "cpu") == "local"
-    assert accel.resolve_kernels("sdpa", "cpu") == "sdpa"
+    assert layers.resolve_kernels("auto", "cpu") == "local"
+    assert layers.resolve_kernels("sdpa", "cpu") == "sdpa"
     expect_cuda = "te" if accel.installed("transformer_engine") else "sdpa"
-    assert accel.resolve_kernels("auto", "cuda") == expect_cuda
+    assert layers.resolve_kernels("auto", "cuda") == expect_cuda
     with pytest.raises(ConfigError, match="kernels=mindspeed needs device=npu"):
-        accel.resolve_kernels("mindspeed", "cpu")
+        layers.resolve_kernels("mindspeed", "cpu")
     with pytest.raises(ConfigError, match="kernels=te needs device=cuda"):
-        accel.resolve_kernels("te", "cpu")
+        layers.resolve_kernels("te", "cpu")
     if not accel.installed("torch_npu"):
         with pytest.raises(ConfigError, match="kernels=torch_npu needs torch_npu"):
-            accel.resolve_kernels("torch_npu", "cpu")
+            layers.resolve_kernels("torch_npu", "cpu")
 
 
 def test_unknown_kernels_value_is_refused():
@@ -260,15 +260,16 @@ import sys, json, types, torch
 torch.npu = types.SimpleNamespace(  # the emulation has no device; pretend 8 NPUs
     is_available=lambda: True, device_count=lambda: 8, set_device=lambda i: None,
     current_device=lambda: 0)
-from mtrain import accel
+from mtrain import kernels
 from mtrain.config.model import load_preset
 from mtrain.config.schema import TrainingCommandConfig, validate
 cfg = TrainingCommandConfig(model=load_preset("qwen3_tiny"))
 cfg.train.iters, cfg.train.seq_length, cfg.data.path = 1, 64, "x.jsonl"
 cfg.device, cfg.kernels, cfg.parallel.tp, cfg.parallel.pp = "npu", "{kernels}", 1, 1
-layout = validate(cfg, world_size=1)
+plan = validate(cfg, world_size=1)
 argv_before = list(sys.argv)
-print(json.dumps({{"kernels": accel.start(cfg, layout), "argv_restored": sys.argv == argv_before}}))
+started = kernels.start(cfg, plan, cfg.model.num_layers)
+print(json.dumps({{"kernels": started, "argv_restored": sys.argv == argv_before}}))
 import megatron.core  # after MindSpeed, as in a run
 """
 

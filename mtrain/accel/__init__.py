@@ -1,26 +1,25 @@
 """Device backends. Code outside this package says `accel.device()` / `accel.dist_backend()`,
 never a device literal.
 
-`start(cfg, plan, num_layers)` (training commands) or `activate("auto" | "cpu" | "cuda" | "npu")` picks the
-backend once per process, before megatron is imported by anything that runs on it, and applies
-its set-up (the CPU shim, torch_npu's device mapping, MindSpeed's patches). This module imports
-torch lazily: `mtrain/__init__.py` must set the Ascend environment before torch loads.
+`activate("auto" | "cpu" | "cuda" | "npu")` picks the backend once per process, before megatron
+is imported by anything that runs on it, and applies its set-up (the CPU shim, torch_npu's device
+mapping). Training commands call it through `mtrain.kernels.start`, which also installs
+MindSpeed's patches; the layer choices (`kernels=`) live in mtrain/kernels, not here. This module
+imports torch lazily: `mtrain/__init__.py` must set the Ascend environment before torch loads.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mtrain.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("mtrain.accel")
 NAMES = ("cpu", "cuda", "npu")
 _active: ModuleType | None = None
 
@@ -61,31 +60,6 @@ def resolve(name: str = "auto") -> str:
     return name
 
 
-def resolve_kernels(requested: str, device_name: str) -> str:
-    """The layer implementation `kernels=requested` stands for on `device_name` (see
-    mtrain/config/kernels.py); refuse one this machine cannot run."""
-    if requested == "auto":
-        if device_name == "cuda":
-            return "te" if installed("transformer_engine") else "sdpa"
-        if device_name == "npu":
-            return "mindspeed" if installed("mindspeed") else "torch_npu"
-        return "local"
-    if requested == "te" and (device_name != "cuda" or not installed("transformer_engine")):
-        raise ConfigError(
-            f"kernels=te needs device=cuda with transformer_engine installed (device="
-            f"{device_name}); use kernels=auto"
-        )
-    if requested == "mindspeed" and (device_name != "npu" or not installed("mindspeed")):
-        raise ConfigError(
-            f"kernels=mindspeed needs device=npu with MindSpeed installed (device={device_name}"
-            f", MindSpeed {'found' if installed('mindspeed') else 'not found'}); see the README's "
-            "'Ascend NPU' section, or use kernels=torch_npu"
-        )
-    if requested == "torch_npu" and not installed("torch_npu"):
-        raise ConfigError("kernels=torch_npu needs torch_npu installed; use kernels=auto")
-    return requested
-
-
 def module(name: str) -> ModuleType:
     return importlib.import_module(f"mtrain.accel.{name}")
 
@@ -102,38 +76,6 @@ def activate(name: str = "auto") -> ModuleType:
     backend.install_shim()
     _active = backend
     return backend
-
-
-def start(cfg: Any, plan: Any, num_layers: int) -> str:
-    """Set up the device and kernels of a training command; returns the resolved `kernels`.
-
-    Order matters on Ascend: torch_npu and its cuda->npu mapping, then MindSpeed's adaptor with
-    the run's flags, all before the first megatron import.
-    """
-    from mtrain.accel import kernels as layers
-    from mtrain.accel import mindspeed
-
-    name = resolve(cfg.device)
-    kernels = resolve_kernels(cfg.kernels, name)
-    if kernels == "te" and cfg.finetuning_type == "lora":
-        if cfg.kernels == "te":
-            raise ConfigError(
-                "kernels=te with finetuning_type=lora: Transformer Engine fuses the input norm "
-                "into linear_qkv / linear_fc1, so adapters there would see un-normalised inputs;"
-                " use kernels=sdpa (what kernels=auto picks for LoRA on CUDA)"
-            )
-        kernels = "sdpa"
-        log.info("kernels: sdpa, not te: LoRA adapters need the unfused input norms")
-    layers.check(kernels, cfg.npu, cfg.parallel.sequence_parallel)
-    mindspeed.check(cfg, plan, kernels)
-    argv = None
-    if kernels == "mindspeed":
-        packed = bool(getattr(cfg.data, "packing", False))
-        argv = mindspeed.flags(cfg, plan, num_layers, packed=packed)
-    activate(name)
-    if argv is not None:
-        mindspeed.install(argv)
-    return kernels
 
 
 def current() -> ModuleType:

@@ -1,4 +1,4 @@
-"""Ascend NPU backend: torch_npu maps cuda -> npu and nccl -> hccl (MindSpeed: accel/mindspeed.py)."""
+"""Ascend NPU backend: torch_npu maps cuda -> npu and nccl -> hccl (MindSpeed: mtrain/kernels)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,25 +38,40 @@ def keep_frozen_tied_embedding_reducible(chunks: list[torch.nn.Module]) -> None:
             weight.main_grad = torch.zeros_like(weight, dtype=torch.float32)
 
 
-def load_distributed_optimizer_state(optimizer: Any, path: str) -> None:
-    """`optimizer.load_parameter_state(path)` for the distributed optimizer on torch's Adam.
+def load_distributed_optimizer_state(
+    optimizer: Any, path: str, load: Callable[[str], Any] | None = None
+) -> None:
+    """`optimizer.load_parameter_state(path)` for the distributed optimizer on torch's Adam,
+    reading the file with `load` (mtrain's safe loader) instead of megatron's bare `torch.load`.
 
-    Two symptoms (0.12.x without Apex / Transformer Engine): `load_state_dict` gives every
+    Three symptoms (0.12.x without Apex / Transformer Engine): megatron reads the file with
+    `torch.load(filename)`, which unpickles anything on torch < 2.6; `load_state_dict` gives every
     parameter's state the *same* "step" tensor, which Adam then increments in place once per
     parameter (a wrong bias correction from the first resumed step); and the DP-zero loader
-    expects a saved tensor for every state key, "step" included (KeyError). So the steps are
-    set aside while loading, and each parameter gets its own copy back. Shown by
-    tests/test_train.py::test_interrupted_and_resumed_training_reproduces_the_loss_sequence
+    expects a saved tensor for every state key, "step" included (KeyError). So the file is read
+    here (on DP rank 0, in megatron's own layout: one state, or a list with one per chained
+    optimizer), the steps are set aside while loading, and each parameter gets its own copy back.
+    Shown by tests/test_train.py::test_interrupted_and_resumed_training_reproduces_the_loss_sequence
     (distributed optimizer on)."""
-    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    inner = list(getattr(optimizer, "chained_optimizers", [optimizer]))
     steps = [
         (state, state.pop("step"))
         for opt in inner
-        for state in opt.state.values()
+        for state in opt.optimizer.state.values()
         if "step" in state
     ]
+    read = load or torch.load
     try:
-        optimizer.load_parameter_state(path)
+        states = None
+        for index, opt in enumerate(inner):
+            if getattr(opt, "is_stub_optimizer", False) or not hasattr(
+                opt, "load_parameter_state_from_dp_zero"
+            ):
+                continue
+            if torch.distributed.get_rank(opt.data_parallel_group) == 0 and states is None:
+                states = read(path)
+            state = None if states is None else states if len(inner) == 1 else states[index]
+            opt.load_parameter_state_from_dp_zero(state)
     finally:
         for state, step in steps:
             state["step"] = step.clone()

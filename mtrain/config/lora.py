@@ -6,19 +6,11 @@ import math
 from dataclasses import dataclass, field
 
 from mtrain.errors import ConfigError
+from mtrain.models.families import LORA_TARGETS, hf_lora_names
 
-# The linears LoRA can adapt, by their megatron-core names. HF splits two of them: linear_qkv is
-# q_proj, k_proj and v_proj; linear_fc1 is gate_proj and up_proj.
-TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-_HF_NAMES = {
-    "q_proj": "linear_qkv",
-    "k_proj": "linear_qkv",
-    "v_proj": "linear_qkv",
-    "o_proj": "linear_proj",
-    "gate_proj": "linear_fc1",
-    "up_proj": "linear_fc1",
-    "down_proj": "linear_fc2",
-}
+# Every supported family has the same four linears (mtrain/models/families/base.py).
+TARGETS = LORA_TARGETS
+_HF_NAMES = hf_lora_names()
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from mtrain.checkpoint_format import TRACKER
+from mtrain.checkpoint.layout import TRACKER
 from mtrain.config.data import DataConfig
 from mtrain.config.kernels import KERNELS, NpuConfig
 from mtrain.config.lora import LoraConfig
@@ -38,13 +38,6 @@ class ParallelConfig:
     sequence_parallel: bool = False  # split activations along the sequence within TP (needs tp > 1)
     distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
     overlap_grad_reduce: bool = False  # overlap the DP gradient all-reduce with backward
-
-    def validate(self) -> ParallelConfig:
-        for key in ("tp", "pp", "vpp"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"parallel.{key}={value} must be >= 1")
-        return self
 
 
 @dataclass
@@ -87,6 +80,15 @@ class TrainConfig:
         for key in ("iters", "micro_batch_size", "global_batch_size", "seq_length"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be positive")
+        for key in ("lr", "min_lr", "weight_decay", "clip_grad", "warmup_iters"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        for key in ("adam_eps", "init_std"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be positive")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be in [0, 1)")
         check_iters(self)
         if self.exit_after_iters is not None and self.exit_after_iters <= 0:
             raise ConfigError(f"train.exit_after_iters={self.exit_after_iters} must be positive")

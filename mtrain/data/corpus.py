@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import os
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtrain.checkpoint.atomic import atomic_paths, atomic_write
 from mtrain.config.data import DataConfig
 from mtrain.data import sources
 from mtrain.data.indexed import IndexedTokens, is_prepared, token_dtype, write_index
@@ -220,27 +220,17 @@ def _write(
     path: Path, chunks: Iterable[sources.Chunk], tokenization: Tokenization, prefix: Path
 ) -> tuple[int, int]:
     """Tokenize `chunks` into `prefix`.bin/.idx, all or nothing; (documents, tokens)."""
-    tag = temp_suffix()
-    bin_tmp, idx_tmp = Path(f"{prefix}.bin{tag}"), Path(f"{prefix}.idx{tag}")
     lengths = []
-    try:
+    # .idx last: the entry becomes visible only once both files are complete.
+    with atomic_paths(f"{prefix}.bin", f"{prefix}.idx") as (bin_tmp, idx_tmp):
         with open(bin_tmp, "wb") as out:
             for ids, lens in tokenization.encoded(chunks):
                 out.write(ids.tobytes())
                 lengths.append(lens)
-            out.flush()
-            os.fsync(out.fileno())
         lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
         if not len(lengths):
             raise DataError(f"{path}: no documents (the file is empty or every text is empty)")
         write_index(idx_tmp, lengths, tokenization.dtype)
-        with open(idx_tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(bin_tmp, f"{prefix}.bin")
-        os.replace(idx_tmp, f"{prefix}.idx")  # the entry becomes visible only now
-    finally:
-        bin_tmp.unlink(missing_ok=True)
-        idx_tmp.unlink(missing_ok=True)
     return len(lengths), int(lengths.sum(dtype=np.int64))
 
 
@@ -308,15 +298,8 @@ def _content_hash(path: Path, root: Path) -> str:
         return memo.read_text().strip()
     digest = _file_digest(path)
     memo.parent.mkdir(exist_ok=True)
-    tmp = memo.with_name(f"{memo.name}{temp_suffix()}")
-    tmp.write_text(digest)
-    os.replace(tmp, memo)
+    atomic_write(memo, digest)
     return digest
-
-
-def temp_suffix() -> str:
-    """Unique among processes, also on other nodes sharing the file system."""
-    return f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 def _file_digest(path: Path) -> str:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mtrain.checkpoint.atomic import atomic_paths
 from mtrain.config.data import DataConfig
-from mtrain.data.corpus import prepare_corpus, temp_suffix
+from mtrain.data.corpus import prepare_corpus
 from mtrain.data.indexed import IndexedTokens
 from mtrain.errors import ConfigError, DataError
 
@@ -101,17 +101,13 @@ def _load_or_build_index(data: IndexedTokens, seq_length: int, num_samples: int,
     if all(p.is_file() for p in paths):
         return tuple(np.load(p, mmap_mode="r") for p in paths)
     arrays = build_index(data.lengths, seq_length, num_samples, seed)
-    tag = temp_suffix()
     try:
-        for path, array in zip(paths, arrays):
-            with open(f"{path}{tag}", "wb") as f:
-                np.save(f, array)
-        for path in paths:  # samples last: its presence means docs is complete
-            os.replace(f"{path}{tag}", path)
+        with atomic_paths(*paths) as temps:  # samples last: its presence means docs is complete
+            for temp, array in zip(temps, arrays):
+                with open(temp, "wb") as f:
+                    np.save(f, array)
     except OSError as err:  # e.g. a read-only dataset directory: keep the index in memory
         log.warning("data: could not cache the sample index next to %s (%s)", data.prefix, err)
-        for path in paths:
-            Path(f"{path}{tag}").unlink(missing_ok=True)
     return arrays
 
 

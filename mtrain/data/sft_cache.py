@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mtrain.checkpoint.atomic import atomic_paths
 from mtrain.config.data import DataConfig
 from mtrain.config.sft_data import SFTDataConfig
 from mtrain.data import formats
-from mtrain.data.corpus import Tokenization, _content_hash, ready_cache_root, temp_suffix
+from mtrain.data.corpus import Tokenization, _content_hash, ready_cache_root
 from mtrain.data.indexed import IndexedTokens, token_dtype, write_index
 from mtrain.data.masking import ChatEncoder, Encoded
 from mtrain.data.templates import resolve_template
@@ -175,14 +175,12 @@ def _write(path: Path, prefix: Path, cfg: SFTDataConfig, chat: ChatTokenizer, ki
             reported.add(where)
             stats.bad_record(where, err)
 
-    tag = temp_suffix()
-    temps = {
-        s: Path(f"{prefix}{s}{tag}") for s in (".bin", ".mask.bin", ".first.npy", ".idx", ".json")
-    }
+    suffixes = (".bin", ".mask.bin", ".first.npy", ".idx", ".json")  # renamed in order, .json last
     lengths: list[int] = []
     firsts: list[int] = []
     trained = 0
-    try:
+    with atomic_paths(*(f"{prefix}{s}" for s in suffixes)) as paths:
+        temps = dict(zip(suffixes, paths))
         with (
             open(temps[".bin"], "wb") as ids_out,
             open(temps[".mask.bin"], "wb") as mask_out,
@@ -211,9 +209,6 @@ def _write(path: Path, prefix: Path, cfg: SFTDataConfig, chat: ChatTokenizer, ki
                     firsts += [_first_trained(e) for e in encoded]
                     trained += int(mask.sum(dtype=np.int64))
                 pending = submitted
-            for f in (ids_out, mask_out):
-                f.flush()
-                os.fsync(f.fileno())
         if not lengths:
             raise DataError(
                 f"{path}: no usable {kind.unit}"
@@ -232,11 +227,6 @@ def _write(path: Path, prefix: Path, cfg: SFTDataConfig, chat: ChatTokenizer, ki
             "first_bad": stats.first_bad, "seconds": time.perf_counter() - start,
         }  # fmt: skip
         temps[".json"].write_text(json.dumps(meta))
-        for suffix, temp in temps.items():  # .json last: the entry becomes visible only then
-            os.replace(temp, f"{prefix}{suffix}")
-    finally:
-        for temp in temps.values():
-            temp.unlink(missing_ok=True)
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:

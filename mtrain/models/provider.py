@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from mtrain import compat
-from mtrain.accel import kernels
+from mtrain import compat, kernels
 from mtrain.config.kernels import NpuConfig
 from mtrain.dtypes import DTYPES
 from mtrain.models.spec import ModelSpec
@@ -66,13 +64,8 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         num_attention_heads=spec.num_attention_heads,
         num_query_groups=spec.num_query_groups,
         kv_channels=spec.kv_channels,
-        normalization="RMSNorm",
         layernorm_epsilon=spec.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=family.qkv_bias,
-        qk_layernorm=family.qk_layernorm,
+        **family.transformer_switches(),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=opts.init_method_std,
@@ -144,7 +137,39 @@ def build_model_chunks(spec: ModelSpec, opts: BuildOptions) -> list[torch.nn.Mod
             rope_scaling_factor=spec.rope_scaling_factor or 8.0,
         )
         kernels.prepare(model, opts.kernels, opts.npu, opts.explicit_attention_mask)
+        if model.post_process:
+            mask_padded_vocabulary(model, spec, opts.tp)
         chunks.append(model)
     if opts.vpp > 1:
         parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     return chunks
+
+
+def mask_padded_vocabulary(model: torch.nn.Module, spec: ModelSpec, tp: int) -> None:
+    """Give the logits of the rows that only pad the vocabulary to a multiple of TP the value
+    -inf, on the ranks that hold such rows.
+
+    Without it a padded row (zero from hf2mcore, random from scratch) is an extra class in every
+    softmax: the loss at TP=2 on a vocabulary of 301 differs from TP=1 by exactly the NLL with
+    one zero logit added, and the row then trains. Masked, every loss, log-prob, accuracy and
+    evaluation sees only the real vocabulary, whatever TP is, and the padded rows get no
+    gradient. The hook sits on the output layer, so every path that produces logits is covered.
+    """
+    from megatron.core import parallel_state
+
+    padded = spec.padded_vocab_size(tp)
+    if padded == spec.vocab_size:
+        return
+    per_rank = padded // tp
+    first = parallel_state.get_tensor_model_parallel_rank() * per_rank
+    pad = torch.arange(first, first + per_rank) >= spec.vocab_size
+    if not pad.any():
+        return
+    # A buffer moves with the model to its device; non-persistent, so checkpoints never see it.
+    model.output_layer.register_buffer("vocab_padding", pad, persistent=False)
+
+    def mask_logits(module, args, output):
+        logits, bias = output
+        return logits.masked_fill(module.vocab_padding, float("-inf")), bias
+
+    model.output_layer.register_forward_hook(mask_logits)

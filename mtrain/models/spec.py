@@ -1,27 +1,27 @@
 """`ModelSpec`: the one description of a decoder-only model that every part of mtrain reads.
 
 It is built from an HF `config.json`, from a `conf/model/` preset, or from the `args` stored in a
-Megatron checkpoint, and turned back into each of those. Family-specific facts (which HF
-`model_type`, q/k norms, qkv bias) come from the mapping tables in `converters/mappings`.
+Megatron checkpoint (see mtrain.checkpoint.args), and turned back into each of those.
+Family-specific facts (which HF `model_type`, q/k norms, qkv bias) come from the mapping tables in
+`mtrain/models/families`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from converters.mappings import FAMILIES, Family, family_for_model_type
 from mtrain.errors import CheckpointError, ConfigError
+from mtrain.models.families import FAMILIES, Family, family_for_model_type
 
 
 @dataclass
 class ModelSpec:
     """Architecture hyper-parameters, in Megatron's vocabulary."""
 
-    family: str  # a key of converters.mappings.FAMILIES: qwen3 | qwen2 | llama
+    family: str  # a key of mtrain.models.families.FAMILIES: qwen3 | qwen2 | llama
     num_layers: int  # decoder layers
     hidden_size: int  # model width
     ffn_hidden_size: int  # MLP width (HF intermediate_size)
@@ -98,34 +98,52 @@ class ModelSpec:
         """
         return -(-self.vocab_size // tp) * tp
 
+    def shape_symbols(self) -> dict[str, int]:
+        """Values of the symbols the family tables write tensor shapes in."""
+        d = self.kv_channels
+        return {
+            "hidden": self.hidden_size,
+            "ffn": self.ffn_hidden_size,
+            "vocab": self.vocab_size,
+            "q": self.num_attention_heads * d,
+            "kv": self.num_query_groups * d,
+            "head": d,
+        }
+
+    def layer_parameters(self) -> int:
+        """Parameters of one decoder layer, from the family table."""
+        return self.family_table.layer_parameters(self.shape_symbols())
+
     def num_parameters(self) -> int:
         """Parameter count of the HF model (embedding counted once when tied)."""
-        h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
-        q, kv = self.num_attention_heads * d, self.num_query_groups * d
-        attn = h * (q + 2 * kv) + q * h
-        if self.family_table.qkv_bias:
-            attn += q + 2 * kv
-        if self.family_table.qk_layernorm:
-            attn += 2 * d
-        per_layer = attn + 3 * h * f + 2 * h
-        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embeddings + h
+        family, symbols = self.family_table, self.shape_symbols()
+        heads = [family.embedding, family.final_norm]
+        if not self.tie_word_embeddings:
+            heads.append(family.output)
+        return self.num_layers * self.layer_parameters() + sum(e.numel(symbols) for e in heads)
 
 
 # --- HF config.json --------------------------------------------------------------------------
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def _rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
     """rope_theta and the scaling dict, from either transformers 4 or 5 style config.json."""
     params = cfg.get("rope_parameters")
-    if isinstance(params, dict):
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope_parameters={params!r} must be a JSON object")
+    scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: rope_scaling={scaling!r} must be a JSON object or null")
+    if params is not None:
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
         scaling = params if params.get("rope_type", "default") != "default" else None
-        return float(theta), scaling
-    scaling = cfg.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None
-    return float(cfg.get("rope_theta", 10000.0)), scaling
+    else:
+        theta = cfg.get("rope_theta", 10000.0)
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise ConfigError(f"{source}: rope_theta={theta!r} must be a positive number")
+    return float(theta), scaling or None
 
 
 # Megatron implements exactly this RoPE scaling (Llama 3.1's), with only `factor` configurable.
@@ -136,20 +154,51 @@ _LLAMA3_FIXED = {
 }
 
 
+class _Fields:
+    """Typed reads of config.json fields; a wrong type or value is one error naming the field."""
+
+    def __init__(self, cfg: dict[str, Any], source: str):
+        self.cfg, self.source = cfg, source
+
+    def fail(self, key: str, want: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}={self.cfg.get(key)!r} must be {want}")
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        value = self.cfg.get(key)
+        value = default if value is None else value
+        if value is None:
+            raise ConfigError(f"{self.source}: required field {key!r} is missing")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self.fail(key, "a positive integer")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.cfg.get(key)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise self.fail(key, "a positive number")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.cfg.get(key)
+        value = default if value is None else value
+        if not isinstance(value, bool):
+            raise self.fail(key, "true or false")
+        return value
+
+
 def spec_from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ModelSpec:
     """Read an HF config dict; refuse any option mtrain would silently get wrong."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: must hold a JSON object, not a {type(cfg).__name__}")
     model_type = cfg.get("model_type")
-    family = family_for_model_type(model_type or "")
+    family = family_for_model_type(model_type if isinstance(model_type, str) else "")
     if family is None:
         supported = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
         raise ConfigError(
             f"{source}: model_type={model_type!r} is not supported; supported: {supported}"
         )
-
-    def need(key: str) -> Any:
-        if cfg.get(key) is None:
-            raise ConfigError(f"{source}: required field {key!r} is missing")
-        return cfg[key]
+    read = _Fields(cfg, source)
 
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
@@ -167,33 +216,41 @@ def spec_from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> Mod
             "set it to false (full attention) to train with mtrain"
         )
 
-    theta, scaling = _rope(cfg)
+    theta, scaling = _rope(cfg, source)
     factor = None
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type"))
-        fixed_ok = all(float(scaling.get(k, v)) == v for k, v in _LLAMA3_FIXED.items())
-        if kind != "llama3" or not fixed_ok:
+        try:
+            fixed_ok = all(float(scaling.get(k, v)) == v for k, v in _LLAMA3_FIXED.items())
+            factor = float(scaling["factor"]) if kind == "llama3" else None
+        except (KeyError, TypeError, ValueError):
+            fixed_ok = False
+        if kind != "llama3" or not fixed_ok or factor is None or factor <= 0:
             raise ConfigError(
                 f"{source}: rope scaling {scaling} is not supported (only "
-                f"'llama3' with {_LLAMA3_FIXED})"
+                f"'llama3' with a positive factor and {_LLAMA3_FIXED})"
             )
-        factor = float(scaling["factor"])
 
-    heads = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
+    heads = read.integer("num_attention_heads")
+    hidden = read.integer("hidden_size")
+    if cfg.get("head_dim") is None and hidden % heads:
+        raise ConfigError(
+            f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
+            "and head_dim is not given"
+        )
     return ModelSpec(
         family=family.name,
-        num_layers=int(need("num_hidden_layers")),
+        num_layers=read.integer("num_hidden_layers"),
         hidden_size=hidden,
-        ffn_hidden_size=int(need("intermediate_size")),
+        ffn_hidden_size=read.integer("intermediate_size"),
         num_attention_heads=heads,
-        num_query_groups=int(cfg.get("num_key_value_heads") or heads),
-        kv_channels=int(cfg.get("head_dim") or hidden // heads),
-        vocab_size=int(need("vocab_size")),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        num_query_groups=read.integer("num_key_value_heads", heads),
+        kv_channels=read.integer("head_dim", hidden // heads),
+        vocab_size=read.integer("vocab_size"),
+        max_position_embeddings=read.integer("max_position_embeddings", 4096),
         rope_theta=theta,
-        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        norm_epsilon=read.number("rms_norm_eps", 1e-6),
+        tie_word_embeddings=read.boolean("tie_word_embeddings", False),
         rope_scaling_factor=factor,
     ).validate(source)
 
@@ -204,7 +261,11 @@ def load_hf_config(hf_dir: str | Path) -> tuple[ModelSpec, dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"{path} not found; hf_dir must be a Hugging Face model directory")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
     return spec_from_hf_config(raw, str(path)), raw
@@ -240,81 +301,6 @@ def hf_config_from_spec(spec: ModelSpec, dtype: str = "bfloat16") -> dict[str, A
     out = config.to_dict()
     out["torch_dtype" if "torch_dtype" in out else "dtype"] = dtype
     return out
-
-
-# --- Megatron checkpoint args ----------------------------------------------------------------
-
-
-def megatron_args(spec: ModelSpec, tp: int, pp: int, params_dtype: str) -> argparse.Namespace:
-    """The `args` namespace stored in every rank file, with Megatron-LM's argument names.
-
-    MindSpeed-LLM and Megatron-LM read the parallel sizes and the model shape back from these.
-    """
-    family = spec.family_table
-    return argparse.Namespace(
-        model_type_hf=spec.family,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=None,
-        num_layers=spec.num_layers,
-        hidden_size=spec.hidden_size,
-        ffn_hidden_size=spec.ffn_hidden_size,
-        num_attention_heads=spec.num_attention_heads,
-        group_query_attention=spec.num_query_groups != spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
-        kv_channels=spec.kv_channels,
-        vocab_size=spec.vocab_size,
-        padded_vocab_size=spec.padded_vocab_size(tp),
-        max_position_embeddings=spec.max_position_embeddings,
-        seq_length=spec.max_position_embeddings,
-        position_embedding_type="rope",
-        rotary_base=spec.rope_theta,
-        use_rope_scaling=spec.rope_scaling_factor is not None,
-        rope_scaling_factor=spec.rope_scaling_factor or 8.0,
-        normalization="RMSNorm",
-        norm_epsilon=spec.norm_epsilon,
-        swiglu=True,
-        add_bias_linear=False,
-        add_qkv_bias=family.qkv_bias,
-        qk_layernorm=family.qk_layernorm,
-        untie_embeddings_and_output_weights=not spec.tie_word_embeddings,
-        transformer_impl="local",
-        params_dtype=params_dtype,
-        bf16=params_dtype == "bfloat16",
-        fp16=params_dtype == "float16",
-    )
-
-
-def spec_from_megatron_args(args: argparse.Namespace, source: str) -> ModelSpec:
-    """Inverse of `megatron_args`; also reads checkpoints written by MindSpeed-LLM/Megatron-LM."""
-    a = vars(args)
-
-    def need(key: str) -> Any:
-        if a.get(key) is None:
-            raise CheckpointError(f"{source}: checkpoint args lack {key!r}")
-        return a[key]
-
-    family = a.get("model_type_hf")
-    if family not in FAMILIES:  # a foreign checkpoint: infer the family from its switches
-        family = "qwen3" if a.get("qk_layernorm") else "qwen2" if a.get("add_qkv_bias") else "llama"
-    heads = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
-    groups = a.get("num_query_groups") if a.get("group_query_attention", True) else None
-    return ModelSpec(
-        family=family,
-        num_layers=int(need("num_layers")),
-        hidden_size=hidden,
-        ffn_hidden_size=int(need("ffn_hidden_size")),
-        num_attention_heads=heads,
-        num_query_groups=int(groups or heads),
-        kv_channels=int(a.get("kv_channels") or hidden // heads),
-        vocab_size=int(a.get("vocab_size") or need("padded_vocab_size")),
-        max_position_embeddings=int(a.get("max_position_embeddings") or 4096),
-        rope_theta=float(a.get("rotary_base") or 10000.0),
-        norm_epsilon=float(a.get("norm_epsilon") or 1e-6),
-        tie_word_embeddings=not a.get("untie_embeddings_and_output_weights", True),
-        rope_scaling_factor=a.get("rope_scaling_factor") if a.get("use_rope_scaling") else None,
-    ).validate(source)
 
 
 def spec_from_mapping(values: dict[str, Any], source: str) -> ModelSpec:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import MISSING
 
-from mtrain.atomic import atomic_output_dir
+from mtrain.checkpoint.atomic import atomic_output_dir, atomic_paths
 from mtrain.cli import hydra_command
 from mtrain.dtypes import parse_dtype
 from mtrain.models.spec import ModelSpec, hf_config_from_spec
@@ -58,22 +58,18 @@ def write_corpus(path: str | Path, lines: int, seed: int = 0) -> None:
     """`corpus()` as JSONL records with a `text` field, written all-or-nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w") as f:
+    with atomic_paths(path) as (temp,), open(temp, "w") as f:
         for line in corpus(lines, seed):
             f.write(json.dumps({"text": line}) + "\n")
-    temp.rename(path)
 
 
 def _write_jsonl(path: str | Path, rows) -> None:
     """Write JSON lines all-or-nothing (a temporary name, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w") as f:
+    with atomic_paths(path) as (temp,), open(temp, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    temp.rename(path)
 
 
 def _strings(letters: str, length: int) -> list[str]:

@@ -6,7 +6,7 @@
 import os
 import sys
 
-import mtrain.checkpoint as checkpoint
+import mtrain.checkpoint.training as checkpoint
 from mtrain import pt
 
 calls = []

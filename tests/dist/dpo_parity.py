@@ -84,13 +84,12 @@ def main() -> None:
     from converters.layout import Dims, merge
     from converters.stages import stage_groups
     from mtrain import accel, parallel
-    from mtrain.checkpoint import load_model_weights
-    from mtrain.checkpoint_format import MegatronCheckpoint
+    from mtrain.checkpoint import MegatronCheckpoint, load_model_weights
     from mtrain.config.model import load_preset
     from mtrain.config.schema import TrainingCommandConfig
     from mtrain.losses import make_dpo_loss, pair_forward
-    from mtrain.schedule import run_schedule
     from mtrain.plan import ParallelPlan
+    from mtrain.schedule import run_schedule
     from mtrain.trainer import Setup, Task, _build
 
     ckpt = MegatronCheckpoint.open(ckpt_dir)
@@ -116,8 +115,8 @@ def main() -> None:
         for m in model:
             m.zero_grad_buffer()
         sums = run_schedule(
-            model, [iter(mine)], pair_forward, make_dpo_loss(*args), plan, cfg.train,
-            forward_only=False, rows=2,
+            model, [iter(mine)], pair_forward, make_dpo_loss(*args), plan.micro_batches, SEQ,
+            2 * 2, forward_only=False,
         )  # fmt: skip
         loss = sums[0, 0] / sums[0, 1]
         params = dict(model[0].module.named_parameters())

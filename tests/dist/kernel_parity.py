@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 
 from mtrain import accel, parallel
-from mtrain.accel.te import to_local_names
-from mtrain.checkpoint import load_model_weights
-from mtrain.checkpoint_format import MegatronCheckpoint
+from mtrain.checkpoint import MegatronCheckpoint, load_model_weights
 from mtrain.config.kernels import NpuConfig
 from mtrain.data.packing import block_causal_mask
+from mtrain.kernels.te import to_local_names
 from mtrain.verify import hf_logits
 
 SEQ = 32

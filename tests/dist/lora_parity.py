@@ -13,9 +13,8 @@ import sys
 import torch
 
 from mtrain import accel, parallel
-from mtrain.checkpoint import load_model_weights
-from mtrain.checkpoint_format import MegatronCheckpoint
-from mtrain.lora import add_adapters, adapters_disabled
+from mtrain.checkpoint import MegatronCheckpoint, load_model_weights
+from mtrain.lora import adapters_disabled, add_adapters
 from mtrain.models.provider import BuildOptions, build_model_chunks
 from mtrain.verify import checkpoint_max_diff, hf_logits, megatron_logits, random_tokens
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from mtrain import accel, parallel
-from mtrain.checkpoint import load_model_weights
-from mtrain.checkpoint_format import MegatronCheckpoint
+from mtrain.checkpoint import MegatronCheckpoint, load_model_weights
 
 ckpt_dir, result = sys.argv[1], sys.argv[2]
 accel.activate("cpu")

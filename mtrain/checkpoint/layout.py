@@ -5,9 +5,10 @@
         mp_rank_{tp:02d}/model_optim_rng.pt          when PP == 1
         mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt when PP > 1
 
-Each file is a `torch.save`d dict with `args` (argparse.Namespace, Megatron-LM argument names),
-`checkpoint_version`, `iteration` and `model` (the rank's state dict), plus optimizer, scheduler
-and RNG state when written by training. MindSpeed-LLM and Megatron-LM read and write this layout.
+Each file is a `torch.save`d dict with `args` (argparse.Namespace, Megatron-LM argument names,
+see mtrain.checkpoint.args), `checkpoint_version`, `iteration` and `model` (the rank's state
+dict), plus optimizer, scheduler and RNG state when written by training. MindSpeed-LLM and
+Megatron-LM read and write this layout.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any
 
 import torch
 
+from mtrain.checkpoint.adapters import AdapterCheckpointInfo
+from mtrain.checkpoint.args import spec_from_megatron_args
+from mtrain.checkpoint.atomic import atomic_write
 from mtrain.errors import CheckpointError
-from mtrain.lora import AdapterCheckpointInfo
-from mtrain.models.spec import ModelSpec, spec_from_megatron_args
+from mtrain.models.spec import ModelSpec
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -61,7 +64,8 @@ def read_tracker(ckpt_dir: Path) -> int | str:
 
 
 def write_tracker(ckpt_dir: Path, iteration: int | str) -> None:
-    (ckpt_dir / TRACKER).write_text(f"{iteration}\n")
+    """Point the tracker at `iteration`; atomic, so a reader sees the old or the new one."""
+    atomic_write(ckpt_dir / TRACKER, f"{iteration}\n")
 
 
 def load_rank_file(path: Path, mmap: bool = True) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from mtrain.accel.kernels import CoreAttention
+from mtrain.errors import ConfigError
+from mtrain.kernels.attention import CoreAttention
 
 COMPRESSED_MASK_SIZE = 2048  # the causal mask size npu_fusion_attention takes in sparse modes 2-4
 SPARSE_TOP_LEFT_CAUSAL = 2
@@ -167,8 +168,24 @@ class NpuFlashAttention(CoreAttention):
         return out.reshape(b, s, n * d).transpose(0, 1).contiguous()
 
 
-def layer_spec(qk_layernorm: bool, ops: Any, config: Any):
-    """The block spec of this pipeline stage (`ops`: the `npu.*` switches)."""
+def check(ops: Any) -> None:
+    if ops.fused_rope and not ops.flash_attn:
+        raise ConfigError(
+            "kernels=torch_npu: npu.fused_rope=true needs npu.flash_attn=true (the fused RoPE "
+            "runs inside the flash attention module); set npu.fused_rope=false"
+        )
+
+
+def takes_cu_seqlens(ops: Any) -> bool:
+    """The flash attention runs packed rows as variable-length sequences (the fallback, megatron's
+    own attention, takes the dense block-causal mask)."""
+    return bool(ops.flash_attn)
+
+
+def layer_spec(qk_layernorm: bool, packed: bool, ops: Any, config: Any):
+    """The block spec of this pipeline stage (`ops`: the `npu.*` switches). `packed` changes
+    nothing: the flash attention takes cu_seqlens, and megatron's unfused softmax (the fallback)
+    applies a given mask."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import (

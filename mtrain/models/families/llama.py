@@ -1,6 +1,6 @@
 """Llama 3 / 3.1 / 3.2: the plain decoder layer, no biases, no q/k norms."""
 
-from converters.mappings.base import EMBEDDING, FINAL_NORM, OUTPUT, Family, llama_like_layer
+from mtrain.models.families.base import EMBEDDING, FINAL_NORM, OUTPUT, Family, llama_like_layer
 
 LLAMA = Family(
     name="llama",

@@ -8,10 +8,12 @@ masks mean the opposite, hence the inversion.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from mtrain.accel.kernels import CoreAttention
+from mtrain.kernels.attention import CoreAttention
 
 # torch >= 2.5 shares kv heads across query heads without copying them.
 _NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -53,7 +55,8 @@ class SdpaAttention(CoreAttention):
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
 
 
-def layer_spec(qk_layernorm: bool, packed: bool):
+def layer_spec(qk_layernorm: bool, packed: bool, ops: Any, config: Any):
+    """The local layer spec with SDPA attention (`ops`, `config`: not needed here)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 

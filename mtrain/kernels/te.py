@@ -55,7 +55,13 @@ def present_local_names(model: torch.nn.Module) -> None:
     model._register_load_state_dict_pre_hook(on_load)
 
 
-def layer_spec(qk_layernorm: bool, packed: bool):
+def prepare(chunk: torch.nn.Module, ops: Any, packed: bool) -> None:
+    """A built chunk saves and loads the local spec's names, so checkpoints move between kernels."""
+    present_local_names(chunk)
+
+
+def layer_spec(qk_layernorm: bool, packed: bool, ops: Any, config: Any):
+    """TE's layer spec (`ops`, `config`: not needed here)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
     )

@@ -1,6 +1,6 @@
 """Qwen2 / Qwen2.5: the Llama layer plus a bias on q, k and v (fused like the weights)."""
 
-from converters.mappings.base import (
+from mtrain.models.families.base import (
     EMBEDDING,
     FINAL_NORM,
     OUTPUT,

@@ -1,9 +1,16 @@
-"""The vocabulary of the mapping tables: how one Megatron tensor relates to its HF tensor(s)."""
+"""The vocabulary of the family tables: how one Megatron tensor relates to its HF tensor(s), the
+megatron-core switches a family needs, and which linears LoRA can adapt.
+
+Everything numeric about a model (parameter counts, FLOPs, LoRA adapter sizes, shard shapes) is
+derived from the tables' symbolic shapes, so a new family states its tensors once.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 MCORE_LAYER_PREFIX = "decoder.layers.{i}."
 HF_LAYER_PREFIX = "model.layers.{i}."
@@ -30,9 +37,27 @@ class Entry:
     mcore: str
     hf: tuple[str, ...]
     kind: Kind
-    # Shape of each HF tensor in symbols of `dims_of` (converters/layout.py): hidden, ffn, vocab,
+    # Shape of each HF tensor in symbols of `ModelSpec.shape_symbols()`: hidden, ffn, vocab,
     # q (= heads * head_dim), kv (= kv groups * head_dim), head (= head_dim).
     shapes: tuple[tuple[str, ...], ...]
+
+    def numel(self, symbols: dict[str, int]) -> int:
+        """Elements of all its HF tensors."""
+        return sum(math.prod(symbols[s] for s in shape) for shape in self.shapes)
+
+    @property
+    def is_matmul(self) -> bool:
+        """A linear layer's weight (2-D), as opposed to a norm weight or a bias."""
+        return all(len(shape) == 2 for shape in self.shapes) and self.mcore.endswith(".weight")
+
+    def matrix(self, symbols: dict[str, int]) -> tuple[int, int]:
+        """(out features, in features) of a linear entry, its HF tensors stacked."""
+        return sum(symbols[shape[0]] for shape in self.shapes), symbols[self.shapes[0][1]]
+
+
+# The linears LoRA can adapt, by their megatron-core module names (the entries' names without
+# `.weight`); HF splits two of them: linear_qkv is q/k/v_proj, linear_fc1 is gate/up_proj.
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
 @dataclass(frozen=True)
@@ -48,6 +73,41 @@ class Family:
     embedding: Entry  # first pipeline stage
     final_norm: Entry  # last pipeline stage
     output: Entry  # last pipeline stage; with tied embeddings it is a copy of `embedding`
+
+    def transformer_switches(self) -> dict[str, Any]:
+        """The megatron-core TransformerConfig fields this family fixes (the sizes come from
+        the ModelSpec)."""
+        import torch.nn.functional as F
+
+        return dict(
+            normalization="RMSNorm",
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=self.qkv_bias,
+            qk_layernorm=self.qk_layernorm,
+        )
+
+    @property
+    def lora_targets(self) -> dict[str, Entry]:
+        """LoRA target name -> the layer entry of the linear's weight (module path = the entry's
+        name without `.weight`)."""
+        by_module = {e.mcore.removesuffix(".weight").split(".")[-1]: e for e in self.layer}
+        return {t: by_module[t] for t in LORA_TARGETS if t in by_module}
+
+    def hf_lora_names(self) -> dict[str, str]:
+        """HF module name (q_proj, ...) -> the LoRA target that fuses it."""
+        return {
+            hf.removesuffix(".weight").split(".")[-1]: target
+            for target, entry in self.lora_targets.items()
+            for hf in entry.hf
+        }
+
+    def layer_parameters(self, symbols: dict[str, int]) -> int:
+        return sum(e.numel(symbols) for e in self.layer)
+
+    def layer_matmul_parameters(self, symbols: dict[str, int]) -> int:
+        return sum(e.numel(symbols) for e in self.layer if e.is_matmul)
 
 
 def llama_like_layer(*extra: Entry) -> tuple[Entry, ...]:

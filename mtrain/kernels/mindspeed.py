@@ -14,8 +14,11 @@ import importlib
 import sys
 from typing import Any
 
-from mtrain.accel.npu_spec import SPARSE_TOP_LEFT_CAUSAL
+import torch
+
+from mtrain import accel
 from mtrain.errors import ConfigError
+from mtrain.kernels.torch_npu import SPARSE_TOP_LEFT_CAUSAL, compressed_causal_mask
 
 # mtrain switch -> MindSpeed / Megatron-LM flag, emitted when the switch is true.
 SWITCHES: list[tuple[str, str]] = [
@@ -89,7 +92,7 @@ def check(cfg: Any, plan: Any, kernels: str) -> None:
         if flag.split("=", 1)[0] in OWNED:
             raise ConfigError(
                 f"npu.mindspeed_flags: {flag} is set from mtrain's own keys; use the key "
-                f"instead (see the table in mtrain/accel/mindspeed.py)"
+                f"instead (see the table in mtrain/kernels/mindspeed.py)"
             )
 
 
@@ -124,6 +127,20 @@ def flags(cfg: Any, plan: Any, num_layers: int, packed: bool) -> list[str]:
         # their full block-causal mask, which the kernel applies as given (mode 0).
         out += ["--sparse-mode", str(SPARSE_GIVEN_MASK if packed else SPARSE_TOP_LEFT_CAUSAL)]
     return out + list(cfg.npu.mindspeed_flags)
+
+
+def prepare(chunk: torch.nn.Module, ops: Any, packed: bool) -> None:
+    """MindSpeed's flash attention runs sparse mode 2 on causal batches (see `flags`) and takes
+    the compressed causal mask from the caller."""
+    if not ops.flash_attn or packed:
+        return
+
+    def with_causal_mask(module, args, kwargs):
+        if len(args) < 3 and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = compressed_causal_mask(accel.device())
+        return args, kwargs
+
+    chunk.register_forward_pre_hook(with_causal_mask, with_kwargs=True)
 
 
 def install(argv_flags: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Qwen3 (dense): the Llama layer plus RMSNorm on each query and key head (q_norm, k_norm)."""
 
-from converters.mappings.base import (
+from mtrain.models.families.base import (
     EMBEDDING,
     FINAL_NORM,
     OUTPUT,

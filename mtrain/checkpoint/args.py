@@ -1,0 +1,89 @@
+"""The `args` namespace of a Megatron checkpoint: the model shape and parallel layout.
+
+Every writer (the trainer, converters.hf2mcore) builds it with `megatron_args`, so the two write
+the same keys. The names are Megatron-LM's own: MindSpeed-LLM and Megatron-LM read the parallel
+sizes and the model shape back from them (`spec_from_megatron_args` reads theirs too).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mtrain.errors import CheckpointError
+from mtrain.models.families import FAMILIES
+from mtrain.models.spec import ModelSpec
+
+
+def megatron_args(
+    spec: ModelSpec, tp: int, pp: int, vpp: int, params_dtype: str
+) -> argparse.Namespace:
+    """The `args` stored in every rank file of a checkpoint of `spec` at this layout."""
+    family = spec.family_table
+    args = argparse.Namespace(
+        model_type_hf=spec.family,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        group_query_attention=spec.num_query_groups != spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.kv_channels,
+        vocab_size=spec.vocab_size,
+        padded_vocab_size=spec.padded_vocab_size(tp),
+        max_position_embeddings=spec.max_position_embeddings,
+        seq_length=spec.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=spec.rope_theta,
+        use_rope_scaling=spec.rope_scaling_factor is not None,
+        rope_scaling_factor=spec.rope_scaling_factor or 8.0,
+        normalization="RMSNorm",
+        norm_epsilon=spec.norm_epsilon,
+        swiglu=True,
+        add_bias_linear=False,
+        add_qkv_bias=family.qkv_bias,
+        qk_layernorm=family.qk_layernorm,
+        untie_embeddings_and_output_weights=not spec.tie_word_embeddings,
+        transformer_impl="local",
+        params_dtype=params_dtype,
+        bf16=params_dtype == "bfloat16",
+        fp16=params_dtype == "float16",
+    )
+    if vpp > 1:
+        args.num_layers_per_virtual_pipeline_stage = spec.num_layers // (pp * vpp)
+    return args
+
+
+def spec_from_megatron_args(args: argparse.Namespace, source: str) -> ModelSpec:
+    """Inverse of `megatron_args`; also reads checkpoints written by MindSpeed-LLM/Megatron-LM."""
+    a = vars(args)
+
+    def need(key: str) -> Any:
+        if a.get(key) is None:
+            raise CheckpointError(f"{source}: checkpoint args lack {key!r}")
+        return a[key]
+
+    family = a.get("model_type_hf")
+    if family not in FAMILIES:  # a foreign checkpoint: infer the family from its switches
+        family = "qwen3" if a.get("qk_layernorm") else "qwen2" if a.get("add_qkv_bias") else "llama"
+    heads = int(need("num_attention_heads"))
+    hidden = int(need("hidden_size"))
+    groups = a.get("num_query_groups") if a.get("group_query_attention", True) else None
+    return ModelSpec(
+        family=family,
+        num_layers=int(need("num_layers")),
+        hidden_size=hidden,
+        ffn_hidden_size=int(need("ffn_hidden_size")),
+        num_attention_heads=heads,
+        num_query_groups=int(groups or heads),
+        kv_channels=int(a.get("kv_channels") or hidden // heads),
+        vocab_size=int(a.get("vocab_size") or need("padded_vocab_size")),
+        max_position_embeddings=int(a.get("max_position_embeddings") or 4096),
+        rope_theta=float(a.get("rotary_base") or 10000.0),
+        norm_epsilon=float(a.get("norm_epsilon") or 1e-6),
+        tie_word_embeddings=not a.get("untie_embeddings_and_output_weights", True),
+        rope_scaling_factor=a.get("rope_scaling_factor") if a.get("use_rope_scaling") else None,
+    ).validate(source)

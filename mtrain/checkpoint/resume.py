@@ -1,0 +1,81 @@
+"""Where a training run starts: the resume policy, applied once before the first step."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mtrain.checkpoint.adapters import AdapterCheckpointInfo
+from mtrain.checkpoint.layout import RELEASE, TRACKER, MegatronCheckpoint, read_tracker
+from mtrain.checkpoint.training import TrainingParts, TrainState, load_training_checkpoint
+from mtrain.checkpoint.weights import load_model_weights
+from mtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mtrain.config.schema import TrainingCommandConfig
+    from mtrain.models.spec import ModelSpec
+    from mtrain.plan import ParallelPlan
+
+log = logging.getLogger("mtrain.checkpoint")
+
+
+def resume(
+    cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan, parts: TrainingParts
+) -> tuple[TrainState, AdapterCheckpointInfo | None]:
+    """Resume `save` if it holds a checkpoint (a resubmitted job repeats its command line,
+    `load=` included); else start from `load` (weights only for a converted checkpoint or with
+    checkpoint.finetune=true); else from a random init. Collective.
+
+    With LoRA, also returns what the run's adapter checkpoints record about their base: a full
+    checkpoint in `load` is the base (fresh adapters); an adapter checkpoint brings its own."""
+    resuming = cfg.save is not None and (Path(cfg.save) / TRACKER).is_file()
+    source = cfg.save if resuming else cfg.load
+    if source is None:
+        log.info("training from a random init (seed %d)", cfg.train.seed)
+        return TrainState(), None
+    if resuming and cfg.load is not None:
+        log.info(
+            "save=%s already holds a checkpoint: resuming it (load= only starts a run)", cfg.save
+        )
+    layout = (spec, plan.tp, plan.pp, plan.vpp)
+    iteration = read_tracker(Path(source))
+    found = MegatronCheckpoint.open(Path(source), iteration).lora
+    adapters, base_dir = None, None
+    if cfg.finetuning_type == "lora":
+        if found is None and resuming:
+            raise ConfigError(
+                f"save={cfg.save} holds a full checkpoint, not LoRA adapters; give the LoRA run "
+                "a save directory of its own"
+            )
+        if found is None:  # the base model: the adapters start fresh
+            adapters = AdapterCheckpointInfo(cfg.lora, str(Path(source).resolve()), str(iteration))
+        else:
+            found.check_matches(cfg.lora, source)
+            base, base_iteration = found.base_dir, found.base_iteration
+            if not Path(base).is_dir() and cfg.load not in (None, source):
+                base_dir = cfg.load  # the base moved; load= says where it is now
+                base, base_iteration = str(Path(base_dir).resolve()), read_tracker(Path(base_dir))
+            # This run's settings (dropout may differ) on the adapters' base.
+            adapters = AdapterCheckpointInfo(cfg.lora, base, str(base_iteration))
+    # A converted (release) checkpoint has weights only: it starts a fine-tune, as does the base
+    # model of a LoRA run.
+    weights_only = not resuming and (
+        cfg.checkpoint.finetune
+        or iteration == RELEASE
+        or (cfg.finetuning_type == "lora" and found is None)
+    )
+    if weights_only:
+        load_model_weights(parts.model, source, *layout, base_dir=base_dir)
+        # bf16/fp16: the optimizer's fp32 master weights were copied at construction; refresh
+        # them, or the first step would write the random init back over the loaded weights.
+        parts.optimizer.reload_model_params()
+        log.info(
+            "fine-tuning from the weights of %s (iteration and optimizer start afresh)", source
+        )
+        return TrainState(), adapters
+    state = load_training_checkpoint(source, parts, *layout, base_dir=base_dir)
+    log.info(
+        "resumed at iteration %d (%d samples consumed)", state.iteration, state.consumed_samples
+    )
+    return state, adapters

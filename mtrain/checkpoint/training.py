@@ -1,0 +1,193 @@
+"""Training checkpoints: the model, optimizer, scheduler, RNG streams and data position of a run.
+
+A save is all-or-nothing: every rank writes into `<save>/.partial_iter_XXXXXXX`, files are
+fsynced, then rank 0 renames the directory to `iter_XXXXXXX` and only then updates the tracker
+file (itself written atomically). A crash at any point leaves the tracker on the previous
+complete checkpoint. `save` must be on a filesystem all nodes share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtrain import compat, parallel
+from mtrain.checkpoint.atomic import fsync
+from mtrain.checkpoint.layout import (
+    CHECKPOINT_VERSION,
+    iteration_dir_name,
+    load_rank_file,
+    rank_file,
+    save_rank_file,
+    write_tracker,
+)
+from mtrain.checkpoint.weights import load_model_weights
+from mtrain.errors import CheckpointError
+from mtrain.lora import adapter_state_dict
+from mtrain.models.spec import ModelSpec
+
+log = logging.getLogger("mtrain.checkpoint")
+
+DISTRIB_OPTIM_FILE = "distrib_optim.pt"
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a resumed run needs besides weights and optimizer."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+@dataclass
+class TrainingParts:
+    """The stateful parts of a run a training checkpoint holds (with the RNG streams)."""
+
+    model: list  # this rank's (DDP-wrapped) model chunks
+    optimizer: Any  # megatron-core's (distributed) optimizer
+    scheduler: Any  # megatron-core's OptimizerParamScheduler
+
+
+def _rng_state() -> dict[str, Any]:
+    """This rank's RNG streams as plain Python values (bytes, not tensors), so they can be
+    gathered across ranks as objects and saved without pickled tensors."""
+    name, keys, *rest = np.random.get_state()
+    tracker = parallel.rng_tracker_states()
+    return {
+        "random": random.getstate(),
+        "np": [name, keys.tobytes(), *rest],
+        "torch": torch.get_rng_state().numpy().tobytes(),
+        "tracker": {k: v.cpu().numpy().tobytes() for k, v in tracker.items()},
+    }
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    name, keys, *rest = state["np"]
+    np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32).copy(), *rest))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    parallel.set_rng_tracker_states({k: _bytes_tensor(v) for k, v in state["tracker"].items()})
+
+
+def save_training_checkpoint(
+    save_dir: str | Path,
+    state: TrainState,
+    parts: TrainingParts,
+    args: argparse.Namespace,
+    keep_last: int | None,
+    adapters_only: bool = False,
+) -> Path:
+    """Collective: every rank calls it. Returns the final iteration directory.
+
+    With `adapters_only` (LoRA) the model state is the adapters alone; `args` must then name
+    the base checkpoint (see mtrain.checkpoint.adapters.AdapterCheckpointInfo)."""
+    save_dir = Path(save_dir)
+    rank = torch.distributed.get_rank()
+    final = save_dir / iteration_dir_name(state.iteration)
+    partial = save_dir / f".partial_{final.name}"
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob(".partial_iter_*"):  # left by a crashed save
+            shutil.rmtree(stale)
+        partial.mkdir()
+    torch.distributed.barrier()
+
+    # RNG states of every DP rank, so a resumed run continues each rank's stream.
+    rng = [None] * parallel.dp_size()
+    torch.distributed.all_gather_object(rng, _rng_state(), group=parallel.dp_group())
+    path = rank_file(partial, parallel.tp_rank(), parallel.pp_rank(), parallel.pp_size())
+    optimizer = parts.optimizer
+    distributed = getattr(optimizer.config, "use_distributed_optimizer", False)
+    if distributed:  # collective over the DP group; DP rank 0 writes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        optimizer.save_parameter_state(str(path.parent / DISTRIB_OPTIM_FILE))
+    if parallel.dp_rank() == 0:
+        args = argparse.Namespace(
+            **vars(args), iteration=state.iteration, consumed_train_samples=state.consumed_samples
+        )
+        payload = {
+            "args": args,
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": state.iteration,
+            "optimizer": optimizer.state_dict(),
+            "opt_param_scheduler": parts.scheduler.state_dict(),
+            "rng_state": rng,
+        }
+        unwrapped = [getattr(m, "module", m) for m in parts.model]
+        states = [adapter_state_dict(m) if adapters_only else m.state_dict() for m in unwrapped]
+        if len(states) == 1:
+            payload["model"] = states[0]
+        else:
+            payload.update({f"model{i}": s for i, s in enumerate(states)})
+        save_rank_file(path, payload)
+        for written in path.parent.iterdir():
+            fsync(written)
+    torch.distributed.barrier()
+
+    if rank == 0:
+        if final.exists():  # re-saving an iteration: the new copy replaces the old one
+            shutil.rmtree(final)
+        partial.rename(final)
+        write_tracker(save_dir, state.iteration)  # fsyncs save_dir: the rename above too
+        if keep_last is not None:
+            saved = sorted(p for p in save_dir.glob("iter_*") if p.is_dir())
+            for old in saved[:-keep_last]:
+                shutil.rmtree(old)
+        log.info("saved checkpoint %s", final)
+    torch.distributed.barrier()
+    return final
+
+
+@torch.no_grad()  # in fp32 the optimizer's main params are the model params themselves
+def load_training_checkpoint(
+    load_dir: str | Path,
+    parts: TrainingParts,
+    spec: ModelSpec,
+    tp: int,
+    pp: int,
+    vpp: int,
+    base_dir: str | Path | None = None,
+) -> TrainState:
+    """Collective: resume weights, optimizer, scheduler, RNG and data position (`base_dir`:
+    where an adapter checkpoint's base is, if not where it was)."""
+    ckpt = load_model_weights(parts.model, load_dir, spec, tp, pp, vpp, base_dir=base_dir)
+    path = ckpt.rank_file(parallel.tp_rank(), parallel.pp_rank())
+    payload = load_rank_file(path, mmap=False)
+    if "optimizer" not in payload:
+        raise CheckpointError(
+            f"{ckpt.iter_dir} holds weights only (no optimizer state); to "
+            "start training from it pass checkpoint.finetune=true"
+        )
+    optimizer = parts.optimizer
+    optimizer.load_state_dict(payload["optimizer"])
+    if getattr(optimizer.config, "use_distributed_optimizer", False):
+        shard_file = path.parent / DISTRIB_OPTIM_FILE
+        if not shard_file.is_file():
+            raise CheckpointError(
+                f"{shard_file} not found: the checkpoint was saved without "
+                "parallel.distributed_optimizer=true; resume with the same setting"
+            )
+        compat.load_distributed_optimizer_state(
+            optimizer, str(shard_file), load=lambda f: load_rank_file(Path(f), mmap=False)
+        )
+    parts.scheduler.load_state_dict(payload["opt_param_scheduler"])
+    rng = payload.get("rng_state")
+    if rng is not None and len(rng) == parallel.dp_size():
+        _set_rng_state(rng[parallel.dp_rank()])
+    args = payload["args"]
+    return TrainState(
+        iteration=int(payload["iteration"]),
+        consumed_samples=int(getattr(args, "consumed_train_samples", 0)),
+    )

@@ -1,0 +1,96 @@
+"""Filling a run's model chunks from a checkpoint, strictly: every parameter, nothing else."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from mtrain import parallel
+from mtrain.checkpoint.layout import MegatronCheckpoint
+from mtrain.errors import CheckpointError
+from mtrain.lora import is_adapter_key
+from mtrain.models.spec import ModelSpec
+
+log = logging.getLogger("mtrain.checkpoint")
+
+
+def _open_matching(
+    ckpt_dir: str | Path, iteration: str | None, spec: ModelSpec, tp: int, pp: int, vpp: int
+) -> MegatronCheckpoint:
+    ckpt = MegatronCheckpoint.open(Path(ckpt_dir), iteration)
+    for key, value in vars(spec).items():
+        if getattr(ckpt.spec, key) != value:
+            raise CheckpointError(
+                f"{ckpt.iter_dir}: checkpoint has {key}={getattr(ckpt.spec, key)}"
+                f" but the model config has {key}={value}"
+            )
+    if (ckpt.tp, ckpt.pp, ckpt.vpp) != (tp, pp, vpp):
+        raise CheckpointError(
+            f"{ckpt.iter_dir} was written at tp={ckpt.tp} pp={ckpt.pp} vpp={ckpt.vpp} but this run "
+            f"uses tp={tp} pp={pp} vpp={vpp}; reshard it with converters.mcore2hf then "
+            f"converters.hf2mcore, or run with the checkpoint's layout"
+        )
+    return ckpt
+
+
+def _fill(chunks: list[torch.nn.Module], ckpt: MegatronCheckpoint, adapters: bool) -> None:
+    """Load the base parameters (or, with `adapters`, the LoRA adapters) of this rank's chunks
+    from `ckpt`; every one of them must be there, and nothing else."""
+    tp_rank, pp_rank = parallel.tp_rank(), parallel.pp_rank()
+    path = ckpt.rank_file(tp_rank, pp_rank)
+    tied_copy = ckpt.spec.family_table.output.mcore if ckpt.spec.tie_word_embeddings else None
+    for chunk, state in zip(chunks, ckpt.load_model_states(tp_rank, pp_rank)):
+        model = getattr(chunk, "module", chunk)  # unwrap DDP
+        if adapters and not any(is_adapter_key(k) for k in model.state_dict()):
+            raise CheckpointError(
+                f"{ckpt.iter_dir} holds LoRA adapters but the model has none: train with "
+                "finetuning_type=lora, or merge them first (converters.mcore2hf lora.merge=true)"
+            )
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [
+            k for k in missing if not k.endswith("._extra_state") and is_adapter_key(k) == adapters
+        ]
+        unexpected = [k for k in unexpected if k != tied_copy]
+        if missing or unexpected:
+            what = f"lacks {missing[0]}" if missing else f"has unexpected {unexpected[0]}"
+            raise CheckpointError(
+                f"{path} {what} ({len(missing)} missing, {len(unexpected)} unexpected tensors)"
+            )
+
+
+def load_model_weights(
+    chunks: list[torch.nn.Module],
+    ckpt_dir: str | Path,
+    spec: ModelSpec,
+    tp: int,
+    pp: int,
+    vpp: int = 1,
+    iteration: str | None = None,
+    base_dir: str | Path | None = None,
+) -> MegatronCheckpoint:
+    """Load this rank's shard of a checkpoint into its model chunk(s), strictly.
+
+    A full checkpoint fills every base parameter; adapters the model may have keep their init
+    (a LoRA run starting). An adapter checkpoint first loads its base (`base_dir`, by default
+    the one recorded in it), then fills every adapter. The checkpoint must have the run's model
+    and layout: the legacy format cannot be resharded on load (reshard through
+    converters.mcore2hf and converters.hf2mcore).
+    """
+    ckpt = _open_matching(ckpt_dir, iteration, spec, tp, pp, vpp)
+    if ckpt.lora is None:
+        _fill(chunks, ckpt, adapters=False)
+    else:
+        base_path, base_iteration = ckpt.lora.resolve_base(base_dir)
+        base = _open_matching(base_path, base_iteration, spec, tp, pp, vpp)
+        if base.lora is not None:
+            raise CheckpointError(
+                f"{base.iter_dir}, the base of the adapters in {ckpt.iter_dir}, is itself an "
+                "adapter checkpoint; give the full checkpoint the adapters were trained on"
+            )
+        _fill(chunks, base, adapters=False)
+        _fill(chunks, ckpt, adapters=True)
+        log.info("loaded base weights from %s", base.iter_dir)
+    log.info("loaded model weights from %s", ckpt.iter_dir)
+    return ckpt

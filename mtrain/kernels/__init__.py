@@ -1,0 +1,192 @@
+"""Which layers run the model, per `kernels=` value (mtrain/config/kernels.py).
+
+`CHOICES` says what each value means: its layer spec, megatron-core's own fusion switches, whether
+its norm supports sequence parallelism, how packed batches reach attention, what a built chunk
+still needs, and what it refuses. The model builder asks only the functions below. The device
+backends (mtrain/accel) know nothing of this package; `start` puts the two together for a
+training command.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mtrain import accel
+from mtrain.config.kernels import KERNELS
+from mtrain.errors import ConfigError
+from mtrain.kernels import mindspeed, sdpa, te, torch_npu
+
+log = logging.getLogger("mtrain.kernels")
+
+
+def _never(ops: Any) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What one `kernels=` choice means to the model builder."""
+
+    # (qk_layernorm, packed, ops, config) -> the layer or block spec; None: the local spec
+    # (mindspeed patches the local spec's modules itself).
+    layer_spec: Callable[[bool, bool, Any, Any], Any] | None = None
+    # megatron's jit-fused SwiGLU / bias-dropout and softmax (CUDA; on Ascend MindSpeed
+    # redirects them to NPU kernels); mtrain's torch_npu spec and the CPU run plain PyTorch.
+    megatron_fused: bool = False
+    fused_rope: bool = False  # megatron's fused RoPE, where Transformer Engine or MindSpeed has one
+    sequence_parallel: bool = False  # its norm supports it (megatron-core's torch RMSNorm does not)
+    # (ops) -> packed batches hand attention their cu_seqlens boundaries, not a dense mask.
+    cu_seqlens: Callable[[Any], bool] = _never
+    prepare: Callable[[torch.nn.Module, Any, bool], None] | None = None  # (chunk, ops, packed)
+    check: Callable[[Any], None] | None = None  # (ops): refuse `npu.*` switches it cannot run
+    device: str | None = None  # the device it needs, if one
+    package: str | None = None  # the package it needs, if one
+    # Why this machine cannot run it; formatted with the device and whether the package is found.
+    unavailable: str = ""
+
+
+CHOICES: dict[str, Kernels] = {
+    "local": Kernels(),
+    "sdpa": Kernels(layer_spec=sdpa.layer_spec, megatron_fused=True),
+    "te": Kernels(
+        layer_spec=te.layer_spec,
+        megatron_fused=True,
+        fused_rope=True,
+        sequence_parallel=True,
+        prepare=te.prepare,
+        device="cuda",
+        package="transformer_engine",
+        unavailable="kernels=te needs device=cuda with transformer_engine installed (device="
+        "{device}); use kernels=auto",
+    ),
+    "torch_npu": Kernels(
+        layer_spec=torch_npu.layer_spec,
+        sequence_parallel=True,
+        cu_seqlens=torch_npu.takes_cu_seqlens,
+        check=torch_npu.check,
+        package="torch_npu",
+        unavailable="kernels=torch_npu needs torch_npu installed; use kernels=auto",
+    ),
+    "mindspeed": Kernels(
+        megatron_fused=True,
+        fused_rope=True,
+        sequence_parallel=True,
+        prepare=mindspeed.prepare,
+        device="npu",
+        package="mindspeed",
+        unavailable="kernels=mindspeed needs device=npu with MindSpeed installed (device={device}"
+        ", MindSpeed {found}); see the README's 'Ascend NPU' section, or use kernels=torch_npu",
+    ),
+}
+
+# kernels=auto on each device: the first choice this machine runs, else the last.
+AUTO: dict[str, tuple[str, ...]] = {
+    "cpu": ("local",),
+    "cuda": ("te", "sdpa"),
+    "npu": ("mindspeed", "torch_npu"),
+}
+
+
+def choice(kernels: str) -> Kernels:
+    if kernels not in CHOICES:
+        raise ConfigError(f"kernels={kernels} is not one of {', '.join(KERNELS)}")
+    return CHOICES[kernels]
+
+
+def _runs_here(kernels: Kernels, device_name: str) -> bool:
+    return kernels.device in (None, device_name) and (
+        kernels.package is None or accel.installed(kernels.package)
+    )
+
+
+def resolve_kernels(requested: str, device_name: str) -> str:
+    """The layer implementation `kernels=requested` stands for on `device_name`; refuse one
+    this machine cannot run."""
+    if requested == "auto":
+        *preferred, fallback = AUTO[device_name]
+        return next((k for k in preferred if _runs_here(CHOICES[k], device_name)), fallback)
+    chosen = choice(requested)
+    if not _runs_here(chosen, device_name):
+        found = "found" if chosen.package and accel.installed(chosen.package) else "not found"
+        raise ConfigError(chosen.unavailable.format(device=device_name, found=found))
+    return requested
+
+
+def for_finetuning(kernels: str, cfg: Any) -> str:
+    """LoRA adapters need the unfused input norms, which Transformer Engine does not have."""
+    if kernels != "te" or cfg.finetuning_type != "lora":
+        return kernels
+    if cfg.kernels == "te":
+        raise ConfigError(
+            "kernels=te with finetuning_type=lora: Transformer Engine fuses the input norm "
+            "into linear_qkv / linear_fc1, so adapters there would see un-normalised inputs;"
+            " use kernels=sdpa (what kernels=auto picks for LoRA on CUDA)"
+        )
+    log.info("kernels: sdpa, not te: LoRA adapters need the unfused input norms")
+    return "sdpa"
+
+
+def check(kernels: str, ops: Any, sequence_parallel: bool) -> None:
+    chosen = choice(kernels)
+    if sequence_parallel and not chosen.sequence_parallel:
+        raise ConfigError(
+            f"parallel.sequence_parallel=true needs a norm that supports it: kernels=te (CUDA) "
+            f"or torch_npu / mindspeed (Ascend), not kernels={kernels} (megatron-core's torch "
+            "RMSNorm refuses it)"
+        )
+    if chosen.check is not None:
+        chosen.check(ops)
+
+
+def start(cfg: Any, plan: Any, num_layers: int) -> str:
+    """Set up the device and kernels of a training command; returns the resolved `kernels`.
+
+    Order matters on Ascend: torch_npu and its cuda->npu mapping, then MindSpeed's adaptor with
+    the run's flags, all before the first megatron import.
+    """
+    device_name = accel.resolve(cfg.device)
+    kernels = for_finetuning(resolve_kernels(cfg.kernels, device_name), cfg)
+    check(kernels, cfg.npu, cfg.parallel.sequence_parallel)
+    mindspeed.check(cfg, plan, kernels)
+    argv = None
+    if kernels == "mindspeed":
+        packed = bool(getattr(cfg.data, "packing", False))
+        argv = mindspeed.flags(cfg, plan, num_layers, packed=packed)
+    accel.activate(device_name)
+    if argv is not None:
+        mindspeed.install(argv)
+    return kernels
+
+
+def megatron_fusions(kernels: str) -> dict[str, bool]:
+    """megatron-core's own fusion switches for these kernels (TransformerConfig fields)."""
+    chosen = choice(kernels)
+    return dict(
+        bias_activation_fusion=chosen.megatron_fused,
+        masked_softmax_fusion=chosen.megatron_fused,
+        bias_dropout_fusion=chosen.megatron_fused,
+        apply_rope_fusion=chosen.fused_rope,
+    )
+
+
+def block_spec(kernels: str, qk_layernorm: bool, packed: bool, ops: Any, config: Any):
+    """The layer (or block) spec for megatron's GPTModel; None means the local spec."""
+    build = choice(kernels).layer_spec
+    return None if build is None else build(qk_layernorm, packed, ops, config)
+
+
+def cu_seqlens_masks(kernels: str, ops: Any) -> bool:
+    """Packed batches hand their cu_seqlens boundaries to attention instead of a dense mask."""
+    return choice(kernels).cu_seqlens(ops)
+
+
+def prepare(chunk: torch.nn.Module, kernels: str, ops: Any, packed: bool) -> None:
+    """What a built GPTModel chunk still needs for these kernels."""
+    ready = choice(kernels).prepare
+    if ready is not None:
+        ready(chunk, ops, packed)
