@@ -25,6 +25,7 @@ from mtrain import log as mlog
 from mtrain.checkpoint import (
     TrainingParts,
     TrainState,
+    check_start,
     megatron_args,
     resume,
     save_training_checkpoint,
@@ -214,6 +215,7 @@ def train(
     spec = cfg.model.spec()
     plan = validate(cfg, parallel.world_size(), spec)
     check_outputs(cfg, spec)
+    check_start(cfg, spec, plan)
     mlog.setup(all_ranks=cfg.log.all_ranks)
     setup = Setup(spec, plan, kernels.start(cfg, plan, spec.num_layers))
     parallel.init(plan.tp, plan.pp, plan.vpp, seed=cfg.train.seed)

@@ -18,12 +18,14 @@
 #   MASTER_PORT [29500]: torchrun's static rendezvous, which is what Ascend clusters use.
 #   NPROC_PER_NODE [every visible device: ASCEND_RT_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES, else
 #     what torch_npu or torch counts; 1 when there is no accelerator]
-#   PYTHON [python]; DRY_RUN=1 does what --dry-run does: print the command, run nothing.
+#   PYTHON [python]; DRY_RUN=1 does what --dry-run does: print the torchrun command, run nothing.
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT [300]: seconds torchrun lets its workers finish after a SIGTERM
 #     (mtrain saves a checkpoint first) before it kills them; older torchrun (2.7) ignores it
 #     and waits 30 s.
 # NPU runtime settings (TASK_QUEUE_ENABLE, ...) are applied by mtrain itself; everything else in
 # the environment (HCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, ...) reaches the workers unchanged.
+# Exit code: torchrun's (0 when every worker succeeds), or 2 with one "error: ..." line when a
+# worker refuses its config or input (mtrain's user errors, see below).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -97,16 +99,39 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 
-cmd=("$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank"
-    --nproc_per_node "$nproc" --master_addr "$master_addr" --master_port "$master_port"
-    -m "mtrain.$stage" "$@")
+args=(--nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc"
+    --master_addr "$master_addr" --master_port "$master_port" -m "mtrain.$stage" "$@")
 echo "train.sh: mtrain.$stage: nnodes=$nnodes node_rank=$node_rank nproc_per_node=$nproc" \
     "master=$master_addr:$master_port" >&2
 if [[ "$dry_run" == 1 ]]; then
-    printf '%q' "${cmd[0]}"
-    printf ' %q' "${cmd[@]:1}"
+    printf '%q -m torch.distributed.run' "$PYTHON"
+    printf ' %q' "${args[@]}"
     echo
     exit 0
 fi
-# exec: torchrun itself receives SIGTERM (Slurm, Kubernetes) and passes it to the workers.
-exec "${cmd[@]}"
+
+# A user error (a bad key, a missing file) is one "error: ..." line from every worker, then the
+# others' reactions and torchrun's report. The first worker to fail writes its line to
+# MTRAIN_ERROR_FILE (mtrain/errors.py); from then on stderr is dropped, and the launcher prints
+# that line once and exits with code 2. Any other failure keeps its output and torchrun's code.
+run_dir=$(mktemp -d "${TMPDIR:-/tmp}/mtrain-launch.XXXXXX")
+export MTRAIN_ERROR_FILE="$run_dir/error"
+
+# stdin to stderr (fd 3) until a user error is reported, then the rest is read and dropped. It
+# ignores signals (Slurm signals every process of the job), so that workers saving a checkpoint
+# after a SIGTERM can still log; the end of their output ends it.
+until_user_error() {
+    trap '' TERM INT HUP QUIT
+    local line
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        [[ -e "$MTRAIN_ERROR_FILE" ]] && break
+        printf '%s\n' "$line" >&3 || break
+    done
+    cat >/dev/null
+    rm -rf "$run_dir"
+}
+
+# torchrun in this very process, turning a worker's user error into its line and exit code 2
+# (mtrain/launch.py).
+exec 3>&2
+exec "$PYTHON" -m mtrain.launch "${args[@]}" 2> >(until_user_error)

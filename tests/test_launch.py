@@ -3,8 +3,9 @@ scripts/slurm/train.sbatch (one srun task per node, rendezvous from the allocati
 
 The fast tests run the scripts' own resolution logic in simulated environments (Slurm's
 variables, a fake `scontrol` or `srun` on PATH). The slow ones train for real on this machine:
-two "nodes" held to the same job run as one node, and a SIGTERM sent to the launcher that must
-end in a checkpoint.
+two "nodes" held to the same job run as one node, a SIGTERM sent to the launcher that must
+end in a checkpoint, and a user error in the workers that must end in its one line and exit
+code 2.
 """
 
 from __future__ import annotations
@@ -361,7 +362,8 @@ def test_two_nodes_train_like_one_node_with_tp_across_them(pt_job):
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_reaches_the_workers_which_save_a_checkpoint(pt_job):
     """What Slurm (srun's task, --signal) and Kubernetes signal is the launched process: train.sh
-    must have become torchrun (exec), which passes SIGTERM on to mtrain's workers."""
+    must have become torchrun (exec; torchrun runs in that python), which passes SIGTERM on to
+    mtrain's workers."""
     overrides, root = pt_job
     log, metrics = root / "sigterm.log", root / "sigterm.jsonl"
     job = start(
@@ -375,7 +377,7 @@ def test_sigterm_to_the_launcher_reaches_the_workers_which_save_a_checkpoint(pt_
             break
         time.sleep(0.2)
     assert job.poll() is None, log.read_text()[-3000:]
-    assert b"torch.distributed.run" in Path(f"/proc/{job.pid}/cmdline").read_bytes()
+    assert b"mtrain.launch" in Path(f"/proc/{job.pid}/cmdline").read_bytes()
     job.send_signal(signal.SIGTERM)
     finish([job], timeout=120)  # torchrun itself exits 1 after passing a signal on
 
@@ -384,3 +386,65 @@ def test_sigterm_to_the_launcher_reaches_the_workers_which_save_a_checkpoint(pt_
     saved = sorted(p.name for p in (root / "sigterm" / f"iter_{iteration:07d}").iterdir())
     assert saved == ["mp_rank_00", "mp_rank_01"]
     assert "SIGTERM received" in log.read_text()
+
+
+def launch_pt(overrides: list[str], nproc: int, tmp_path: Path, **env: str):
+    """scripts/train.sh pt on `nproc` CPU processes, to the end, with TMPDIR=tmp_path."""
+    launch = {"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port())}
+    return subprocess.run(
+        [BASH, str(TRAIN_SH), "pt", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={
+            **os.environ,
+            **ENV,
+            "PYTHON": sys.executable,
+            "TMPDIR": str(tmp_path),
+            **launch,
+            **env,
+        },
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "nproc, changes, message",
+    [
+        (1, {"train.seq_length": 100_000}, "train.seq_length=100000 exceeds"),
+        (4, {"train.seq_length": 100_000}, "train.seq_length=100000 exceeds"),
+        (4, {"data.path": "/nonexistent/corpus.jsonl"}, "/nonexistent/corpus.jsonl: no such file"),
+    ],
+    ids=["1proc-bad-value", "4proc-bad-value", "4proc-missing-data"],
+)
+def test_a_user_error_in_the_workers_is_one_line_and_exit_code_2(
+    pt_job, tmp_path, nproc, changes, message
+):
+    """Every worker refuses (or waits for the one that does and then crashes); the launcher shows
+    the first refusal once, none of torchrun's report."""
+    overrides, _ = pt_job
+    layout = {"parallel.tp": 1, "train.micro_batch_size": 1}
+    proc = launch_pt(overrides("user_error", **layout, **changes), nproc, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[0].startswith("train.sh: mtrain.pt: ")
+    assert not list(tmp_path.glob("mtrain-launch.*"))  # the launcher's error file is gone
+
+
+@pytest.mark.slow
+def test_any_other_worker_failure_keeps_torchruns_report_and_exit_code(pt_job, tmp_path):
+    """A worker that dies without a user error (here rank 1, at start-up) is torchrun's to report."""
+    overrides, _ = pt_job
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        'import os\nif os.environ.get("RANK") == "1":\n    os._exit(3)\n'
+    )
+    pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    proc = launch_pt(overrides("crash"), 2, tmp_path, PYTHONPATH=pythonpath)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "ChildFailedError" in proc.stderr and "exitcode  : 3" in proc.stderr
+    assert "error: " not in proc.stderr
+    assert not list(tmp_path.glob("mtrain-launch.*"))

@@ -12,7 +12,8 @@ from mtrain.config.model import load_preset
 from mtrain.config.schema import TrainingCommandConfig
 from mtrain.errors import ConfigError
 from mtrain.estimates import checkpoint_bytes
-from mtrain.preflight import check_directory, check_outputs
+from mtrain.paths import check_directory
+from mtrain.preflight import check_outputs
 
 
 def config(**changes) -> TrainingCommandConfig:

@@ -5,7 +5,7 @@
     adapters  what an adapter (LoRA) checkpoint records about its settings and its base
     weights   strict loading of model weights (adapters on their base)
     training  save/load of a run's named parts: model, optimizer, scheduler, RNG, data position
-    resume    the resume policy: `save`, else `load`, else a random init
+    start     the resume policy: `save`, else `load`, else a random init
     atomic    all-or-nothing writes (output directories, files), used by every writer
 
 `from mtrain.checkpoint import X` works for the names below. They are imported on first use, so
@@ -28,6 +28,7 @@ _EXPORTS = {
         "TRACKER",
         "MegatronCheckpoint",
         "iteration_dir_name",
+        "load_checkpoint_file",
         "load_rank_file",
         "rank_dir_name",
         "rank_file",
@@ -35,7 +36,7 @@ _EXPORTS = {
         "save_rank_file",
         "write_tracker",
     ],
-    "resume": ["resume"],
+    "start": ["check_start", "resume", "starting_point"],
     "training": [
         "DISTRIB_OPTIM_FILE",
         "TrainState",

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mtrain.errors import ConfigError
+from mtrain.paths import check_directory
 
 
 def fsync(path: Path) -> None:
@@ -72,8 +73,7 @@ def check_output_dir(out_dir: Path, force: bool, inputs: list[Path]) -> None:
         src = src.resolve()
         if out == src or src in out.parents or out in src.parents:
             raise ConfigError(f"out_dir={out_dir} overlaps the input {src}; choose another out_dir")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"out_dir={out_dir} exists and is not a directory")
+    check_directory("out_dir", out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise ConfigError(
             f"out_dir={out_dir} is not empty; choose an empty directory or pass "

@@ -14,6 +14,8 @@ Megatron-LM read and write this layout.
 from __future__ import annotations
 
 import argparse
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,9 @@ TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 RELEASE = "release"
+
+
+ITER_DIR = re.compile(r"iter_(\d{7,})")  # what `iteration_dir_name` writes for a number
 
 
 def iteration_dir_name(iteration: int | str) -> str:
@@ -52,15 +57,27 @@ def read_tracker(ckpt_dir: Path) -> int | str:
             f"{tracker} not found; ckpt_dir must be a Megatron checkpoint directory "
             "(written by mtrain, hf2mcore, MindSpeed-LLM or Megatron-LM)"
         )
-    text = tracker.read_text().strip()
+    try:
+        text = tracker.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(
+            f"{tracker}: not text; it should hold 'release' or an iteration number"
+        ) from None
+    return parse_iteration(text, str(tracker))
+
+
+def parse_iteration(value: int | str, source: str) -> int | str:
+    """An iteration as a tracker or an `iteration=` key gives it: "release" or an integer >= 0."""
+    text = str(value).strip()
     if text == RELEASE:
         return RELEASE
     try:
-        return int(text)
+        number = int(text)
     except ValueError:
-        raise CheckpointError(
-            f"{tracker}: expected 'release' or an integer, got {text!r}"
-        ) from None
+        number = -1
+    if number < 0:
+        raise CheckpointError(f"{source}: expected 'release' or an integer, got {text!r}")
+    return number
 
 
 def write_tracker(ckpt_dir: Path, iteration: int | str) -> None:
@@ -68,16 +85,47 @@ def write_tracker(ckpt_dir: Path, iteration: int | str) -> None:
     atomic_write(ckpt_dir / TRACKER, f"{iteration}\n")
 
 
-def load_rank_file(path: Path, mmap: bool = True) -> dict[str, Any]:
-    """Load one rank file without unpickling arbitrary objects (only tensors, containers and
-    `argparse.Namespace`); with `mmap` tensors are paged in only when touched."""
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_checkpoint_file(path: Path, mmap: bool = True) -> Any:
+    """torch.load without unpickling arbitrary objects (only tensors, containers and
+    `argparse.Namespace`): every file mtrain opens, or hands to megatron-core, comes through
+    here. With `mmap` tensors are paged in only when touched."""
     if not path.is_file():
         raise CheckpointError(f"{path} not found; the checkpoint is incomplete")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = _REFUSED_GLOBAL.search(str(err))
+        what = f"the object {found.group(1)}" if found else "an object that is not plain data"
+        raise CheckpointError(
+            f"{path}: refused to open: it asks to unpickle {what}, which no checkpoint holds; "
+            "this file is not a checkpoint mtrain will open"
+        ) from None
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path}: cannot be read as a Megatron rank file ({err})") from None
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint file ({err})") from None
+
+
+def load_rank_file(path: Path, mmap: bool = True) -> dict[str, Any]:
+    """One rank file: a dict whose `args` (an argparse.Namespace; a plain dict is taken too)
+    describe the model and the layout."""
+    payload = load_checkpoint_file(path, mmap)
+    if not isinstance(payload, dict):
+        raise CheckpointError(
+            f"{path}: holds a {type(payload).__name__}, not a Megatron rank file (a dict with "
+            "'args' and 'model')"
+        )
+    args = payload.get("args")
+    if isinstance(args, dict):
+        payload["args"] = argparse.Namespace(**args)
+    elif not isinstance(args, argparse.Namespace):
+        raise CheckpointError(
+            f"{path}: has no 'args' (the model and layout Megatron-LM, MindSpeed-LLM and mtrain "
+            "record); it is not a Megatron rank file"
+        )
+    return payload
 
 
 def save_rank_file(path: Path, payload: dict[str, Any]) -> None:
@@ -100,8 +148,10 @@ class MegatronCheckpoint:
     @classmethod
     def open(cls, ckpt_dir: str | Path, iteration: str | None = None) -> MegatronCheckpoint:
         ckpt_dir = Path(ckpt_dir)
-        it = read_tracker(ckpt_dir) if iteration is None else iteration
-        it = it if it == "release" else int(it)
+        if iteration is None:
+            it = read_tracker(ckpt_dir)
+        else:
+            it = parse_iteration(iteration, f"iteration={iteration} for {ckpt_dir}")
         iter_dir = ckpt_dir / iteration_dir_name(it)
         if not iter_dir.is_dir():
             raise CheckpointError(f"{iter_dir} not found (iteration {it} of {ckpt_dir})")

@@ -23,7 +23,9 @@ from mtrain import compat, parallel
 from mtrain.checkpoint.atomic import fsync
 from mtrain.checkpoint.layout import (
     CHECKPOINT_VERSION,
+    ITER_DIR,
     iteration_dir_name,
+    load_checkpoint_file,
     load_rank_file,
     rank_file,
     save_rank_file,
@@ -137,17 +139,53 @@ def save_training_checkpoint(
     torch.distributed.barrier()
 
     if rank == 0:
-        if final.exists():  # re-saving an iteration: the new copy replaces the old one
-            shutil.rmtree(final)
-        partial.rename(final)
+        _move_into_place(partial, final)
         write_tracker(save_dir, state.iteration)  # fsyncs save_dir: the rename above too
         if keep_last is not None:
-            saved = sorted(p for p in save_dir.glob("iter_*") if p.is_dir())
-            for old in saved[:-keep_last]:
-                shutil.rmtree(old)
+            prune(save_dir, state.iteration, keep_last)
         log.info("saved checkpoint %s", final)
     torch.distributed.barrier()
     return final
+
+
+def _move_into_place(partial: Path, final: Path) -> None:
+    """Rename the finished save to its name. Re-saving an iteration replaces the old copy only
+    once the new one is in place (the old one is set aside, then removed)."""
+    if not final.exists():
+        partial.rename(final)
+        return
+    aside = final.with_name(f".replaced_{final.name}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    final.rename(aside)
+    partial.rename(final)
+    shutil.rmtree(aside)
+
+
+def saved_iterations(save_dir: Path) -> list[int]:
+    """The iterations of the `iter_NNNNNNN` directories in `save_dir`, in order."""
+    found = (ITER_DIR.fullmatch(p.name) for p in save_dir.iterdir() if p.is_dir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def prune(save_dir: Path, newest: int, keep_last: int) -> None:
+    """Keep the `keep_last` newest checkpoints of this run's history: `newest` (just saved, and
+    what the tracker names) and the iterations before it. A directory numbered above `newest`
+    (a save left from before a tracker was rolled back by hand, or one whose tracker is gone)
+    is not part of that history and is never removed; nor is anything else in `save_dir`."""
+    saved = saved_iterations(save_dir)
+    older = [it for it in saved if it < newest]
+    for it in older[: max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(save_dir / iteration_dir_name(it))
+    later = [it for it in saved if it > newest]
+    if later:
+        log.warning(
+            "checkpoint.keep_last: %s holds iterations after %d (%s) that this run did not "
+            "write; they are left alone",
+            save_dir,
+            newest,
+            ", ".join(map(str, later)),
+        )
 
 
 @torch.no_grad()  # in fp32 the optimizer's main params are the model params themselves
@@ -173,14 +211,9 @@ def load_training_checkpoint(
     optimizer = parts.optimizer
     optimizer.load_state_dict(payload["optimizer"])
     if getattr(optimizer.config, "use_distributed_optimizer", False):
-        shard_file = path.parent / DISTRIB_OPTIM_FILE
-        if not shard_file.is_file():
-            raise CheckpointError(
-                f"{shard_file} not found: the checkpoint was saved without "
-                "parallel.distributed_optimizer=true; resume with the same setting"
-            )
+        shard_file = path.parent / DISTRIB_OPTIM_FILE  # there: see resume.check_start
         compat.load_distributed_optimizer_state(
-            optimizer, str(shard_file), load=lambda f: load_rank_file(Path(f), mmap=False)
+            optimizer, str(shard_file), load=lambda f: load_checkpoint_file(Path(f), mmap=False)
         )
     parts.scheduler.load_state_dict(payload["opt_param_scheduler"])
     rng = payload.get("rng_state")

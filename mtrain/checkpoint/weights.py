@@ -16,9 +16,10 @@ from mtrain.models.spec import ModelSpec
 log = logging.getLogger("mtrain.checkpoint")
 
 
-def _open_matching(
+def open_matching(
     ckpt_dir: str | Path, iteration: str | None, spec: ModelSpec, tp: int, pp: int, vpp: int
 ) -> MegatronCheckpoint:
+    """Open a checkpoint that must hold this run's model at this run's layout."""
     ckpt = MegatronCheckpoint.open(Path(ckpt_dir), iteration)
     for key, value in vars(spec).items():
         if getattr(ckpt.spec, key) != value:
@@ -78,12 +79,12 @@ def load_model_weights(
     and layout: the legacy format cannot be resharded on load (reshard through
     converters.mcore2hf and converters.hf2mcore).
     """
-    ckpt = _open_matching(ckpt_dir, iteration, spec, tp, pp, vpp)
+    ckpt = open_matching(ckpt_dir, iteration, spec, tp, pp, vpp)
     if ckpt.lora is None:
         _fill(chunks, ckpt, adapters=False)
     else:
         base_path, base_iteration = ckpt.lora.resolve_base(base_dir)
-        base = _open_matching(base_path, base_iteration, spec, tp, pp, vpp)
+        base = open_matching(base_path, base_iteration, spec, tp, pp, vpp)
         if base.lora is not None:
             raise CheckpointError(
                 f"{base.iter_dir}, the base of the adapters in {ckpt.iter_dir}, is itself an "

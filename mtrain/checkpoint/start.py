@@ -8,8 +8,13 @@ from typing import TYPE_CHECKING
 
 from mtrain.checkpoint.adapters import AdapterCheckpointInfo
 from mtrain.checkpoint.layout import RELEASE, TRACKER, MegatronCheckpoint, read_tracker
-from mtrain.checkpoint.training import TrainingParts, TrainState, load_training_checkpoint
-from mtrain.checkpoint.weights import load_model_weights
+from mtrain.checkpoint.training import (
+    DISTRIB_OPTIM_FILE,
+    TrainingParts,
+    TrainState,
+    load_training_checkpoint,
+)
+from mtrain.checkpoint.weights import load_model_weights, open_matching
 from mtrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -20,17 +25,55 @@ if TYPE_CHECKING:
 log = logging.getLogger("mtrain.checkpoint")
 
 
+def starting_point(cfg: TrainingCommandConfig) -> tuple[str | None, bool]:
+    """(the checkpoint the run starts from, whether that is resuming `save`)."""
+    resuming = cfg.save is not None and (Path(cfg.save) / TRACKER).is_file()
+    return (cfg.save if resuming else cfg.load), resuming
+
+
+def check_start(cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan) -> None:
+    """Everything about the starting checkpoint that can be refused before the model is built:
+    it opens, holds this model at this layout, and a full resume matches the optimizer setting.
+    """
+    source, resuming = starting_point(cfg)
+    if source is None:
+        return
+    ckpt = open_matching(source, None, spec, plan.tp, plan.pp, plan.vpp)
+    if not resuming:
+        return
+    if ckpt.iter_dir.name == RELEASE:
+        raise ConfigError(
+            f"save={cfg.save} holds a converted (release) checkpoint, which a run must not write "
+            f"into; give the run a save directory of its own and start from it with "
+            f"load={cfg.save}"
+        )
+    if ckpt.lora is None and cfg.finetuning_type == "lora":
+        raise ConfigError(
+            f"save={cfg.save} holds a full checkpoint, not LoRA adapters; give the LoRA run "
+            "a save directory of its own"
+        )
+    shards = ckpt.rank_file(0, 0).parent / DISTRIB_OPTIM_FILE
+    if shards.is_file() != plan.distributed_optimizer:
+        saved = str(shards.is_file()).lower()
+        raise ConfigError(
+            f"{ckpt.iter_dir} was saved with parallel.distributed_optimizer={saved}; resume with "
+            f"parallel.distributed_optimizer={saved} (the optimizer state is laid out "
+            "differently), or start afresh from its weights with a new save= and "
+            f"load={cfg.save} checkpoint.finetune=true"
+        )
+
+
 def resume(
     cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan, parts: TrainingParts
 ) -> tuple[TrainState, AdapterCheckpointInfo | None]:
     """Resume `save` if it holds a checkpoint (a resubmitted job repeats its command line,
     `load=` included); else start from `load` (weights only for a converted checkpoint or with
-    checkpoint.finetune=true); else from a random init. Collective.
+    checkpoint.finetune=true); else from a random init. Collective. `check_start` has already
+    refused what can be refused early.
 
     With LoRA, also returns what the run's adapter checkpoints record about their base: a full
     checkpoint in `load` is the base (fresh adapters); an adapter checkpoint brings its own."""
-    resuming = cfg.save is not None and (Path(cfg.save) / TRACKER).is_file()
-    source = cfg.save if resuming else cfg.load
+    source, resuming = starting_point(cfg)
     if source is None:
         log.info("training from a random init (seed %d)", cfg.train.seed)
         return TrainState(), None
@@ -43,11 +86,6 @@ def resume(
     found = MegatronCheckpoint.open(Path(source), iteration).lora
     adapters, base_dir = None, None
     if cfg.finetuning_type == "lora":
-        if found is None and resuming:
-            raise ConfigError(
-                f"save={cfg.save} holds a full checkpoint, not LoRA adapters; give the LoRA run "
-                "a save directory of its own"
-            )
         if found is None:  # the base model: the adapters start fresh
             adapters = AdapterCheckpointInfo(cfg.lora, str(Path(source).resolve()), str(iteration))
         else:
