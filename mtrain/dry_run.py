@@ -12,6 +12,19 @@ from mtrain.preflight import check_outputs
 from mtrain.progress import flops_per_token
 
 
+def count(value: float, unit: str = "") -> str:
+    """1234567 -> "1.23 M", 3.3e10 -> "32.76 B" (with `unit`: "1.23 MFLOP")."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "B" if not unit else "G"), (1e6, "M")):
+        if value >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value / 1e3:.2f} K{unit}" if value >= 1e3 else f"{value:.0f} {unit}".rstrip()
+
+
+def size(gib: float) -> str:
+    """A size in GiB, shown in MiB when under one GiB."""
+    return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+
+
 def describe_plan(cfg: TrainingCommandConfig) -> str:
     """The human-readable plan; raises ConfigError on an invalid config."""
     tp, pp = resolve_layout(cfg)
@@ -24,24 +37,24 @@ def describe_plan(cfg: TrainingCommandConfig) -> str:
     total = sum(v for k, v in mem.items() if k not in ("parameters", "trained"))
     tokens = tr.global_batch_size * tr.seq_length
     lines = [
-        f"model      {cfg.model.name}: {spec.num_parameters() / 1e9:.2f} B parameters, "
+        f"model      {cfg.model.display_name}: {count(spec.num_parameters())} parameters, "
         f"{spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_attention_heads}"
         f"/{spec.num_query_groups}, vocab {spec.vocab_size}",
         f"layout     {plan.describe()}",
         f"batch      {tr.global_batch_size} x {tr.seq_length} tokens = {tokens:,} per step, "
         f"{plan.micro_batches} micro-batches of {tr.micro_batch_size} per DP rank",
-        f"compute    {flops_per_token(spec, tr.seq_length) * tokens / 1e15:.2f} PFLOP per step",
-        f"memory     per device (busiest stage, estimate): {total:.1f} GiB = weights "
-        f"{mem['weights']:.1f} + grads {mem['gradients']:.1f} + optimizer {mem['optimizer']:.1f}"
-        f" + activations {mem['activations']:.1f} ({tr.recompute or 'no'} recompute, "
-        f"{mem['parameters'] / 1e9:.2f} B parameters on the device"
+        f"compute    {count(flops_per_token(spec, tr.seq_length) * tokens, 'FLOP')} per step",
+        f"memory     per device (busiest stage, estimate): {size(total)} = weights "
+        f"{size(mem['weights'])} + grads {size(mem['gradients'])} + optimizer "
+        f"{size(mem['optimizer'])} + activations {size(mem['activations'])} "
+        f"({tr.recompute or 'no'} recompute, {count(mem['parameters'])} parameters on the device"
         + (
-            f", {mem['trained'] / 1e6:.1f} M of them LoRA adapters (r={cfg.lora.r})"
+            f", {count(mem['trained'])} of them LoRA adapters (r={cfg.lora.r})"
             if cfg.finetuning_type == "lora"
             else ""
         )
         + ")",
-        f"checkpoint {checkpoint_bytes(cfg, spec) / GiB:.1f} GiB per save (weights + optimizer"
+        f"checkpoint {size(checkpoint_bytes(cfg, spec) / GiB)} per save (weights + optimizer"
         + (", adapters only" if cfg.finetuning_type == "lora" else "")
         + ")",
     ]

@@ -262,7 +262,7 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
         "training %s: %s, tp=%d pp=%d vpp=%d dp=%d, %d micro-batches of %d per step, "
         "%d iterations, kernels=%s",
         task.name,
-        cfg.model.name,
+        cfg.model.display_name,
         plan.tp,
         plan.pp,
         plan.vpp,

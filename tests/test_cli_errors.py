@@ -47,9 +47,14 @@ CASES = {
         f"error: +model=qwen3_tinyy: no preset 'qwen3_tinyy' in conf/model/; choose one of "
         f"{PRESETS} (did you mean qwen3_tiny?)",
     ),
-    "model-key-without-a-preset": (
+    "no-model-at-all": (
+        ("mtrain.pt", "dry_run=true", "train.iters=1", "data.path=x"),
+        "error: no model given: pass model.hf_dir=HF_DIR (its config.json describes the model) "
+        f"or a preset, +model=<{PRESETS.replace(', ', '|')}>",
+    ),
+    "hf-dir-that-is-no-model": (
         ("mtrain.pt", "model.hf_dir=/x", "dry_run=true", "train.iters=1", "data.path=x"),
-        f"error: model.hf_dir=/x: no model preset chosen; pass +model=<{PRESETS.replace(', ', '|')}>",
+        "error: /x/config.json not found; hf_dir must be a Hugging Face model directory",
     ),
     "group-without-plus": (
         ("mtrain.pt", "model=qwen3_tiny", "dry_run=true", "train.iters=1", "data.path=x"),

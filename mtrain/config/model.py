@@ -1,8 +1,17 @@
-"""The `model` config group: a preset from conf/model/ or an HF directory's config.json."""
+"""The `model` config group: the architecture, read from `model.hf_dir/config.json`, or given by
+a `conf/model/` preset (`+model=<name>`), or both (then they must agree).
+
+`model.hf_dir=DIR` alone is enough for every command: config.json holds every architecture key
+of a supported family. A preset is a shortcut for a model without a directory at hand (a dry run
+of Qwen3-32B) and carries a recommended layout; with `hf_dir` it is checked against config.json,
+every differing key listed at once.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -10,17 +19,42 @@ from mtrain.config import CONF_DIR
 from mtrain.errors import ConfigError
 from mtrain.models.spec import ModelSpec, load_hf_config
 
+SPEC_FIELDS = tuple(f.name for f in fields(ModelSpec))
+
 
 @dataclass
-class ModelConfig(ModelSpec):
-    """A model preset: the architecture (ModelSpec's fields) plus how to get and lay it out."""
+class ModelConfig:
+    """The model of a run. The architecture keys mirror ModelSpec's; null means "from
+    config.json" (or, without hf_dir, "not given")."""
 
-    name: str = "custom"  # preset name, for logs
-    hf_dir: str | None = (
-        None  # HF model directory: tokenizer, and config.json checked against the preset
-    )
-    recommended_tp: int = 1  # tensor-parallel size that fits this model well on 64 GB devices
-    recommended_pp: int = 1  # pipeline-parallel size that goes with recommended_tp
+    name: str | None = None  # for logs and the dry run; default: the preset's or hf_dir's name
+    hf_dir: str | None = None  # HF model directory: config.json (the architecture) and tokenizer
+    family: str | None = None  # a key of mtrain.models.families.FAMILIES: qwen3 | qwen2 | llama
+    num_layers: int | None = None  # decoder layers
+    hidden_size: int | None = None  # model width
+    ffn_hidden_size: int | None = None  # MLP width (HF intermediate_size)
+    num_attention_heads: int | None = None  # query heads
+    num_query_groups: int | None = None  # HF num_key_value_heads
+    kv_channels: int | None = None  # head dim; HF head_dim, which for Qwen3 is not hidden / heads
+    vocab_size: int | None = None  # HF vocab_size (rows of the HF embedding), before TP padding
+    max_position_embeddings: int | None = None  # longest sequence the model is made for
+    rope_theta: float | None = None  # RoPE base
+    norm_epsilon: float | None = None  # RMSNorm epsilon (HF rms_norm_eps)
+    tie_word_embeddings: bool | None = None  # output layer shares the embedding matrix
+    rope_scaling_factor: float | None = None  # Llama 3.1-style ("llama3") RoPE scaling
+    recommended_tp: int = 1  # tensor-parallel size used when parallel.tp is not given
+    recommended_pp: int = 1  # pipeline-parallel size used when parallel.pp is not given
+
+    @property
+    def display_name(self) -> str:
+        """What logs and the dry run call the model."""
+        if self.name:
+            return self.name
+        return Path(self.hf_dir).resolve().name if self.hf_dir else "custom"
+
+    def given(self) -> dict[str, Any]:
+        """The architecture keys this config sets (a preset's, or overrides)."""
+        return {k: getattr(self, k) for k in SPEC_FIELDS if getattr(self, k) is not None}
 
     def tokenizer_dir(self, why: str) -> str:
         """`hf_dir`, which a stage that tokenizes needs (`why` says what for)."""
@@ -29,18 +63,34 @@ class ModelConfig(ModelSpec):
         return self.hf_dir
 
     def spec(self) -> ModelSpec:
-        """The validated architecture; with `hf_dir`, its config.json must agree with the preset."""
-        spec = ModelSpec(**{f.name: getattr(self, f.name) for f in fields(ModelSpec)})
-        spec.validate(f"model={self.name}")
-        if self.hf_dir is not None:
-            hf_spec, _ = load_hf_config(self.hf_dir)
-            for f in fields(ModelSpec):
-                ours, theirs = getattr(spec, f.name), getattr(hf_spec, f.name)
-                if ours != theirs:
-                    raise ConfigError(
-                        f"model.{f.name}={ours} (preset {self.name}) but {self.hf_dir}/config.json "
-                        f"has {theirs}; pick the matching +model= preset"
-                    )
+        """The validated architecture: config.json's, which the keys given here must match; or,
+        without hf_dir, the keys given here (a preset)."""
+        given = self.given()
+        source = f"model={self.display_name}"
+        if self.hf_dir is None:
+            missing = [k for k in SPEC_FIELDS if k not in given and k != "rope_scaling_factor"]
+            if len(missing) == len(SPEC_FIELDS) - 1:
+                presets = "|".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+                raise ConfigError(
+                    "no model given: pass model.hf_dir=HF_DIR (its config.json describes the "
+                    f"model) or a preset, +model=<{presets}>"
+                )
+            if missing:
+                raise ConfigError(
+                    f"{source}: model.{', model.'.join(missing)} not given; pass "
+                    "model.hf_dir=HF_DIR to read the architecture from its config.json"
+                )
+            return ModelSpec(**given).validate(source)
+        spec, _ = load_hf_config(self.hf_dir)
+        differ = [k for k, v in given.items() if getattr(spec, k) != v]
+        if differ:
+            listed = ", ".join(
+                f"model.{k}={given[k]} (config.json: {getattr(spec, k)})" for k in differ
+            )
+            raise ConfigError(
+                f"{source} does not match {self.hf_dir}/config.json: {listed}; leave out "
+                "+model= (config.json has the architecture) or give the matching values"
+            )
         return spec
 
 

@@ -127,7 +127,8 @@ def markdown() -> str:
     out = [
         "Set any key on the command line (`key=value`, lists as `key=[a,b]`); a misspelt key is "
         "refused with the closest match. Defaults below are the effective ones (schema, then "
-        "`conf/<command>.yaml`); `model.*` comes from the `+model=<preset>` file.",
+        "`conf/<command>.yaml`); the architecture keys `model.*` come from `model.hf_dir`'s "
+        "config.json, or from the `+model=<preset>` file (then checked against config.json).",
         "",
         "#### Training: `mtrain.pt`, `mtrain.sft`, `mtrain.dpo`",
         "",

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
-
 from mtrain.checkpoint.layout import TRACKER
 from mtrain.config.data import DataConfig
 from mtrain.config.kernels import KERNELS, NpuConfig
@@ -150,7 +148,7 @@ class FreezeConfig:
 class TrainingCommandConfig:
     """Top level of `python -m mtrain.pt` (and the base of sft/dpo)."""
 
-    model: ModelConfig = MISSING  # chosen with +model=<preset> (conf/model/)
+    model: ModelConfig = field(default_factory=ModelConfig)  # model.hf_dir=DIR or +model=<preset>
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,0 +1,88 @@
+"""Any HF model of a supported family trains with `model.hf_dir=` alone: the architecture comes
+from its config.json; a preset is an optional shortcut checked against it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from converters import hf2mcore
+from converters.hf2mcore import HF2McoreConfig
+from mtrain.config.model import ModelConfig, load_preset
+from mtrain.errors import ConfigError
+from mtrain.models.tiny import write_corpus
+from tests.conftest import tiny_spec
+from tests.torchrun import launch
+
+# Matches no preset: another family, depth, width and vocabulary.
+LLAMA = tiny_spec(
+    family="llama", num_layers=3, hidden_size=96, ffn_hidden_size=192, num_attention_heads=6,
+    num_query_groups=3, kv_channels=16, vocab_size=384, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mtrain.pt", "dry_run=true", "train.iters=4", "data.path=x", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_hf_dir_alone_gives_the_architecture_name_and_parameter_count(tiny_hf):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = tiny_hf(LLAMA)
+    spec = ModelConfig(hf_dir=str(hf)).spec()
+    assert spec == LLAMA
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    reference = sum(p.numel() for p in model.parameters())
+    assert spec.num_parameters() == reference
+    proc = dry_run(f"model.hf_dir={hf}", "train.seq_length=64", "parallel.tp=3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"model      {hf.name}: {reference / 1e3:.2f} K parameters")
+
+
+def test_a_preset_that_contradicts_config_json_lists_every_difference(tiny_hf):
+    model = load_preset("qwen3_tiny")
+    model.hf_dir = str(tiny_hf(LLAMA))
+    with pytest.raises(ConfigError) as err:
+        model.spec()
+    message = str(err.value)
+    for key, preset, actual in [
+        ("family", "qwen3", "llama"),
+        ("num_layers", 4, 3),
+        ("hidden_size", 64, 96),
+        ("vocab_size", 512, 384),
+        ("tie_word_embeddings", True, False),
+    ]:
+        assert f"model.{key}={preset} (config.json: {actual})" in message
+    assert "leave out +model=" in message
+
+
+def test_a_single_key_may_be_given_with_hf_dir_when_it_agrees(tiny_hf):
+    hf = tiny_hf(LLAMA)
+    assert ModelConfig(hf_dir=str(hf), num_layers=3).spec() == LLAMA
+    with pytest.raises(ConfigError, match=r"model.num_layers=4 \(config.json: 3\)"):
+        ModelConfig(hf_dir=str(hf), num_layers=4).spec()
+
+
+@pytest.mark.slow
+def test_pretraining_a_model_without_a_preset(tiny_hf, tmp_path):
+    hf = tiny_hf(LLAMA)
+    hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(tmp_path / "c"), tp=3))
+    write_corpus(tmp_path / "corpus.jsonl", 200)
+    metrics = tmp_path / "metrics.jsonl"
+    launch(
+        3, "-m", "mtrain.pt", f"model.hf_dir={hf}", f"load={tmp_path / 'c'}",
+        f"data.path={tmp_path / 'corpus.jsonl'}", f"data.cache_dir={tmp_path / 'cache'}",
+        "train.iters=3", "train.seq_length=32", "train.global_batch_size=2",
+        "train.precision=fp32", "parallel.tp=3", "device=cpu", f"log.metrics_file={metrics}",
+    )  # fmt: skip
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    assert len(losses) == 3 and all(5.0 < loss < 7.0 for loss in losses), losses
