@@ -1,10 +1,13 @@
 """HF safetensors -> Megatron legacy checkpoint, one rank file at a time.
 
     python -m converters.hf2mcore hf_dir=HF out_dir=CKPT tp=2 pp=2 [vpp=1] [dtype=bf16] [force=true]
+        [iteration=release|N]
 
 Every rank file is built from slice reads of exactly the bytes it needs, so peak memory is about
-one rank file whatever the model size. The result is written as a `release` checkpoint that
-`load=` (with `checkpoint.finetune=true`), MindSpeed-LLM and Megatron-LM accept.
+one rank file whatever the model size. The result is a weights-only checkpoint that `load=`
+starts a run from: named `release` (what Megatron-LM and mtrain write), or iteration N with
+`iteration=N` (MindSpeed-LLM's convert_ckpt_v2 reads only a numbered tracker; its own hf2mg
+writes iteration 1).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mtrain.checkpoint import (
     check_output_dir,
     iteration_dir_name,
     megatron_args,
+    parse_iteration,
     rank_file,
     save_rank_file,
     write_tracker,
@@ -52,6 +56,7 @@ class HF2McoreConfig:
     vpp: int = 1  # virtual pipeline chunks per stage (interleaved schedule); 1 = off
     dtype: str | None = None  # bf16 | fp16 | fp32; default keeps each tensor's own dtype
     force: bool = False  # replace a non-empty out_dir (only once the new one is complete)
+    iteration: str = "release"  # the checkpoint's name: release, or a number (1 for MindSpeed-LLM)
 
 
 def check_hf_tensors(reader: HFReader, spec: ModelSpec, dims: Dims) -> None:
@@ -83,6 +88,7 @@ def convert(cfg: HF2McoreConfig) -> Path:
     hf_dir, out_dir = Path(cfg.hf_dir), Path(cfg.out_dir)
     dtype = parse_dtype(cfg.dtype)
     check_output_dir(out_dir, cfg.force, [hf_dir])
+    iteration = parse_iteration(cfg.iteration, f"iteration={cfg.iteration}")
     spec, _ = load_hf_config(hf_dir)
     check_virtual_stages(cfg.pp, cfg.vpp, prefix="")
     spec.check_parallel(cfg.tp, cfg.pp, cfg.vpp)
@@ -106,7 +112,7 @@ def convert(cfg: HF2McoreConfig) -> Path:
         f" vpp={cfg.vpp}" if cfg.vpp > 1 else "",
     )
     with atomic_output_dir(out_dir, cfg.force, [hf_dir]) as temp:
-        iter_dir = temp / iteration_dir_name(RELEASE)
+        iter_dir = temp / iteration_dir_name(iteration)
         for pp_rank in range(cfg.pp):
             for tp_rank in range(cfg.tp):
                 chunks = []
@@ -118,7 +124,11 @@ def convert(cfg: HF2McoreConfig) -> Path:
                                 tensor = shard(p.entry, p.hf, reader, tp_rank, dims)
                                 state[p.mcore] = tensor if dtype is None else tensor.to(dtype)
                         chunks.append(state)
-                payload = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
+                payload = {
+                    "args": args,
+                    "checkpoint_version": CHECKPOINT_VERSION,
+                    "iteration": 0 if iteration == RELEASE else iteration,
+                }
                 if cfg.vpp == 1:
                     payload["model"] = chunks[0]
                 else:
@@ -127,7 +137,7 @@ def convert(cfg: HF2McoreConfig) -> Path:
                 save_rank_file(path, payload)
                 del chunks, payload
                 log.info("  wrote %s", path.relative_to(temp))
-        write_tracker(temp, RELEASE)
+        write_tracker(temp, iteration)
     log.info("hf2mcore: done in %.1fs -> %s", time.perf_counter() - start, out_dir)
     return out_dir
 

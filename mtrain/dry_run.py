@@ -42,7 +42,12 @@ def describe_plan(cfg: TrainingCommandConfig) -> str:
         f"/{spec.num_query_groups}, vocab {spec.vocab_size}",
         f"layout     {plan.describe()}",
         f"batch      {tr.global_batch_size} x {tr.seq_length} tokens = {tokens:,} per step, "
-        f"{plan.micro_batches} micro-batches of {tr.micro_batch_size} per DP rank",
+        f"{plan.micro_batches} micro-batches of {tr.micro_batch_size} per DP rank"
+        + (
+            " (packed rows: each holds several samples; the run's start-up line says how many)"
+            if getattr(cfg.data, "packing", False)
+            else ""
+        ),
         f"compute    {count(flops_per_token(spec, tr.seq_length) * tokens, 'FLOP')} per step",
         f"memory     per device (busiest stage, estimate): {size(total)} = weights "
         f"{size(mem['weights'])} + grads {size(mem['gradients'])} + optimizer "

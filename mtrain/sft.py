@@ -70,6 +70,17 @@ def make_sft_task(cfg: SFTConfig, setup: Setup) -> Task:
             tr.epochs,
             iters_for_epochs(tr, len(train_set)),
         )
+    if data.packing:
+        stats = train_set.stats
+        per_row = stats["samples"] / max(stats["sequences"], 1)
+        log.info(
+            "packing: train.global_batch_size=%d counts packed rows of %d tokens; a step holds "
+            "about %.0f samples (%.2f per row)",
+            tr.global_batch_size,
+            tr.seq_length,
+            tr.global_batch_size * per_row,
+            per_row,
+        )
     cu_masks = kernels.cu_seqlens_masks(setup.kernels, cfg.npu)
     rows = Rows(
         Epochs(train_set, tr.iters * tr.global_batch_size, tr.seed),

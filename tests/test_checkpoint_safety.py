@@ -75,14 +75,17 @@ def test_resaving_an_iteration_replaces_it_only_once_the_new_copy_is_in_place(tm
 
 @pytest.fixture(scope="module")
 def saved(tiny_hf, tmp_path_factory):
-    """A 'training' checkpoint at iteration 5 of the tiny model (the converted weights), with
-    the distributed optimizer's shard file."""
+    """A 'training' checkpoint at iteration 5 of the tiny model (the converted weights, an
+    optimizer entry), with the distributed optimizer's shard file."""
     root = tmp_path_factory.mktemp("safety")
     hf2mcore.convert(HF2McoreConfig(hf_dir=str(tiny_hf(TINY)), out_dir=str(root / "release")))
     save = root / "save"
     save.mkdir()
     shutil.copytree(root / "release" / "release", save / "iter_0000005")
-    torch.save({}, save / "iter_0000005" / "mp_rank_00" / DISTRIB_OPTIM_FILE)
+    rank = save / "iter_0000005" / "mp_rank_00"
+    payload = load_rank_file(rank / "model_optim_rng.pt", mmap=False)
+    save_rank_file(rank / "model_optim_rng.pt", {**payload, "iteration": 5, "optimizer": {}})
+    torch.save({}, rank / DISTRIB_OPTIM_FILE)
     (save / TRACKER).write_text("5\n")
     return root
 
@@ -204,3 +207,20 @@ def test_an_out_dir_below_a_file_is_one_line(tiny_hf, tmp_path):
     blocker.write_text("x")
     proc = cli("converters.hf2mcore", f"hf_dir={tiny_hf(TINY)}", f"out_dir={blocker / 'out'}")
     assert_one_line(proc, "out_dir=", "is a file, so nothing can be created below it")
+
+
+def test_a_numbered_converted_checkpoint_is_a_weights_only_start(tiny_hf, saved, tmp_path):
+    """MindSpeed-LLM reads only numbered trackers: hf2mcore iteration=1 writes iter_0000001
+    with tracker 1, the same tensors as release, and mtrain starts from it as from release."""
+    out = tmp_path / "numbered"
+    hf2mcore.convert(HF2McoreConfig(hf_dir=str(tiny_hf(TINY)), out_dir=str(out), iteration="1"))
+    assert (out / TRACKER).read_text() == "1\n"
+    ckpt = MegatronCheckpoint.open(out)
+    assert ckpt.iter_dir.name == "iter_0000001" and not ckpt.has_optimizer
+    numbered = load_rank_file(ckpt.rank_file(0, 0))
+    release = load_rank_file(saved / "release" / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    assert numbered["iteration"] == 1 and set(numbered["model"]) == set(release["model"])
+    assert all(torch.equal(numbered["model"][k], release["model"][k]) for k in release["model"])
+    start(run_config(load=str(out)))  # a start, not a resume: accepted
+    with pytest.raises(ConfigError, match=r"holds a converted \(iter_0000001\) checkpoint"):
+        start(run_config(save=str(out)))

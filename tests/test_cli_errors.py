@@ -85,11 +85,18 @@ def run_in_process(monkeypatch, capsys, module: str, *args: str) -> tuple[int, s
     monkeypatch.setattr(sys, "argv", [module, *args])
     monkeypatch.delenv("MTRAIN_ERROR_FILE", raising=False)
     monkeypatch.setattr(logging, "shutdown", lambda: None)  # keep pytest's log handlers open
+    # A command that gets as far as mtrain.log.setup() points mtrain's loggers at this test's
+    # captured stderr; give later tests (caplog) the loggers as they were.
+    loggers = [logging.getLogger(name) for name in ("mtrain", "converters")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     try:
         importlib.import_module(module).main()
         code = 0
     except SystemExit as exit:
         code = exit.code or 0
+    finally:
+        for lg, (handlers, level, propagate) in zip(loggers, saved):
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
     out = capsys.readouterr()
     return code, out.out, out.err
 

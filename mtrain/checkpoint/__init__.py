@@ -6,6 +6,7 @@
     weights   strict loading of model weights (adapters on their base)
     training  save/load of a run's named parts: model, optimizer, scheduler, RNG, data position
     start     the resume policy: `save`, else `load`, else a random init
+    unpickle  the allowlist unpickler for files torch's safe loader cannot read (any protocol)
     atomic    all-or-nothing writes (output directories, files), used by every writer
 
 `from mtrain.checkpoint import X` works for the names below. They are imported on first use, so
@@ -30,12 +31,14 @@ _EXPORTS = {
         "iteration_dir_name",
         "load_checkpoint_file",
         "load_rank_file",
+        "parse_iteration",
         "rank_dir_name",
         "rank_file",
         "read_tracker",
         "save_rank_file",
         "write_tracker",
     ],
+    "unpickle": ["load_restricted"],
     "start": ["check_start", "resume", "starting_point"],
     "training": [
         "DISTRIB_OPTIM_FILE",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from mtrain.checkpoint.adapters import AdapterCheckpointInfo
 from mtrain.checkpoint.args import spec_from_megatron_args
 from mtrain.checkpoint.atomic import atomic_write
+from mtrain.checkpoint.unpickle import load_restricted
 from mtrain.errors import CheckpointError
 from mtrain.models.spec import ModelSpec
 
@@ -85,25 +87,22 @@ def write_tracker(ckpt_dir: Path, iteration: int | str) -> None:
     atomic_write(ckpt_dir / TRACKER, f"{iteration}\n")
 
 
-_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-
-
 def load_checkpoint_file(path: Path, mmap: bool = True) -> Any:
-    """torch.load without unpickling arbitrary objects (only tensors, containers and
-    `argparse.Namespace`): every file mtrain opens, or hands to megatron-core, comes through
-    here. With `mmap` tensors are paged in only when touched."""
+    """A torch checkpoint file without unpickling arbitrary objects: every file mtrain opens,
+    or hands to megatron-core, comes through here. torch's `weights_only` loader first (it can
+    memory-map: with `mmap` tensors are paged in only when touched); what it cannot read, a
+    pickle protocol it does not parse (MindSpeed-LLM saves with protocol 4) or the numpy RNG
+    state Megatron-LM stores, goes to mtrain's own allowlist unpickler (checkpoint/unpickle.py),
+    which refuses anything else by name."""
     if not path.is_file():
         raise CheckpointError(f"{path} not found; the checkpoint is incomplete")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # "Detected pickle protocol 4": the fallback below is the answer to that
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        found = _REFUSED_GLOBAL.search(str(err))
-        what = f"the object {found.group(1)}" if found else "an object that is not plain data"
-        raise CheckpointError(
-            f"{path}: refused to open: it asks to unpickle {what}, which no checkpoint holds; "
-            "this file is not a checkpoint mtrain will open"
-        ) from None
+    except pickle.UnpicklingError:
+        return load_restricted(path)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path}: cannot be read as a checkpoint file ({err})") from None
 
@@ -144,6 +143,8 @@ class MegatronCheckpoint:
     vpp: int
     # Set for an adapter checkpoint (LoRA): its model state holds only the adapters.
     lora: AdapterCheckpointInfo | None = None
+    # Written by training (optimizer and scheduler state with the weights), not by a converter.
+    has_optimizer: bool = False
 
     @classmethod
     def open(cls, ckpt_dir: str | Path, iteration: str | None = None) -> MegatronCheckpoint:
@@ -157,7 +158,8 @@ class MegatronCheckpoint:
             raise CheckpointError(f"{iter_dir} not found (iteration {it} of {ckpt_dir})")
         pp_hint = 1 if (iter_dir / "mp_rank_00").is_dir() else 2
         first = rank_file(iter_dir, 0, 0, pp_hint)
-        args = load_rank_file(first)["args"]
+        payload = load_rank_file(first)
+        args = payload["args"]
         spec = spec_from_megatron_args(args, str(first))
         tp = int(args.tensor_model_parallel_size)
         pp = int(args.pipeline_model_parallel_size)
@@ -171,7 +173,8 @@ class MegatronCheckpoint:
                         f"{path} not found: args say tp={tp} pp={pp}, so the "
                         "checkpoint is incomplete"
                     )
-        return cls(iter_dir, spec, tp, pp, vpp, AdapterCheckpointInfo.from_args(args, str(first)))
+        lora = AdapterCheckpointInfo.from_args(args, str(first))
+        return cls(iter_dir, spec, tp, pp, vpp, lora, has_optimizer="optimizer" in payload)
 
     def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
         return rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtrain.checkpoint.adapters import AdapterCheckpointInfo
-from mtrain.checkpoint.layout import RELEASE, TRACKER, MegatronCheckpoint, read_tracker
+from mtrain.checkpoint.layout import TRACKER, MegatronCheckpoint, read_tracker
 from mtrain.checkpoint.training import (
     DISTRIB_OPTIM_FILE,
     TrainingParts,
@@ -41,11 +41,11 @@ def check_start(cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan)
     ckpt = open_matching(source, None, spec, plan.tp, plan.pp, plan.vpp)
     if not resuming:
         return
-    if ckpt.iter_dir.name == RELEASE:
+    if not ckpt.has_optimizer:
         raise ConfigError(
-            f"save={cfg.save} holds a converted (release) checkpoint, which a run must not write "
-            f"into; give the run a save directory of its own and start from it with "
-            f"load={cfg.save}"
+            f"save={cfg.save} holds a converted ({ckpt.iter_dir.name}) checkpoint, which a run "
+            f"must not write into; give the run a save directory of its own and start from it "
+            f"with load={cfg.save}"
         )
     if ckpt.lora is None and cfg.finetuning_type == "lora":
         raise ConfigError(
@@ -83,7 +83,8 @@ def resume(
         )
     layout = (spec, plan.tp, plan.pp, plan.vpp)
     iteration = read_tracker(Path(source))
-    found = MegatronCheckpoint.open(Path(source), iteration).lora
+    opened = MegatronCheckpoint.open(Path(source), iteration)
+    found = opened.lora
     adapters, base_dir = None, None
     if cfg.finetuning_type == "lora":
         if found is None:  # the base model: the adapters start fresh
@@ -96,11 +97,11 @@ def resume(
                 base, base_iteration = str(Path(base_dir).resolve()), read_tracker(Path(base_dir))
             # This run's settings (dropout may differ) on the adapters' base.
             adapters = AdapterCheckpointInfo(cfg.lora, base, str(base_iteration))
-    # A converted (release) checkpoint has weights only: it starts a fine-tune, as does the base
-    # model of a LoRA run.
+    # A converted checkpoint (release, or numbered as MindSpeed-LLM's converter writes it) has
+    # weights only: it starts a run from them, as does the base model of a LoRA run.
     weights_only = not resuming and (
         cfg.checkpoint.finetune
-        or iteration == RELEASE
+        or not opened.has_optimizer
         or (cfg.finetuning_type == "lora" and found is None)
     )
     if weights_only:
@@ -109,7 +110,8 @@ def resume(
         # them, or the first step would write the random init back over the loaded weights.
         parts.optimizer.reload_model_params()
         log.info(
-            "fine-tuning from the weights of %s (iteration and optimizer start afresh)", source
+            "starting from the weights of %s (iteration, optimizer and data position start afresh)",
+            source,
         )
         return TrainState(), adapters
     state = load_training_checkpoint(source, parts, *layout, base_dir=base_dir)
