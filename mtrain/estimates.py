@@ -31,12 +31,17 @@ def lora_parameters(cfg: TrainingCommandConfig, spec: ModelSpec, tp: int) -> flo
     return total
 
 
+def bytes_per_parameter(precision: str) -> tuple[int, int]:
+    """(weights, Adam state) bytes per trained parameter: weights in the training precision;
+    Adam's two fp32 moments, plus fp32 master weights with bf16/fp16."""
+    return (4, 8) if precision == "fp32" else (2, 12)
+
+
 def checkpoint_bytes(cfg: TrainingCommandConfig, spec: ModelSpec) -> float:
     """Bytes one training checkpoint takes on disk, over all ranks: the trained weights in the
     training precision plus Adam's state (fp32 master weights with bf16/fp16, two moments);
     with LoRA the adapters alone. The same model state whatever the layout."""
-    weight_bytes = 4 if cfg.train.precision == "fp32" else 2
-    optimizer_bytes = 8 if cfg.train.precision == "fp32" else 12
+    weight_bytes, optimizer_bytes = bytes_per_parameter(cfg.train.precision)
     if cfg.finetuning_type == "lora":
         stored = lora_parameters(cfg, spec, tp=1) * spec.num_layers
     else:
@@ -58,10 +63,8 @@ def memory_estimate(
     params = max(first, last) if pp > 1 else first + last - layers * per_layer / tp
     # Gradients and optimizer state exist for trained parameters only: with LoRA, the adapters.
     trained = lora_parameters(cfg, spec, tp) * layers if cfg.finetuning_type == "lora" else params
-    weight_bytes = 4 if tr.precision == "fp32" else 2
-    optimizer_bytes = (8 if tr.precision == "fp32" else 12) / (
-        dp if cfg.parallel.distributed_optimizer else 1
-    )
+    weight_bytes, optimizer_bytes = bytes_per_parameter(tr.precision)
+    optimizer_bytes /= dp if cfg.parallel.distributed_optimizer else 1
     # DPO: a sample is a pair (two sequences); a `model` reference of a full fine-tune is a
     # second copy of the weights (with LoRA it is the policy with its adapters off).
     dpo = getattr(cfg, "dpo", None)
