@@ -34,10 +34,10 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from converters.layout import Dims  # noqa: E402
-from converters.stages import all_hf_tensors  # noqa: E402
 from mtrain.config.model import load_preset  # noqa: E402
+from mtrain.models.sharding import Dims  # noqa: E402
 from mtrain.models.spec import hf_config_from_spec  # noqa: E402
+from mtrain.models.stages import all_hf_tensors  # noqa: E402
 
 GiB = 1024**3
 

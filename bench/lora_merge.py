@@ -40,8 +40,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.convert import GiB, baseline_rss, best_of, convert_in_child, prefault, timed  # noqa: E402
 from converters.adapters import PEFT_WEIGHTS, adapter_names, peft_names  # noqa: E402
-from converters.layout import Dims, shard_shape  # noqa: E402
-from converters.stages import piece_layers  # noqa: E402
 from mtrain.checkpoint import (  # noqa: E402
     CHECKPOINT_VERSION,
     AdapterCheckpointInfo,
@@ -54,6 +52,8 @@ from mtrain.checkpoint import (  # noqa: E402
 )
 from mtrain.config.lora import TARGETS, LoraConfig  # noqa: E402
 from mtrain.models.families.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Kind  # noqa: E402
+from mtrain.models.sharding import Dims, shard_shape  # noqa: E402
+from mtrain.models.stages import piece_layers  # noqa: E402
 
 ITERATION = 1
 TIME_TARGET, RSS_TARGET = 1.3, 1.2

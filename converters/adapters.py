@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from converters.layout import Dims, merge, shard_shape
-from converters.stages import piece_layers
 from mtrain.checkpoint import MegatronCheckpoint, atomic_output_dir
 from mtrain.errors import CheckpointError
 from mtrain.models.families.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Entry, Kind
+from mtrain.models.sharding import Dims, merge, shard_shape
+from mtrain.models.stages import piece_layers
 
 log = logging.getLogger("converters.mcore2hf")
 

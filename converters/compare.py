@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import MISSING
 
-from converters.hf_io import HFReader
+from mtrain.checkpoint.hf_io import HFReader
 from mtrain.cli import hydra_command
 from mtrain.errors import MtrainError
 

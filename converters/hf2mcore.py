@@ -19,9 +19,6 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from converters.hf_io import HFReader
-from converters.layout import Dims, shard
-from converters.stages import all_hf_tensors, stage_groups
 from mtrain.checkpoint import (
     CHECKPOINT_VERSION,
     RELEASE,
@@ -34,17 +31,16 @@ from mtrain.checkpoint import (
     save_rank_file,
     write_tracker,
 )
+from mtrain.checkpoint.hf_io import HFReader
+from mtrain.checkpoint.hf_weights import check_hf_tensors
 from mtrain.cli import hydra_command
 from mtrain.dtypes import DTYPE_NAMES, parse_dtype
-from mtrain.errors import CheckpointError
-from mtrain.models.spec import ModelSpec, load_hf_config
+from mtrain.models.sharding import Dims, shard
+from mtrain.models.spec import load_hf_config
+from mtrain.models.stages import stage_groups
 from mtrain.plan import check_virtual_stages
 
 log = logging.getLogger("converters.hf2mcore")
-
-
-# Tensors some HF checkpoints carry that are not weights of the model.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass
@@ -57,31 +53,6 @@ class HF2McoreConfig:
     dtype: str | None = None  # bf16 | fp16 | fp32; default keeps each tensor's own dtype
     force: bool = False  # replace a non-empty out_dir (only once the new one is complete)
     iteration: str = "release"  # the checkpoint's name: release, or a number (1 for MindSpeed-LLM)
-
-
-def check_hf_tensors(reader: HFReader, spec: ModelSpec, dims: Dims) -> None:
-    """Every tensor the config implies exists with the right shape, and nothing else is there."""
-    expected = all_hf_tensors(spec)
-    with reader.session():
-        for name, (entry, pos) in expected.items():
-            want = dims.hf_shapes(entry)[pos]
-            got = reader.shape(name)
-            if got != want:
-                raise CheckpointError(
-                    f"{reader.dir}: tensor {name} has shape {list(got)} but "
-                    f"config.json implies {list(want)}"
-                )
-    tied_head = spec.family_table.output.hf[0] if spec.tie_word_embeddings else None
-    extra = sorted(
-        n
-        for n in reader.weight_map
-        if n not in expected and n != tied_head and not n.endswith(_IGNORED_SUFFIXES)
-    )
-    if extra:
-        raise CheckpointError(
-            f"{reader.dir}: tensor {extra[0]} (and {len(extra) - 1} more) is not "
-            f"part of a {spec.family} model as config.json describes it"
-        )
 
 
 def convert(cfg: HF2McoreConfig) -> Path:

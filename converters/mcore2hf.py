@@ -30,18 +30,18 @@ from converters.adapters import (
     check_adapter_states,
     write_peft_adapter,
 )
-from converters.hf_io import DEFAULT_MAX_SHARD_BYTES, HFShardedWriter
-from converters.layout import Dims, merge, shard_shape
-from converters.stages import stage_groups
 from mtrain.checkpoint import MegatronCheckpoint, atomic_output_dir, check_output_dir
+from mtrain.checkpoint.hf_io import DEFAULT_MAX_SHARD_BYTES, HFShardedWriter
 from mtrain.cli import hydra_command
 from mtrain.dtypes import DTYPE_NAMES, parse_dtype
 from mtrain.errors import CheckpointError, ConfigError
 from mtrain.lora import merged_weight
+from mtrain.models.sharding import Dims, merge, shard_shape
 from mtrain.models.spec import (
     hf_config_from_spec,
     load_hf_config,
 )
+from mtrain.models.stages import stage_groups
 
 log = logging.getLogger("converters.mcore2hf")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mtrain import accel, parallel
-from mtrain.checkpoint import MegatronCheckpoint, atomic_paths, load_model_weights
+from mtrain.checkpoint import MegatronCheckpoint, atomic_paths, is_hf_dir, load_start_weights
 from mtrain.errors import ConfigError
 from mtrain.lora import adapters_disabled
 from mtrain.losses import pair_forward, sequence_logps
@@ -71,7 +71,7 @@ def frozen_copy(run) -> list:
 
     spec, plan = run.spec, run.plan
     chunks = [c.to(accel.device()) for c in build_model_chunks(spec, run.options)]
-    load_model_weights(chunks, run.cfg.load, spec, plan.tp, plan.pp, plan.vpp)
+    load_start_weights(chunks, run.cfg.load, spec, plan)
     for c in chunks:
         c.requires_grad_(False)
         c.eval()
@@ -98,10 +98,11 @@ def per_step_reference():
 def cache_key(fingerprint: dict, load: str) -> str:
     """The starting checkpoint's identity (path, iteration, rank files' sizes and times) and the
     data's, as one hash: a changed model or data set never reads stale log-probs."""
-    ckpt = MegatronCheckpoint.open(load)
-    files = sorted(p for p in ckpt.iter_dir.rglob("*") if p.is_file())
+    ckpt = None if is_hf_dir(load) else MegatronCheckpoint.open(load)
+    root = Path(load) if ckpt is None else ckpt.iter_dir
+    files = sorted(p for p in root.rglob("*") if p.is_file())
     stamps = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    if ckpt.lora is not None:
+    if ckpt is not None and ckpt.lora is not None:
         stamps.append(("base", ckpt.lora.base_dir, ckpt.lora.base_iteration))
     blob = json.dumps({"data": fingerprint, "model": stamps}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -61,14 +61,17 @@ def test_a_preset_that_contradicts_config_json_lists_every_difference(tiny_hf):
         ("vocab_size", 512, 384),
         ("tie_word_embeddings", True, False),
     ]:
-        assert f"model.{key}={preset} (config.json: {actual})" in message
+        assert (
+            f"model.{key}={preset} (preset qwen3_tiny) but {model.hf_dir}/config.json has "
+            f"{actual}" in message
+        )
     assert "leave out +model=" in message
 
 
 def test_a_single_key_may_be_given_with_hf_dir_when_it_agrees(tiny_hf):
     hf = tiny_hf(LLAMA)
     assert ModelConfig(hf_dir=str(hf), num_layers=3).spec() == LLAMA
-    with pytest.raises(ConfigError, match=r"model.num_layers=4 \(config.json: 3\)"):
+    with pytest.raises(ConfigError, match=r"model.num_layers=4 \(given\) but .*config.json has 3"):
         ModelConfig(hf_dir=str(hf), num_layers=4).spec()
 
 
@@ -86,3 +89,28 @@ def test_pretraining_a_model_without_a_preset(tiny_hf, tmp_path):
     )  # fmt: skip
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert len(losses) == 3 and all(5.0 < loss < 7.0 for loss in losses), losses
+
+
+@pytest.mark.slow
+def test_training_straight_from_hf_weights_equals_converting_first(tiny_hf, tmp_path):
+    """load=HF_DIR at TP2 x PP2: every rank reads its own slices; the loss curve is the one of
+    a run from the converted checkpoint, exactly (fp32, same data and seed)."""
+    from tests.conftest import TINY
+
+    hf = tiny_hf(TINY)
+    hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(tmp_path / "c"), tp=2, pp=2))
+    write_corpus(tmp_path / "corpus.jsonl", 200)
+
+    def losses(load, name):
+        metrics = tmp_path / f"{name}.jsonl"
+        launch(
+            4, "-m", "mtrain.pt", f"model.hf_dir={hf}", f"load={load}",
+            f"data.path={tmp_path / 'corpus.jsonl'}", f"data.cache_dir={tmp_path / 'cache'}",
+            "train.iters=3", "train.seq_length=32", "train.global_batch_size=4",
+            "train.micro_batch_size=2", "train.precision=fp32", "parallel.tp=2",
+            "parallel.pp=2", "device=cpu", f"log.metrics_file={metrics}",
+        )  # fmt: skip
+        return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+
+    direct = losses(hf, "direct")
+    assert direct == losses(tmp_path / "c", "converted") and len(direct) == 3

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from converters.hf_io import HFReader
+from mtrain.checkpoint.hf_io import HFReader
 from mtrain.config.model import load_preset
 from mtrain.config.schema import TrainingCommandConfig, validate
 from mtrain.errors import CheckpointError, ConfigError

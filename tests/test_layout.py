@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from converters.layout import Dims, merge, shard, shard_shape
 from mtrain.models.families import FAMILIES
 from mtrain.models.families.base import Entry
+from mtrain.models.sharding import Dims, merge, shard, shard_shape
 from tests.conftest import tiny_spec
 
 QWEN2 = FAMILIES["qwen2"]

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from converters.adapters import merge_adapter, peft_names
-from converters.layout import Dims, merge, shard
 from mtrain.checkpoint import AdapterCheckpointInfo
 from mtrain.config.lora import LoraConfig
 from mtrain.errors import CheckpointError, ConfigError
 from mtrain.lora import merged_weight
 from mtrain.models.families.base import Kind
+from mtrain.models.sharding import Dims, merge, shard
 from tests.conftest import tiny_spec
 
 R, SCALING = 4, 2.0

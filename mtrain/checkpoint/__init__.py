@@ -39,7 +39,8 @@ _EXPORTS = {
         "write_tracker",
     ],
     "unpickle": ["load_restricted"],
-    "start": ["check_start", "resume", "starting_point"],
+    "start": ["check_start", "load_start_weights", "resume", "starting_point"],
+    "hf_weights": ["check_hf_tensors", "is_hf_dir", "load_hf_weights"],
     "training": [
         "DISTRIB_OPTIM_FILE",
         "TrainState",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtrain.checkpoint.adapters import AdapterCheckpointInfo
+from mtrain.checkpoint.hf_weights import is_hf_dir, load_hf_weights
 from mtrain.checkpoint.layout import TRACKER, MegatronCheckpoint, read_tracker
 from mtrain.checkpoint.training import (
     DISTRIB_OPTIM_FILE,
@@ -16,6 +17,7 @@ from mtrain.checkpoint.training import (
 )
 from mtrain.checkpoint.weights import load_model_weights, open_matching
 from mtrain.errors import ConfigError
+from mtrain.models.spec import load_hf_config
 
 if TYPE_CHECKING:
     from mtrain.config.schema import TrainingCommandConfig
@@ -37,6 +39,9 @@ def check_start(cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan)
     """
     source, resuming = starting_point(cfg)
     if source is None:
+        return
+    if not resuming and is_hf_dir(source):
+        check_hf_start(cfg, spec, source)
         return
     ckpt = open_matching(source, None, spec, plan.tp, plan.pp, plan.vpp)
     if not resuming:
@@ -63,6 +68,29 @@ def check_start(cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan)
         )
 
 
+def check_hf_start(cfg: TrainingCommandConfig, spec: ModelSpec, hf_dir: str) -> None:
+    """`load=` an HF model directory: its config.json must describe this run's model."""
+    hf_spec, _ = load_hf_config(hf_dir)
+    differ = [k for k, v in vars(hf_spec).items() if getattr(spec, k) != v]
+    if differ:
+        listed = ", ".join(f"{k}={getattr(hf_spec, k)} (run: {getattr(spec, k)})" for k in differ)
+        raise ConfigError(f"load={hf_dir}: its config.json describes another model: {listed}")
+    if cfg.finetuning_type == "lora":
+        raise ConfigError(
+            f"load={hf_dir} is an HF model; LoRA adapters record a Megatron base checkpoint, so "
+            "convert it first (converters.hf2mcore at the run's tp/pp) and load= that"
+        )
+
+
+def load_start_weights(chunks: list, source: str, spec: ModelSpec, plan: ParallelPlan) -> None:
+    """The weights a run (or DPO's frozen reference) starts from: an HF directory's or a
+    Megatron checkpoint's (an adapter checkpoint on its base)."""
+    if is_hf_dir(source):
+        load_hf_weights(chunks, source, spec, plan.tp, plan.pp, plan.vpp)
+    else:
+        load_model_weights(chunks, source, spec, plan.tp, plan.pp, plan.vpp)
+
+
 def resume(
     cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan, parts: TrainingParts
 ) -> tuple[TrainState, AdapterCheckpointInfo | None]:
@@ -81,6 +109,11 @@ def resume(
         log.info(
             "save=%s already holds a checkpoint: resuming it (load= only starts a run)", cfg.save
         )
+    if not resuming and is_hf_dir(source):
+        load_hf_weights(parts.model, source, spec, plan.tp, plan.pp, plan.vpp)
+        parts.optimizer.reload_model_params()  # see the weights-only start below
+        log.info("starting from the HF weights of %s (read by each rank, no conversion)", source)
+        return TrainState(), None
     layout = (spec, plan.tp, plan.pp, plan.vpp)
     iteration = read_tracker(Path(source))
     opened = MegatronCheckpoint.open(Path(source), iteration)

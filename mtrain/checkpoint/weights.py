@@ -36,17 +36,22 @@ def open_matching(
     return ckpt
 
 
-def _fill(chunks: list[torch.nn.Module], ckpt: MegatronCheckpoint, adapters: bool) -> None:
-    """Load the base parameters (or, with `adapters`, the LoRA adapters) of this rank's chunks
-    from `ckpt`; every one of them must be there, and nothing else."""
-    tp_rank, pp_rank = parallel.tp_rank(), parallel.pp_rank()
-    path = ckpt.rank_file(tp_rank, pp_rank)
-    tied_copy = ckpt.spec.family_table.output.mcore if ckpt.spec.tie_word_embeddings else None
-    for chunk, state in zip(chunks, ckpt.load_model_states(tp_rank, pp_rank)):
+def fill(
+    chunks: list[torch.nn.Module],
+    states: list[dict[str, torch.Tensor]],
+    where: str,
+    spec: ModelSpec,
+    adapters: bool = False,
+) -> None:
+    """Load one state dict per chunk into this rank's chunks: every base parameter (or, with
+    `adapters`, every LoRA adapter) must be there, and nothing else. `where` names the source
+    in errors."""
+    tied_copy = spec.family_table.output.mcore if spec.tie_word_embeddings else None
+    for chunk, state in zip(chunks, states):
         model = getattr(chunk, "module", chunk)  # unwrap DDP
         if adapters and not any(is_adapter_key(k) for k in model.state_dict()):
             raise CheckpointError(
-                f"{ckpt.iter_dir} holds LoRA adapters but the model has none: train with "
+                f"{where} holds LoRA adapters but the model has none: train with "
                 "finetuning_type=lora, or merge them first (converters.mcore2hf lora.merge=true)"
             )
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -57,8 +62,14 @@ def _fill(chunks: list[torch.nn.Module], ckpt: MegatronCheckpoint, adapters: boo
         if missing or unexpected:
             what = f"lacks {missing[0]}" if missing else f"has unexpected {unexpected[0]}"
             raise CheckpointError(
-                f"{path} {what} ({len(missing)} missing, {len(unexpected)} unexpected tensors)"
+                f"{where} {what} ({len(missing)} missing, {len(unexpected)} unexpected tensors)"
             )
+
+
+def _fill(chunks: list[torch.nn.Module], ckpt: MegatronCheckpoint, adapters: bool) -> None:
+    tp_rank, pp_rank = parallel.tp_rank(), parallel.pp_rank()
+    where = str(ckpt.rank_file(tp_rank, pp_rank))
+    fill(chunks, ckpt.load_model_states(tp_rank, pp_rank), where, ckpt.spec, adapters)
 
 
 def load_model_weights(

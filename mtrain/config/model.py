@@ -84,12 +84,15 @@ class ModelConfig:
         spec, _ = load_hf_config(self.hf_dir)
         differ = [k for k, v in given.items() if getattr(spec, k) != v]
         if differ:
+            origin = f"preset {self.name}" if self.name else "given"
+            config = f"{self.hf_dir}/config.json"
             listed = ", ".join(
-                f"model.{k}={given[k]} (config.json: {getattr(spec, k)})" for k in differ
+                f"model.{k}={given[k]} ({origin}) but {config} has {getattr(spec, k)}"
+                for k in differ
             )
             raise ConfigError(
-                f"{source} does not match {self.hf_dir}/config.json: {listed}; leave out "
-                "+model= (config.json has the architecture) or give the matching values"
+                f"{listed}; leave out +model= (config.json has the architecture) or give the "
+                "matching values"
             )
         return spec
 

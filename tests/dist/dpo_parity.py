@@ -81,8 +81,8 @@ def main() -> None:
 
     from megatron.core import parallel_state as ps
 
-    from converters.layout import Dims, merge
-    from converters.stages import stage_groups
+    from mtrain.models.sharding import Dims, merge
+    from mtrain.models.stages import stage_groups
     from mtrain import accel, parallel
     from mtrain.checkpoint import MegatronCheckpoint, load_model_weights
     from mtrain.config.model import load_preset

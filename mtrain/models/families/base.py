@@ -17,7 +17,7 @@ HF_LAYER_PREFIX = "model.layers.{i}."
 
 
 class Kind(Enum):
-    """How a tensor is laid out across tensor-parallel ranks (see converters/layout.py)."""
+    """How a tensor is laid out across tensor-parallel ranks (see mtrain/models/sharding.py)."""
 
     REPLICATED = "replicated"  # every rank holds the whole tensor (norms)
     COLUMN = "column"  # split along dim 0 (output features)

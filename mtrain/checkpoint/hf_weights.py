@@ -1,0 +1,75 @@
+"""Training straight from an HF model directory: `load=HF_DIR`, no conversion step.
+
+Each rank builds the state dict of its own chunks from slice reads of exactly the bytes it needs
+(the converters' streaming reader and layouts), one chunk at a time, so no process ever holds
+more than its own shard of the model. The result is bit-identical to converting with
+converters.hf2mcore first and loading that checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mtrain import parallel
+from mtrain.checkpoint.hf_io import HFReader
+from mtrain.checkpoint.layout import TRACKER
+from mtrain.checkpoint.weights import fill
+from mtrain.errors import CheckpointError
+from mtrain.models.sharding import Dims, shard
+from mtrain.models.spec import ModelSpec
+from mtrain.models.stages import all_hf_tensors, stage_groups
+
+# Tensors some HF checkpoints carry that are not weights of the model.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """An HF model directory (config.json, no Megatron tracker)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / TRACKER).is_file()
+
+
+def check_hf_tensors(reader: HFReader, spec: ModelSpec, dims: Dims) -> None:
+    """Every tensor the config implies exists with the right shape, and nothing else is there."""
+    expected = all_hf_tensors(spec)
+    with reader.session():
+        for name, (entry, pos) in expected.items():
+            want = dims.hf_shapes(entry)[pos]
+            got = reader.shape(name)
+            if got != want:
+                raise CheckpointError(
+                    f"{reader.dir}: tensor {name} has shape {list(got)} but "
+                    f"config.json implies {list(want)}"
+                )
+    tied_head = spec.family_table.output.hf[0] if spec.tie_word_embeddings else None
+    extra = sorted(
+        n
+        for n in reader.weight_map
+        if n not in expected and n != tied_head and not n.endswith(IGNORED_SUFFIXES)
+    )
+    if extra:
+        raise CheckpointError(
+            f"{reader.dir}: tensor {extra[0]} (and {len(extra) - 1} more) is not "
+            f"part of a {spec.family} model as config.json describes it"
+        )
+
+
+def load_hf_weights(
+    chunks: list[torch.nn.Module], hf_dir: str | Path, spec: ModelSpec, tp: int, pp: int, vpp: int
+) -> None:
+    """Fill this rank's chunks from the HF safetensors, strictly (every parameter, nothing
+    else), reading only this rank's slices."""
+    reader = HFReader(hf_dir)
+    dims = Dims.of(spec, tp)
+    check_hf_tensors(reader, spec, dims)
+    tp_rank, pp_rank = parallel.tp_rank(), parallel.pp_rank()
+    for index, chunk in enumerate(chunks):
+        state = {}
+        with reader.session():
+            for group in stage_groups(spec, pp, vpp, pp_rank, index):
+                for p in group:
+                    state[p.mcore] = shard(p.entry, p.hf, reader, tp_rank, dims)
+        fill([chunk], [state], f"{hf_dir} (tp rank {tp_rank}, pp rank {pp_rank})", spec)
+        del state
