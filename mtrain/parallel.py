@@ -135,11 +135,6 @@ def dp_group():
     return _state().get_data_parallel_group()
 
 
-def is_first_stage() -> bool:
-    """This rank holds the first pipeline stage (whatever its virtual chunk)."""
-    return _state().is_pipeline_first_stage(ignore_virtual=True)
-
-
 def is_last_stage() -> bool:
     """This rank holds the last pipeline stage (whatever its virtual chunk)."""
     return _state().is_pipeline_last_stage(ignore_virtual=True)

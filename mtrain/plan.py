@@ -95,10 +95,6 @@ class ParallelPlan:
             distributed_optimizer=distributed_optimizer,
         )
 
-    @property
-    def global_batch_size(self) -> int:
-        return self.micro_batches * self.micro_batch_size * self.dp
-
     def describe(self) -> str:
         """`16 devices = tp 8 x pp 2 x dp 1[, vpp 2][, sequence parallel]...`"""
         return (

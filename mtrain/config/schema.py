@@ -28,6 +28,14 @@ RECOMPUTE = (None, "selective", "full")
 ON_NAN = ("stop", "skip")
 
 
+def check_positive(group: str, config: Any, *keys: str) -> None:
+    """Each of `keys` of `config` is null (where allowed) or positive; errors name `group.key`."""
+    for key in keys:
+        value = getattr(config, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{group}.{key}={value} must be positive")
+
+
 @dataclass
 class ParallelConfig:
     tp: int | None = None  # tensor-parallel size; default: the model preset's recommended_tp
@@ -75,9 +83,9 @@ class TrainConfig:
             raise ConfigError("give exactly one of train.iters and train.epochs")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"train.epochs={self.epochs} must be positive")
-        for key in ("iters", "micro_batch_size", "global_batch_size", "seq_length"):
-            if getattr(self, key) is not None and getattr(self, key) <= 0:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must be positive")
+        check_positive(
+            "train", self, "iters", "micro_batch_size", "global_batch_size", "seq_length"
+        )
         for key in ("lr", "min_lr", "weight_decay", "clip_grad", "warmup_iters"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
@@ -88,8 +96,7 @@ class TrainConfig:
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be in [0, 1)")
         check_iters(self)
-        if self.exit_after_iters is not None and self.exit_after_iters <= 0:
-            raise ConfigError(f"train.exit_after_iters={self.exit_after_iters} must be positive")
+        check_positive("train", self, "exit_after_iters")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
         return self
@@ -102,10 +109,7 @@ class CheckpointConfig:
     finetune: bool = False  # `load` gives weights only: iteration, optimizer and data restart
 
     def validate(self) -> CheckpointConfig:
-        for key in ("save_interval", "keep_last"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"checkpoint.{key}={value} must be positive")
+        check_positive("checkpoint", self, "save_interval", "keep_last")
         return self
 
 
@@ -119,8 +123,7 @@ class LogConfig:
     all_ranks: bool = False  # log from every rank, not just rank 0
 
     def validate(self) -> LogConfig:
-        if self.interval <= 0:
-            raise ConfigError(f"log.interval={self.interval} must be positive")
+        check_positive("log", self, "interval")
         return self
 
 
@@ -130,10 +133,7 @@ class EvalConfig:
     max_batches: int | None = None  # global batches per validation; null = the whole set
 
     def validate(self) -> EvalConfig:
-        for key in ("interval", "max_batches"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"eval.{key}={value} must be positive")
+        check_positive("eval", self, "interval", "max_batches")
         return self
 
 
