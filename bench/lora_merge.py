@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.convert import GiB, baseline_rss, best_of, convert_in_child, prefault, timed  # noqa: E402
-from converters.adapters import PEFT_WEIGHTS, adapter_names, peft_names  # noqa: E402
 from mtrain.checkpoint import (  # noqa: E402
     CHECKPOINT_VERSION,
     AdapterCheckpointInfo,
@@ -50,6 +49,7 @@ from mtrain.checkpoint import (  # noqa: E402
     save_rank_file,
     write_tracker,
 )
+from mtrain.checkpoint.peft import PEFT_WEIGHTS, adapter_names, peft_names  # noqa: E402
 from mtrain.config.lora import TARGETS, LoraConfig  # noqa: E402
 from mtrain.models.families.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Kind  # noqa: E402
 from mtrain.models.sharding import Dims, shard_shape  # noqa: E402

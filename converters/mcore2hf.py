@@ -2,51 +2,24 @@
 
     python -m converters.mcore2hf ckpt_dir=CKPT out_dir=HF_OUT [hf_dir=HF] [dtype=bf16] [force=true]
 
-LoRA adapter checkpoints: `lora.merge=true` (default) writes the base with the adapters merged
-(W + s B A per TP shard, in fp32, cast back to the base dtype); `lora.merge=false` writes a PEFT
-adapter (adapter_model.safetensors + adapter_config.json) for the original HF model. The base
-checkpoint is the one recorded in the adapters' args unless `base_dir=` says otherwise.
-
-Rank files are memory-mapped and reopened for every layer, so only one layer's shards and the
-HF shard being filled are resident. With `hf_dir` the config, tokenizer and generation files are
-copied from the original model; without it `config.json` is written from the checkpoint args.
+LoRA adapter checkpoints: `lora.merge=true` (default) writes the base with the adapters merged;
+`lora.merge=false` writes a PEFT adapter for the original HF model. The work is done by
+mtrain/checkpoint/hf_export.py (which training's `checkpoint.save_hf` uses too); its docstring
+says how memory stays bounded.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from omegaconf import MISSING
 
-from converters.adapters import (
-    adapter_names,
-    adapter_targets,
-    check_adapter_states,
-    write_peft_adapter,
-)
-from mtrain.checkpoint import MegatronCheckpoint, atomic_output_dir, check_output_dir
-from mtrain.checkpoint.hf_io import DEFAULT_MAX_SHARD_BYTES, HFShardedWriter
+from mtrain.checkpoint.hf_export import export_hf
+from mtrain.checkpoint.hf_io import DEFAULT_MAX_SHARD_BYTES
 from mtrain.cli import hydra_command
-from mtrain.dtypes import DTYPE_NAMES, parse_dtype
-from mtrain.errors import CheckpointError, ConfigError
-from mtrain.lora import merged_weight
-from mtrain.models.sharding import Dims, merge, shard_shape
-from mtrain.models.spec import (
-    hf_config_from_spec,
-    load_hf_config,
-)
-from mtrain.models.stages import stage_groups
-
-log = logging.getLogger("converters.mcore2hf")
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
-_WEIGHT_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+from mtrain.dtypes import parse_dtype
+from mtrain.errors import ConfigError
 
 
 @dataclass
@@ -73,166 +46,20 @@ class McoreToHFConfig:
     lora: LoraExportConfig = field(default_factory=LoraExportConfig)
 
 
-def plan_hf_tensors(
-    ckpt: MegatronCheckpoint, dims: Dims, dtype: torch.dtype | None
-) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """(HF name, dtype, shape) of every output tensor, in the order they will be produced.
-
-    Checks on the way that each stage holds exactly the tensors its args imply. Only the TP-rank-0
-    files are opened, and only their metadata is touched.
-    """
-    spec, family = ckpt.spec, ckpt.spec.family_table
-    plan = []
-    for pp_rank in range(ckpt.pp):
-        states = ckpt.load_model_states(0, pp_rank)
-        for chunk, state in enumerate(states):
-            groups = list(stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk))
-            known = {p.mcore for g in groups for p in g}
-            if spec.tie_word_embeddings:
-                known.add(family.output.mcore)  # the tied copy some tools write, or not
-            path = ckpt.rank_file(0, pp_rank)
-            unknown = sorted(k for k in state if k not in known and not k.endswith("._extra_state"))
-            if unknown:
-                raise CheckpointError(
-                    f"{path}: tensor {unknown[0]} (and {len(unknown) - 1} more) is not part of a "
-                    f"{spec.family} model as the checkpoint args describe it"
-                )
-            for group in groups:
-                for p in group:
-                    if p.entry is family.output and spec.tie_word_embeddings:
-                        continue
-                    if p.mcore not in state:
-                        raise CheckpointError(f"{path}: tensor {p.mcore} is missing")
-                    for name, shape in zip(p.hf, dims.hf_shapes(p.entry)):
-                        plan.append((name, dtype or state[p.mcore].dtype, shape))
-        del states
-    return plan
-
-
-def copy_side_files(hf_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
-    """Copy config, tokenizer, generation config and other small files; never weights."""
-    for src in sorted(hf_dir.iterdir()):
-        if (
-            src.is_file()
-            and not src.name.endswith(_WEIGHT_SUFFIXES)
-            and src.name not in _WEIGHT_NAMES
-        ):
-            shutil.copy2(src, out / src.name)
-    config = out / "config.json"
-    if dtype is not None and config.is_file():
-        data = json.loads(config.read_text())
-        data["torch_dtype" if "torch_dtype" in data else "dtype"] = DTYPE_NAMES[dtype]
-        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _open_base(adapters: MegatronCheckpoint, base_dir: str | None) -> MegatronCheckpoint:
-    path, iteration = adapters.lora.resolve_base(base_dir)
-    base = MegatronCheckpoint.open(path, iteration)
-    if base.lora is not None:
-        raise ConfigError(f"base_dir={path} holds adapters too; give the full base checkpoint")
-    if base.spec != adapters.spec or (base.tp, base.pp, base.vpp) != (
-        adapters.tp,
-        adapters.pp,
-        adapters.vpp,
-    ):
-        raise ConfigError(
-            f"base_dir={path} (tp={base.tp} pp={base.pp}) is not the model the adapters in "
-            f"{adapters.iter_dir} (tp={adapters.tp} pp={adapters.pp}) were trained on"
-        )
-    return base
-
-
 def convert(cfg: McoreToHFConfig) -> Path:
-    ckpt_dir, out_dir = Path(cfg.ckpt_dir), Path(cfg.out_dir)
-    dtype = parse_dtype(cfg.dtype)
-    check_output_dir(out_dir, cfg.force, [ckpt_dir])
-    ckpt = MegatronCheckpoint.open(ckpt_dir, cfg.iteration)
-    adapters = None
-    if ckpt.lora is not None:
-        check_adapter_states(ckpt)
-        if not cfg.lora.merge:
-            write_peft_adapter(ckpt, out_dir, cfg.hf_dir, cfg.force, dtype)
-            return out_dir
-        adapters, ckpt = ckpt, _open_base(ckpt, cfg.base_dir)
-    elif cfg.base_dir is not None:
-        raise ConfigError(
-            f"base_dir= is for LoRA adapter checkpoints, but {ckpt.iter_dir} is a full checkpoint"
-        )
-    spec = ckpt.spec
-    inputs = [ckpt_dir] + ([ckpt.iter_dir.parent] if adapters else [])
-    if cfg.hf_dir is not None:
-        hf_spec, _ = load_hf_config(cfg.hf_dir)
-        mismatched = [k for k, v in vars(hf_spec).items() if getattr(spec, k) != v]
-        if mismatched:
-            k = mismatched[0]
-            raise ConfigError(
-                f"hf_dir={cfg.hf_dir}: config.json has {k}={getattr(hf_spec, k)} "
-                f"but the checkpoint has {k}={getattr(spec, k)}; is it the right model?"
-            )
-        inputs.append(Path(cfg.hf_dir))
     if cfg.max_shard_size_gb <= 0:
         raise ConfigError(f"max_shard_size_gb={cfg.max_shard_size_gb} must be positive")
-    dims = Dims.of(spec, ckpt.tp)
-
-    start = time.perf_counter()
-    log.info(
-        "mcore2hf: %s (%s, tp=%d pp=%d)%s -> %s",
-        ckpt.iter_dir,
-        spec.family,
-        ckpt.tp,
-        ckpt.pp,
-        f" + LoRA {adapters.iter_dir} merged" if adapters else "",
-        out_dir,
+    return export_hf(
+        cfg.ckpt_dir,
+        cfg.out_dir,
+        iteration=cfg.iteration,
+        hf_dir=cfg.hf_dir,
+        dtype=parse_dtype(cfg.dtype),
+        max_shard_bytes=int(cfg.max_shard_size_gb * 1000**3),
+        force=cfg.force,
+        base_dir=cfg.base_dir,
+        merge_lora=cfg.lora.merge,
     )
-    plan = plan_hf_tensors(ckpt, dims, dtype)
-    targets = set(adapter_targets(adapters)) if adapters is not None else set()
-    with atomic_output_dir(out_dir, cfg.force, inputs) as temp:
-        writer = HFShardedWriter(temp, plan, int(cfg.max_shard_size_gb * 1000**3))
-        for pp_rank in range(ckpt.pp):
-            for chunk in range(ckpt.vpp):
-                lora_states = None  # small: read once per piece
-                if adapters is not None:
-                    lora_states = [
-                        adapters.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)
-                    ]
-                for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk):
-                    # Reopen the rank files per layer: unmapping bounds the resident memory.
-                    states = [ckpt.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)]
-                    for p in group:
-                        if p.entry is spec.family_table.output and spec.tie_word_embeddings:
-                            continue  # the tied copy on the last stage; the embedding is the truth
-                        shards = [s[p.mcore] for s in states]
-                        want = shard_shape(p.entry, dims)
-                        for t, s in enumerate(shards):
-                            if tuple(s.shape) != want:
-                                raise CheckpointError(
-                                    f"{ckpt.rank_file(t, pp_rank)}: {p.mcore} has shape "
-                                    f"{list(s.shape)} but the checkpoint args imply {list(want)}"
-                                )
-                        if p.entry in targets:
-                            a_name, b_name = adapter_names(p.mcore)
-                            scaling = adapters.lora.config.scaling
-                            shards = [
-                                merged_weight(w, ls[a_name], ls[b_name], scaling)
-                                for w, ls in zip(shards, lora_states)
-                            ]
-                        for name, tensor in zip(p.hf, merge(p.entry, shards, dims)):
-                            writer.add(name, tensor if dtype is None else tensor.to(dtype))
-                    del states
-        files = writer.finish()
-        if cfg.hf_dir is not None:
-            copy_side_files(Path(cfg.hf_dir), temp, dtype)
-        else:
-            config = hf_config_from_spec(spec, DTYPE_NAMES.get(plan[0][1], "bfloat16"))
-            (temp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    log.info(
-        "mcore2hf: done in %.1fs, %d file(s), %.2f GB -> %s",
-        time.perf_counter() - start,
-        len(files),
-        writer.total_bytes / 1e9,
-        out_dir,
-    )
-    return out_dir
 
 
 @hydra_command("mcore2hf", McoreToHFConfig)

@@ -16,6 +16,7 @@ import math
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -26,12 +27,14 @@ from mtrain.checkpoint import (
     TrainingParts,
     TrainState,
     check_start,
+    export_hf,
+    is_hf_dir,
     megatron_args,
     resume,
     save_training_checkpoint,
 )
 from mtrain.config.schema import TrainingCommandConfig, validate
-from mtrain.dtypes import DTYPE_NAMES, DTYPES
+from mtrain.dtypes import DTYPE_NAMES, DTYPES, parse_dtype
 from mtrain.errors import ConfigError, MtrainError
 from mtrain.freeze import apply_freeze
 from mtrain.lora import add_adapters
@@ -228,6 +231,32 @@ def train(
         parallel.shutdown()
 
 
+def save_hf(saved: Path, cfg: TrainingCommandConfig) -> None:
+    """checkpoint.save_hf: rank 0 writes the HF model of the checkpoint just saved into its
+    `hf` folder, layer by layer from the files on disk; the other ranks wait."""
+    if torch.distributed.get_rank() == 0:
+        ck, hf_dir = cfg.checkpoint, cfg.model.hf_dir
+        if hf_dir is None and cfg.load is not None and is_hf_dir(cfg.load):
+            hf_dir = cfg.load
+        if hf_dir is None:
+            log.warning(
+                "checkpoint.save_hf: model.hf_dir is not given, so %s/hf gets a config.json "
+                "written from the model's settings and no tokenizer files",
+                saved,
+            )
+        export_hf(
+            saved.parent,
+            saved / "hf",
+            iteration=saved.name.removeprefix("iter_"),
+            hf_dir=hf_dir,
+            dtype=parse_dtype(ck.save_hf_dtype),
+            merge_lora=ck.save_hf_lora == "merged",
+            into_checkpoint=True,
+        )
+        log.info("HF model of iteration %s written to %s", saved.name, saved / "hf")
+    torch.distributed.barrier()
+
+
 def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, float]]:
     spec, plan, tr = setup.spec, setup.plan, cfg.train
     task = make_task(cfg, setup)  # may resolve train.epochs into train.iters
@@ -242,6 +271,9 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
     iterators = [task.batches(state.consumed_samples, dp_rank, dp) for _ in model]
 
     args = megatron_args(spec, plan.tp, plan.pp, plan.vpp, DTYPE_NAMES[DTYPES[tr.precision]])
+    args.data_parallel_size = plan.dp
+    args.use_distributed_optimizer = plan.distributed_optimizer
+    args.ckpt_format = "torch" if cfg.checkpoint.format == "legacy" else "torch_dist"
     if adapters is not None:
         vars(args).update(adapters.to_args())
     tokens_per_iter = tr.global_batch_size * tr.seq_length * task.rows_per_sample
@@ -336,14 +368,19 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
                 and state.iteration - progress.start_iter >= tr.exit_after_iters
             )
             if cfg.save and (done or exiting or (interval and state.iteration % interval == 0)):
-                save_training_checkpoint(
+                saved = save_training_checkpoint(
                     cfg.save,
                     state,
                     parts,
                     args,
                     cfg.checkpoint.keep_last,
                     adapters_only=adapters is not None,
+                    fmt=cfg.checkpoint.format,
                 )
+                if cfg.checkpoint.save_hf and (
+                    done or exiting or cfg.checkpoint.save_hf_every_save
+                ):
+                    save_hf(saved, cfg)
             if exiting and not done:
                 log.info(
                     "stopping at iteration %d (%s)%s",

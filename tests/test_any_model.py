@@ -76,19 +76,54 @@ def test_a_single_key_may_be_given_with_hf_dir_when_it_agrees(tiny_hf):
 
 
 @pytest.mark.slow
-def test_pretraining_a_model_without_a_preset(tiny_hf, tmp_path):
+def test_pretraining_a_model_without_a_preset_and_exporting_hf(tiny_hf, tmp_path):
+    """A model no preset matches trains at TP3 from model.hf_dir alone, and checkpoint.save_hf
+    writes with every save the HF model mcore2hf writes from that checkpoint, which transformers
+    loads."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from converters import mcore2hf
+    from converters.mcore2hf import McoreToHFConfig
+
     hf = tiny_hf(LLAMA)
     hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(tmp_path / "c"), tp=3))
     write_corpus(tmp_path / "corpus.jsonl", 200)
-    metrics = tmp_path / "metrics.jsonl"
+    metrics, save = tmp_path / "metrics.jsonl", tmp_path / "run"
     launch(
         3, "-m", "mtrain.pt", f"model.hf_dir={hf}", f"load={tmp_path / 'c'}",
         f"data.path={tmp_path / 'corpus.jsonl'}", f"data.cache_dir={tmp_path / 'cache'}",
         "train.iters=3", "train.seq_length=32", "train.global_batch_size=2",
         "train.precision=fp32", "parallel.tp=3", "device=cpu", f"log.metrics_file={metrics}",
+        f"save={save}", "checkpoint.save_interval=2", "checkpoint.save_hf=true",
+        "checkpoint.save_hf_every_save=true", "checkpoint.save_hf_dtype=bf16",
     )  # fmt: skip
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert len(losses) == 3 and all(5.0 < loss < 7.0 for loss in losses), losses
+
+    for iteration in (2, 3):
+        exported = save / f"iter_{iteration:07d}" / "hf"
+        converted = tmp_path / f"converted{iteration}"
+        mcore2hf.convert(
+            McoreToHFConfig(
+                ckpt_dir=str(save), out_dir=str(converted), hf_dir=str(hf),
+                iteration=str(iteration), dtype="bf16",
+            )
+        )  # fmt: skip
+        assert sorted(p.name for p in exported.iterdir()) == sorted(
+            p.name for p in converted.iterdir()
+        )
+        ours, theirs = (
+            load_file(exported / "model.safetensors"),
+            load_file(converted / "model.safetensors"),
+        )
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert all(t.dtype == torch.bfloat16 for t in ours.values())
+    model = AutoModelForCausalLM.from_pretrained(exported)  # strict: every weight is there
+    assert model.config.num_hidden_layers == LLAMA.num_layers
+    config = json.loads((exported / "config.json").read_text())
+    assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"
 
 
 @pytest.mark.slow

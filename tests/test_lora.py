@@ -74,7 +74,7 @@ def run_sft(setup, nproc: int, tp: int, pp: int, save, check: bool = True, **ext
 def reference(setup):
     """LoRA SFT at TP=2 x PP=2, uninterrupted: the run the others are held to."""
     save = setup[0] / "lora22"
-    losses, _ = run_sft(setup, 4, 2, 2, save)
+    losses, _ = run_sft(setup, 4, 2, 2, save, **{"checkpoint.save_hf": "true"})
     return losses, save
 
 
@@ -91,9 +91,24 @@ def test_lora_trains_and_saves_only_the_adapters(reference, setup):
 def test_tp2pp2_and_tp1pp1_lora_give_the_same_loss_curve(setup, reference):
     """The adapters' init does not depend on the layout, and the TP communication of their
     gradients (A's all-reduce on column-parallel bases) is exact."""
-    single, _ = run_sft(setup, 1, 1, 1, setup[0] / "lora11")
+    save = setup[0] / "lora11"
+    extra = {"checkpoint.save_hf": "true", "checkpoint.save_hf_lora": "adapter"}
+    single, _ = run_sft(setup, 1, 1, 1, save, **extra)
     diffs = [abs(a - b) for a, b in zip(reference[0], single)]
     assert len(diffs) == ITERS and max(diffs) < 1e-4, diffs
+
+    # checkpoint.save_hf_lora=adapter wrote the PEFT adapter mcore2hf writes from that checkpoint.
+    peft = setup[0] / "lora11_peft"
+    mcore2hf.convert(
+        McoreToHFConfig(
+            ckpt_dir=str(save), out_dir=str(peft), hf_dir=str(setup[1]),
+            lora=LoraExportConfig(merge=False),
+        )
+    )  # fmt: skip
+    exported = save / "iter_0000008" / "hf"
+    assert sorted(p.name for p in exported.iterdir()) == sorted(p.name for p in peft.iterdir())
+    ours, theirs = load_dir(exported), load_dir(peft)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_interrupted_and_resumed_lora_reproduces_the_loss_sequence(setup, reference):
@@ -119,6 +134,11 @@ def test_merged_and_peft_exports_reproduce_the_lora_models_logits(setup, referen
     result = tmp_path / "result.json"
     torchrun("lora_parity.py", 4, result, ckpt, hf, merged, peft)
     diffs = json.loads(result.read_text())
+    # checkpoint.save_hf wrote, at the end of training, what mcore2hf writes afterwards.
+    exported = ckpt / "iter_0000008" / "hf"
+    assert sorted(p.name for p in exported.iterdir()) == sorted(p.name for p in merged.iterdir())
+    ours, theirs = load_dir(exported), load_dir(merged)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert diffs["merged"] < 1e-5 and diffs["peft"] < 1e-5, diffs
     assert diffs["disabled_vs_base"] < 1e-5, diffs  # adapters off: the base model (DPO's reference)
     assert diffs["adapter_effect"] > 1e-2, diffs  # the adapters are not a no-op

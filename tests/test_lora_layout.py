@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from converters.adapters import merge_adapter, peft_names
 from mtrain.checkpoint import AdapterCheckpointInfo
+from mtrain.checkpoint.peft import merge_adapter, peft_names
 from mtrain.config.lora import LoraConfig
 from mtrain.errors import CheckpointError, ConfigError
 from mtrain.lora import merged_weight

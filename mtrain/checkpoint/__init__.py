@@ -6,6 +6,8 @@
     weights   strict loading of model weights (adapters on their base)
     training  save/load of a run's named parts: model, optimizer, scheduler, RNG, data position
     start     the resume policy: `save`, else `load`, else a random init
+    hf_io     streaming safetensors reads (slices) and writes; hf_weights: training from HF
+    hf_export a checkpoint -> an HF model (merged LoRA or a PEFT adapter: peft), layer by layer
     unpickle  the allowlist unpickler for files torch's safe loader cannot read (any protocol)
     atomic    all-or-nothing writes (output directories, files), used by every writer
 
@@ -49,6 +51,7 @@ _EXPORTS = {
         "save_training_checkpoint",
     ],
     "weights": ["load_model_weights"],
+    "hf_export": ["export_hf"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -9,6 +9,9 @@ Each file is a `torch.save`d dict with `args` (argparse.Namespace, Megatron-LM a
 see mtrain.checkpoint.args), `checkpoint_version`, `iteration` and `model` (the rank's state
 dict), plus optimizer, scheduler and RNG state when written by training. MindSpeed-LLM and
 Megatron-LM read and write this layout.
+
+`MegatronCheckpoint` also opens megatron-core's distributed format (torch_dist, see
+dist_format.py) for reading, presented as a TP1 x PP1 checkpoint whatever layout wrote it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import argparse
 import pickle
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ import torch
 from mtrain.checkpoint.adapters import AdapterCheckpointInfo
 from mtrain.checkpoint.args import spec_from_megatron_args
 from mtrain.checkpoint.atomic import atomic_write
+from mtrain.checkpoint.dist_format import COMMON, DistModelState, DistReader, is_dist_checkpoint
 from mtrain.checkpoint.unpickle import load_restricted
 from mtrain.errors import CheckpointError
 from mtrain.models.spec import ModelSpec
@@ -145,6 +149,10 @@ class MegatronCheckpoint:
     lora: AdapterCheckpointInfo | None = None
     # Written by training (optimizer and scheduler state with the weights), not by a converter.
     has_optimizer: bool = False
+    format: str = "legacy"  # or "torch_dist": then tp = pp = vpp = 1 (the global tensors)
+    saved_layout: tuple[int, int, int] | None = None  # torch_dist: the (tp, pp, vpp) that wrote it
+    args: argparse.Namespace | None = field(default=None, repr=False, compare=False)
+    _reader: DistReader | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, ckpt_dir: str | Path, iteration: str | None = None) -> MegatronCheckpoint:
@@ -156,6 +164,8 @@ class MegatronCheckpoint:
         iter_dir = ckpt_dir / iteration_dir_name(it)
         if not iter_dir.is_dir():
             raise CheckpointError(f"{iter_dir} not found (iteration {it} of {ckpt_dir})")
+        if is_dist_checkpoint(iter_dir):
+            return cls._open_dist(iter_dir)
         pp_hint = 1 if (iter_dir / "mp_rank_00").is_dir() else 2
         first = rank_file(iter_dir, 0, 0, pp_hint)
         payload = load_rank_file(first)
@@ -174,13 +184,38 @@ class MegatronCheckpoint:
                         "checkpoint is incomplete"
                     )
         lora = AdapterCheckpointInfo.from_args(args, str(first))
-        return cls(iter_dir, spec, tp, pp, vpp, lora, has_optimizer="optimizer" in payload)
+        return cls(
+            iter_dir, spec, tp, pp, vpp, lora, has_optimizer="optimizer" in payload, args=args
+        )
+
+    @classmethod
+    def _open_dist(cls, iter_dir: Path) -> MegatronCheckpoint:
+        common = iter_dir / COMMON
+        args = load_rank_file(common, mmap=False)["args"]
+        spec = spec_from_megatron_args(args, str(common))
+        layout = (
+            int(args.tensor_model_parallel_size),
+            int(args.pipeline_model_parallel_size),
+            int(getattr(args, "virtual_pipeline_model_parallel_size", None) or 1),
+        )
+        reader = DistReader(iter_dir)
+        lora = AdapterCheckpointInfo.from_args(args, str(common))
+        return cls(
+            iter_dir, spec, 1, 1, 1, lora, reader.has_optimizer(), "torch_dist", layout, args,
+            reader,
+        )  # fmt: skip
 
     def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
+        """The file of one rank (torch_dist: the directory, which all ranks share)."""
+        if self._reader is not None:
+            return self.iter_dir
         return rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)
 
     def load_model_states(self, tp_rank: int, pp_rank: int) -> list[dict[str, Any]]:
-        """The state dict of each virtual chunk of one rank (memory-mapped)."""
+        """The state dict of each virtual chunk of one rank (memory-mapped; torch_dist: read on
+        access)."""
+        if self._reader is not None:
+            return [DistModelState(self._reader, self.spec)]
         path = self.rank_file(tp_rank, pp_rank)
         payload = load_rank_file(path)
         keys = ["model"] if self.vpp == 1 else [f"model{c}" for c in range(self.vpp)]

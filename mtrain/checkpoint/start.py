@@ -35,8 +35,8 @@ def starting_point(cfg: TrainingCommandConfig) -> tuple[str | None, bool]:
 
 def check_start(cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan) -> None:
     """Everything about the starting checkpoint that can be refused before the model is built:
-    it opens, holds this model at this layout, and a full resume matches the optimizer setting.
-    """
+    it opens, holds this model (a legacy one at this layout), and a full resume matches the
+    optimizer setting."""
     source, resuming = starting_point(cfg)
     if source is None:
         return
@@ -57,9 +57,12 @@ def check_start(cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan)
             f"save={cfg.save} holds a full checkpoint, not LoRA adapters; give the LoRA run "
             "a save directory of its own"
         )
-    shards = ckpt.rank_file(0, 0).parent / DISTRIB_OPTIM_FILE
-    if shards.is_file() != plan.distributed_optimizer:
-        saved = str(shards.is_file()).lower()
+    if ckpt.format == "torch_dist":
+        distributed = bool(getattr(ckpt.args, "use_distributed_optimizer", False))
+    else:
+        distributed = (ckpt.rank_file(0, 0).parent / DISTRIB_OPTIM_FILE).is_file()
+    if distributed != plan.distributed_optimizer:
+        saved = str(distributed).lower()
         raise ConfigError(
             f"{ckpt.iter_dir} was saved with parallel.distributed_optimizer={saved}; resume with "
             f"parallel.distributed_optimizer={saved} (the optimizer state is laid out "

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mtrain import compat, parallel
 from mtrain.checkpoint.atomic import fsync
+from mtrain.checkpoint.dist_training import load_dist, save_dist
 from mtrain.checkpoint.layout import (
     CHECKPOINT_VERSION,
     ITER_DIR,
@@ -31,7 +30,8 @@ from mtrain.checkpoint.layout import (
     save_rank_file,
     write_tracker,
 )
-from mtrain.checkpoint.weights import load_model_weights
+from mtrain.checkpoint.rng import rng_state, set_rng_state
+from mtrain.checkpoint.weights import fill, load_model_weights, open_matching
 from mtrain.errors import CheckpointError
 from mtrain.lora import adapter_state_dict
 from mtrain.models.spec import ModelSpec
@@ -58,31 +58,6 @@ class TrainingParts:
     scheduler: Any  # megatron-core's OptimizerParamScheduler
 
 
-def _rng_state() -> dict[str, Any]:
-    """This rank's RNG streams as plain Python values (bytes, not tensors), so they can be
-    gathered across ranks as objects and saved without pickled tensors."""
-    name, keys, *rest = np.random.get_state()
-    tracker = parallel.rng_tracker_states()
-    return {
-        "random": random.getstate(),
-        "np": [name, keys.tobytes(), *rest],
-        "torch": torch.get_rng_state().numpy().tobytes(),
-        "tracker": {k: v.cpu().numpy().tobytes() for k, v in tracker.items()},
-    }
-
-
-def _bytes_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["random"])
-    name, keys, *rest = state["np"]
-    np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32).copy(), *rest))
-    torch.set_rng_state(_bytes_tensor(state["torch"]))
-    parallel.set_rng_tracker_states({k: _bytes_tensor(v) for k, v in state["tracker"].items()})
-
-
 def save_training_checkpoint(
     save_dir: str | Path,
     state: TrainState,
@@ -90,8 +65,10 @@ def save_training_checkpoint(
     args: argparse.Namespace,
     keep_last: int | None,
     adapters_only: bool = False,
+    fmt: str = "legacy",
 ) -> Path:
-    """Collective: every rank calls it. Returns the final iteration directory.
+    """Collective: every rank calls it. Returns the final iteration directory. `fmt`: legacy
+    (a file per TP x PP rank) or torch_dist (megatron-core's distributed format).
 
     With `adapters_only` (LoRA) the model state is the adapters alone; `args` must then name
     the base checkpoint (see mtrain.checkpoint.adapters.AdapterCheckpointInfo)."""
@@ -108,34 +85,20 @@ def save_training_checkpoint(
 
     # RNG states of every DP rank, so a resumed run continues each rank's stream.
     rng = [None] * parallel.dp_size()
-    torch.distributed.all_gather_object(rng, _rng_state(), group=parallel.dp_group())
-    path = rank_file(partial, parallel.tp_rank(), parallel.pp_rank(), parallel.pp_size())
-    optimizer = parts.optimizer
-    distributed = getattr(optimizer.config, "use_distributed_optimizer", False)
-    if distributed:  # collective over the DP group; DP rank 0 writes
-        path.parent.mkdir(parents=True, exist_ok=True)
-        optimizer.save_parameter_state(str(path.parent / DISTRIB_OPTIM_FILE))
-    if parallel.dp_rank() == 0:
-        args = argparse.Namespace(
-            **vars(args), iteration=state.iteration, consumed_train_samples=state.consumed_samples
-        )
-        payload = {
-            "args": args,
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": state.iteration,
-            "optimizer": optimizer.state_dict(),
-            "opt_param_scheduler": parts.scheduler.state_dict(),
-            "rng_state": rng,
-        }
-        unwrapped = [getattr(m, "module", m) for m in parts.model]
-        states = [adapter_state_dict(m) if adapters_only else m.state_dict() for m in unwrapped]
-        if len(states) == 1:
-            payload["model"] = states[0]
-        else:
-            payload.update({f"model{i}": s for i, s in enumerate(states)})
-        save_rank_file(path, payload)
-        for written in path.parent.iterdir():
-            fsync(written)
+    torch.distributed.all_gather_object(rng, rng_state(), group=parallel.dp_group())
+    args = argparse.Namespace(
+        **vars(args), iteration=state.iteration, consumed_train_samples=state.consumed_samples
+    )
+    common = {
+        "args": args,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": state.iteration,
+        "opt_param_scheduler": parts.scheduler.state_dict(),
+    }
+    if fmt == "torch_dist":
+        save_dist(partial, common, parts, rng)
+    else:
+        _save_legacy(partial, common, parts, rng, adapters_only)
     torch.distributed.barrier()
 
     if rank == 0:
@@ -146,6 +109,27 @@ def save_training_checkpoint(
         log.info("saved checkpoint %s", final)
     torch.distributed.barrier()
     return final
+
+
+def _save_legacy(
+    partial: Path, common: dict[str, Any], parts: TrainingParts, rng: list, adapters_only: bool
+) -> None:
+    path = rank_file(partial, parallel.tp_rank(), parallel.pp_rank(), parallel.pp_size())
+    optimizer = parts.optimizer
+    if getattr(optimizer.config, "use_distributed_optimizer", False):  # DP collective
+        path.parent.mkdir(parents=True, exist_ok=True)
+        optimizer.save_parameter_state(str(path.parent / DISTRIB_OPTIM_FILE))
+    if parallel.dp_rank() == 0:
+        payload = {**common, "optimizer": optimizer.state_dict(), "rng_state": rng}
+        unwrapped = [getattr(m, "module", m) for m in parts.model]
+        states = [adapter_state_dict(m) if adapters_only else m.state_dict() for m in unwrapped]
+        if len(states) == 1:
+            payload["model"] = states[0]
+        else:
+            payload.update({f"model{i}": s for i, s in enumerate(states)})
+        save_rank_file(path, payload)
+        for written in path.parent.iterdir():
+            fsync(written)
 
 
 def _move_into_place(partial: Path, final: Path) -> None:
@@ -199,7 +183,22 @@ def load_training_checkpoint(
     base_dir: str | Path | None = None,
 ) -> TrainState:
     """Collective: resume weights, optimizer, scheduler, RNG and data position (`base_dir`:
-    where an adapter checkpoint's base is, if not where it was)."""
+    where an adapter checkpoint's base is, if not where it was). A torch_dist checkpoint may have
+    been saved at another TP x PP x DP: it is resharded."""
+    opened = open_matching(load_dir, None, spec, tp, pp, vpp)
+    if opened.format == "torch_dist":
+        if not opened.has_optimizer:
+            raise CheckpointError(
+                f"{opened.iter_dir} holds weights only (no optimizer state); to start training "
+                "from it pass checkpoint.finetune=true"
+            )
+        common = load_dist(
+            opened, parts, lambda chunks, states, where: fill(chunks, states, where, spec)
+        )
+        return TrainState(
+            iteration=int(common["iteration"]),
+            consumed_samples=int(getattr(opened.args, "consumed_train_samples", 0)),
+        )
     ckpt = load_model_weights(parts.model, load_dir, spec, tp, pp, vpp, base_dir=base_dir)
     path = ckpt.rank_file(parallel.tp_rank(), parallel.pp_rank())
     payload = load_rank_file(path, mmap=False)
@@ -218,7 +217,7 @@ def load_training_checkpoint(
     parts.scheduler.load_state_dict(payload["opt_param_scheduler"])
     rng = payload.get("rng_state")
     if rng is not None and len(rng) == parallel.dp_size():
-        _set_rng_state(rng[parallel.dp_rank()])
+        set_rng_state(rng[parallel.dp_rank()])
     args = payload["args"]
     return TrainState(
         iteration=int(payload["iteration"]),

@@ -7,11 +7,10 @@ names. `load_restricted` lets Python's own unpickler read the pickle, which know
 (0-5), and resolves only the globals a Megatron-LM, MindSpeed-LLM or mtrain rank file holds; a
 file that names any other is refused at that name, before anything it asks for is called.
 
-It is the pure-Python unpickler (`pickle._Unpickler`: `pickle.Unpickler` without the C speedup,
-which only matters for the small data.pkl) because its opcode table can be amended: the stock
-BUILD would set attributes on an admitted global itself (`argparse.Namespace.x = ...` for every
-later user in the process) or on an enum member; here BUILD may change only objects the file
-built.
+It is the pure-Python `pickle._Unpickler` (speed matters little for the small data.pkl) because
+its opcode table can be amended: the stock BUILD would set attributes on an admitted global
+itself (`argparse.Namespace.x = ...` for the whole process) or on an enum member; here BUILD may
+change only objects the file built. `load_restricted_pickle` reads a plain pickle the same way.
 
 The archive, as `torch.save` writes it since torch 1.6:
 
@@ -162,14 +161,23 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, path: Path, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+    def __init__(
+        self,
+        path: Path,
+        archive: zipfile.ZipFile | None,
+        prefix: str = "",
+        byteorder: str = "little",
+        extra: dict[str, Any] | None = None,
+        pickled: bytes | None = None,
+    ):
         self._path = path
-        self._archive = archive
+        self._archive = archive  # None: a plain pickle (no storages)
         self._prefix = prefix
         self._byteorder = byteorder
+        self._extra = extra or {}  # globals admitted for this file only
         self._storages: dict[str, torch.storage.TypedStorage] = {}
         self._globals: dict[int, tuple[Any, str]] = {}  # id -> (what find_class gave, its name)
-        super().__init__(io.BytesIO(archive.read(f"{prefix}/data.pkl")))
+        super().__init__(io.BytesIO(pickled or archive.read(f"{prefix}/data.pkl")))
 
     def find_class(self, module: str, name: str) -> Any:
         if self.proto < 3:  # Python 2 names, mapped as the stock unpickler does
@@ -186,6 +194,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
             found = self._enum(module, name)
         elif qualname in admitted:
             found = admitted[qualname]
+        elif qualname in self._extra:
+            found = self._extra[qualname]
         else:
             raise self._refused(qualname)
         self._globals[id(found)] = (found, qualname)
@@ -209,6 +219,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = _load_build
 
     def persistent_load(self, pid: Any) -> torch.storage.TypedStorage:
+        if self._archive is None:
+            raise CheckpointError(f"{self._path}: refers to a storage, which this file cannot hold")
         if isinstance(pid, str):
             pid = self._protocol0_id(pid)
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -330,6 +342,23 @@ def load_restricted(path: Path) -> Any:
             raise CheckpointError(
                 f"{path}: cannot be read as a checkpoint file ({type(err).__name__}: {why})"
             ) from None
+
+
+def load_restricted_pickle(path: Path, extra: dict[str, Any]) -> Any:
+    """A plain pickle (no tensors) naming only admitted globals and `extra` (dataclasses...)."""
+    try:
+        pickled = Path(path).read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err})") from None
+    try:
+        return _RestrictedUnpickler(Path(path), None, extra=extra, pickled=pickled).load()
+    except CheckpointError:
+        raise
+    except Exception as err:  # a damaged pickle raises many types
+        why = " ".join(str(err).split())
+        raise CheckpointError(
+            f"{path}: not a readable pickle ({type(err).__name__}: {why})"
+        ) from None
 
 
 def _byteorder(path: Path, archive: zipfile.ZipFile, prefix: str) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mtrain import parallel
+from mtrain.checkpoint.dist_training import load_dist_weights
 from mtrain.checkpoint.layout import MegatronCheckpoint
 from mtrain.errors import CheckpointError
 from mtrain.lora import is_adapter_key
@@ -27,7 +28,7 @@ def open_matching(
                 f"{ckpt.iter_dir}: checkpoint has {key}={getattr(ckpt.spec, key)}"
                 f" but the model config has {key}={value}"
             )
-    if (ckpt.tp, ckpt.pp, ckpt.vpp) != (tp, pp, vpp):
+    if ckpt.format == "legacy" and (ckpt.tp, ckpt.pp, ckpt.vpp) != (tp, pp, vpp):
         raise CheckpointError(
             f"{ckpt.iter_dir} was written at tp={ckpt.tp} pp={ckpt.pp} vpp={ckpt.vpp} but this run "
             f"uses tp={tp} pp={pp} vpp={vpp}; reshard it with converters.mcore2hf then "
@@ -67,6 +68,10 @@ def fill(
 
 
 def _fill(chunks: list[torch.nn.Module], ckpt: MegatronCheckpoint, adapters: bool) -> None:
+    if ckpt.format == "torch_dist":  # collective: megatron-core reshards to this layout
+        states = load_dist_weights(chunks, ckpt)
+        fill(chunks, states, f"{ckpt.iter_dir} (torch_dist)", ckpt.spec, adapters)
+        return
     tp_rank, pp_rank = parallel.tp_rank(), parallel.pp_rank()
     where = str(ckpt.rank_file(tp_rank, pp_rank))
     fill(chunks, ckpt.load_model_states(tp_rank, pp_rank), where, ckpt.spec, adapters)
@@ -86,9 +91,9 @@ def load_model_weights(
 
     A full checkpoint fills every base parameter; adapters the model may have keep their init
     (a LoRA run starting). An adapter checkpoint first loads its base (`base_dir`, by default
-    the one recorded in it), then fills every adapter. The checkpoint must have the run's model
-    and layout: the legacy format cannot be resharded on load (reshard through
-    converters.mcore2hf and converters.hf2mcore).
+    the one recorded in it), then fills every adapter. The checkpoint must have the run's model;
+    a legacy one also the run's layout (it cannot be resharded on load: reshard through
+    converters.mcore2hf and converters.hf2mcore), a torch_dist one is resharded (collective).
     """
     ckpt = open_matching(ckpt_dir, iteration, spec, tp, pp, vpp)
     if ckpt.lora is None:

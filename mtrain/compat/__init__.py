@@ -12,13 +12,21 @@ through a few named seams: the model build (`mtrain/models/provider.py` and the 
 from mtrain.compat.megatron_core import (
     batch_p2p_comm,
     keep_frozen_tied_embedding_reducible,
+    load_dist_optimizer_state,
     load_distributed_optimizer_state,
+    optimizer_state_for_dist_load,
+    pass_dcp_serialization_format,
     tolerate_empty_fp8_quantization,
+    tolerate_numpy2_in_dist_checkpointing,
 )
 
 __all__ = [
     "batch_p2p_comm",
     "keep_frozen_tied_embedding_reducible",
+    "load_dist_optimizer_state",
     "load_distributed_optimizer_state",
+    "optimizer_state_for_dist_load",
+    "pass_dcp_serialization_format",
     "tolerate_empty_fp8_quantization",
+    "tolerate_numpy2_in_dist_checkpointing",
 ]

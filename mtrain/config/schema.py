@@ -17,6 +17,7 @@ from mtrain.config.data import DataConfig
 from mtrain.config.kernels import KERNELS, NpuConfig
 from mtrain.config.lora import LoraConfig
 from mtrain.config.model import ModelConfig
+from mtrain.dtypes import parse_dtype
 from mtrain.errors import ConfigError
 from mtrain.models.spec import ModelSpec
 from mtrain.plan import ParallelPlan
@@ -26,6 +27,7 @@ FINETUNING_TYPES = ("full", "freeze", "lora")
 DECAY_STYLES = ("cosine", "linear", "constant")
 RECOMPUTE = (None, "selective", "full")
 ON_NAN = ("stop", "skip")
+CHECKPOINT_FORMATS = ("legacy", "torch_dist")
 
 
 def check_positive(group: str, config: Any, *keys: str) -> None:
@@ -107,9 +109,25 @@ class CheckpointConfig:
     save_interval: int | None = None  # save every N iterations (and always at the end)
     keep_last: int | None = None  # keep only the N newest checkpoints in `save`; null keeps all
     finetune: bool = False  # `load` gives weights only: iteration, optimizer and data restart
+    format: str = "legacy"  # legacy (a file per TP x PP rank) | torch_dist (reshards on resume)
+    save_hf: bool = False  # at the end of training also write an HF model: <save>/iter_N/hf
+    save_hf_every_save: bool = False  # with save_hf: export at every save, not only the last
+    save_hf_lora: str = "merged"  # LoRA runs: merged (base + adapters) | adapter (PEFT adapter)
+    save_hf_dtype: str | None = None  # bf16 | fp16 | fp32 for the HF model; default: training's
 
     def validate(self) -> CheckpointConfig:
         check_positive("checkpoint", self, "save_interval", "keep_last")
+        if self.format not in CHECKPOINT_FORMATS:
+            raise ConfigError(
+                f"checkpoint.format={self.format} is not one of {', '.join(CHECKPOINT_FORMATS)}"
+            )
+        if self.save_hf_lora not in ("merged", "adapter"):
+            raise ConfigError(
+                f"checkpoint.save_hf_lora={self.save_hf_lora} is not one of merged, adapter"
+            )
+        parse_dtype(self.save_hf_dtype, "checkpoint.save_hf_dtype")
+        if self.save_hf_every_save and not self.save_hf:
+            raise ConfigError("checkpoint.save_hf_every_save=true needs checkpoint.save_hf=true")
         return self
 
 
@@ -205,6 +223,16 @@ def check_combinations(cfg: TrainingCommandConfig, spec: ModelSpec) -> None:
     ck = cfg.checkpoint
     if ck.save_interval is not None and cfg.save is None:
         raise ConfigError("checkpoint.save_interval is set but save is not; pass save=DIR")
+    if ck.save_hf and cfg.save is None:
+        raise ConfigError(
+            "checkpoint.save_hf=true needs save=DIR: the HF model is written from the saved "
+            "checkpoint into DIR/iter_N/hf"
+        )
+    if ck.format == "torch_dist" and cfg.finetuning_type == "lora":
+        raise ConfigError(
+            "checkpoint.format=torch_dist is for full and freeze runs; LoRA saves its adapters "
+            "in the legacy format (drop checkpoint.format)"
+        )
     if ck.finetune and cfg.load is None:
         raise ConfigError("checkpoint.finetune=true needs load=CKPT_DIR")
     if cfg.finetuning_type not in FINETUNING_TYPES:

@@ -12,11 +12,9 @@ from typing import Any
 
 import torch
 
-# (local-spec name, TE-spec name), both relative to a decoder layer.
-LAYER_RENAMES = [
-    ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
-    ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
-]
+from mtrain.models.families.base import FUSED_NORM_NAMES
+
+LAYER_RENAMES = list(FUSED_NORM_NAMES)  # (local-spec name, TE-spec name)
 EXTRA_STATE = "._extra_state"
 
 

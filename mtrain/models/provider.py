@@ -173,3 +173,20 @@ def mask_padded_vocabulary(model: torch.nn.Module, spec: ModelSpec, tp: int) -> 
         return logits.masked_fill(module.vocab_padding, float("-inf")), bias
 
     model.output_layer.register_forward_hook(mask_logits)
+
+
+def sharded_state_dicts(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """megatron-core's sharded state dict of each chunk, under the names Megatron-LM saves them
+    with (`model`, or `model0`, `model1`, ... with virtual stages); each chunk's layers get their
+    global numbers, so the virtual stage is set while its dict is built."""
+    from megatron.core import parallel_state
+
+    unwrapped = [getattr(c, "module", c) for c in chunks]
+    if len(unwrapped) == 1:
+        return {"model": unwrapped[0].sharded_state_dict()}
+    states = {}
+    for i, chunk in enumerate(unwrapped):
+        parallel_state.set_virtual_pipeline_model_parallel_rank(i)
+        states[f"model{i}"] = chunk.sharded_state_dict()
+    parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+    return states

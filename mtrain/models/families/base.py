@@ -15,6 +15,14 @@ from typing import Any
 MCORE_LAYER_PREFIX = "decoder.layers.{i}."
 HF_LAYER_PREFIX = "model.layers.{i}."
 
+# (local-spec name, fused name) of the two pre-norms, relative to a decoder layer. Transformer
+# Engine fuses each into the following linear under the second name, and megatron-core's
+# distributed checkpoints (torch_dist) use that name whatever the layer spec.
+FUSED_NORM_NAMES = (
+    ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+    ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
+)
+
 
 class Kind(Enum):
     """How a tensor is laid out across tensor-parallel ranks (see mtrain/models/sharding.py)."""

@@ -1,4 +1,4 @@
-"""LoRA adapters in the converters: their layouts follow from the mapping table's entries.
+"""LoRA adapters on the way to HF: their layouts follow from the mapping table's entries.
 
 An adapter on a linear the table describes (mtrain/lora.py explains the TP layout):
 - column-like kinds (COLUMN, QKV, GATED_FC1): A is the same on every TP rank; B's rows are laid
@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from mtrain.checkpoint import MegatronCheckpoint, atomic_output_dir
+from mtrain.checkpoint.atomic import atomic_output_dir
+from mtrain.checkpoint.layout import MegatronCheckpoint
 from mtrain.errors import CheckpointError
 from mtrain.models.families.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Entry, Kind
 from mtrain.models.sharding import Dims, merge, shard_shape
 from mtrain.models.stages import piece_layers
 
-log = logging.getLogger("converters.mcore2hf")
+log = logging.getLogger("mtrain.checkpoint")
 
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -136,8 +137,10 @@ def write_peft_adapter(
     hf_dir: str | None,
     force: bool,
     dtype: torch.dtype | None,
+    into_checkpoint: bool = False,
 ) -> None:
-    """The adapters of `ckpt` as a PEFT LoRA adapter for the original HF model."""
+    """The adapters of `ckpt` as a PEFT LoRA adapter for the original HF model (`out_dir` may be
+    inside the checkpoint only with `into_checkpoint`, see hf_export.export_hf)."""
     from safetensors.torch import save_file
 
     start = time.perf_counter()
@@ -162,13 +165,14 @@ def write_peft_adapter(
                         tensors[pb] = (b if dtype is None else b.to(dtype)).contiguous()
         del states
     base_model = str(Path(hf_dir).resolve()) if hf_dir else ""
-    inputs = [ckpt.iter_dir.parent] + ([Path(hf_dir)] if hf_dir else [])
+    inputs = [] if into_checkpoint else [ckpt.iter_dir.parent]
+    inputs += [Path(hf_dir)] if hf_dir else []
     with atomic_output_dir(out_dir, force, inputs) as temp:
         save_file(tensors, temp / PEFT_WEIGHTS, metadata={"format": "pt"})
         config = peft_config(ckpt, base_model)
         (temp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     log.info(
-        "mcore2hf: PEFT adapter (%d tensors, r=%d) from %s in %.1fs -> %s",
+        "PEFT adapter (%d tensors, r=%d) from %s in %.1fs -> %s",
         len(tensors),
         ckpt.lora.config.r,
         ckpt.iter_dir,
