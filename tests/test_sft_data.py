@@ -186,7 +186,7 @@ def test_openai_text_parts_are_joined(tmp_path):
 BAD = [  # (layout of the file, bad record, error)
     ("openai", "{not json", "not valid JSON"),
     ("openai", '{"messages": [{"role": "user", "content": "q"}]}', "ends with a user turn"),
-    ("openai", '{"messages": [{"role": "tool", "content": "q"}]}', "has role 'tool'"),
+    ("openai", '{"messages": [{"role": "narrator", "content": "q"}]}', "has role 'narrator'"),
     ("openai", '{"messages": "hi"}', "must be a list of messages"),
     ("openai", '{"text": "q"}', "field 'messages' must be a list of messages, got missing"),
     ("alpaca", '{"instruction": "q"}', "no field 'output'"),

@@ -19,6 +19,7 @@ TRUNCATION = ("right", "drop")
 # The names `data.columns` may rename, per record format (see mtrain/data/formats.py).
 COLUMN_NAMES = (
     "instruction", "input", "output", "system", "history", "messages", "role", "content",
+    "tools",
 )  # fmt: skip
 
 

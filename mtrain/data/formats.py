@@ -3,12 +3,16 @@
 Three record layouts are read, from JSONL, JSON (a list of records) or Parquet:
 
     alpaca    {"instruction", "input", "output", "system"?, "history"?: [[user, assistant], ...]}
-    sharegpt  {"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}], "system"?}
-    openai    {"messages": [{"role": "system"|"user"|"assistant", "content"}]}
+    sharegpt  {"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}], "system"?,
+               "tools"?}; `function_call` / `observation` turns are tool calls and results
+    openai    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content",
+               "tool_calls"?, "reasoning_content"?}], "tools"?}
+
+Tool use and separate reasoning are kept in the message form tools.py describes.
 
 `data.columns` renames fields (`instruction`, `input`, `output`, `system`, `history` for alpaca;
-`messages`, `role`, `content`, `system` for sharegpt/openai, which differ only in their default
-names). With `data.format=auto` a file's layout is taken from its first usable record.
+`messages`, `role`, `content`, `system`, `tools` for sharegpt/openai, which differ only in their
+default names). With `data.format=auto` a file's layout is taken from its first usable record.
 
 A record that cannot be read says where it is (`train.jsonl:17: ...`, `data.json:230: ...`,
 `data.parquet: row 12: ...`); the caller either stops or, with `data.skip_bad`, counts it.
@@ -23,10 +27,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mtrain.data import sources
+from mtrain.data import sources, tools
 from mtrain.errors import DataError
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 
 DEFAULT_COLUMNS = {
     "alpaca": {
@@ -35,8 +39,12 @@ DEFAULT_COLUMNS = {
     },
     "sharegpt": {
         "messages": "conversations", "role": "from", "content": "value", "system": "system",
+        "tools": "tools",
     },
-    "openai": {"messages": "messages", "role": "role", "content": "content", "system": "system"},
+    "openai": {
+        "messages": "messages", "role": "role", "content": "content", "system": "system",
+        "tools": "tools",
+    },
 }  # fmt: skip
 
 # Speaker names found in the wild -> the three roles SFT trains with.
@@ -45,6 +53,8 @@ ROLES = {
     "user": "user", "human": "user",
     "assistant": "assistant", "gpt": "assistant", "model": "assistant", "chatgpt": "assistant",
     "bard": "assistant", "bing": "assistant",
+    "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
+    "function_call": "assistant",  # sharegpt: its value is the call
 }  # fmt: skip
 PARQUET_BATCH = 4096  # rows decoded at a time
 
@@ -264,12 +274,21 @@ def _chat(record: dict, names: dict[str, str]) -> Messages:
     if system:
         messages.append({"role": "system", "content": system})
     messages += [to_message(turn, f"message {n}", names) for n, turn in enumerate(turns, 1)]
+    offered = tools.parse_tools(record.get(names["tools"]), f"field {names['tools']!r}")
+    if offered and messages:
+        messages[0] = {**messages[0], tools.TOOLS: offered}
     return messages
 
 
-def to_message(turn: Any, what: str, names: dict[str, str]) -> dict[str, str]:
-    """One sharegpt/openai turn (`names["role"]`, `names["content"]`) as {"role", "content"}."""
+def to_message(turn: Any, what: str, names: dict[str, str]) -> dict[str, Any]:
+    """One sharegpt/openai turn (`names["role"]`, `names["content"]`) as {"role", "content"}
+    (plus `tool_calls` / `reasoning_content` where it has them, see tools.py)."""
     role_key, content_key = names["role"], names["content"]
+    calls = turn.get("tool_calls") if isinstance(turn, dict) else None
+    if calls is not None and content_key in turn and turn[content_key] is None:
+        turn = {**turn, content_key: ""}  # OpenAI: a pure tool call has content null
+    elif calls is not None and content_key not in turn:
+        turn = {**turn, content_key: ""}
     if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
         keys = ", ".join(map(repr, turn)) if isinstance(turn, dict) else type(turn).__name__
         raise DataError(
@@ -281,7 +300,21 @@ def to_message(turn: Any, what: str, names: dict[str, str]) -> dict[str, str]:
         raise DataError(
             f"{what} has role {turn[role_key]!r}; known roles: {', '.join(sorted(ROLES))}"
         )
-    return {"role": role, "content": as_text(turn[content_key], what)}
+    speaker = str(turn[role_key]).lower()
+    if speaker == "function_call":  # sharegpt: the value is the call itself
+        return {
+            "role": role,
+            "content": "",
+            "tool_calls": tools.parse_tool_calls(turn[content_key], what),
+        }
+    message: dict[str, Any] = {"role": role, "content": as_text(turn[content_key], what)}
+    if role == "assistant":
+        if calls is not None:
+            message["tool_calls"] = tools.parse_tool_calls(calls, what)
+        reasoning = tools.reasoning_of(turn, what)
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+    return message
 
 
 def field_text(record: dict, key: str, optional: bool = False) -> str:
@@ -319,3 +352,4 @@ def check(messages: Messages) -> None:
         raise DataError(
             f"the conversation ends with a {body[-1]['role']} turn; nothing to train on"
         )
+    tools.check_tool_turns(messages)

@@ -18,30 +18,47 @@ built-in templates are a table of formats, written from the models' published te
                    that Qwen3's template appends to the generation prompt when
                    enable_thinking=False. It belongs to the header, so it is not trained: the
                    model learns to answer after it, not to skip thinking on its own.
-             Unlike Qwen3's template, every assistant turn is treated alike (Qwen3 drops the
-             reasoning of turns before the last user message), so each rendering stays a prefix
-             of the next one, which multi-turn loss masks need.
+             The reasoning is the message's `reasoning_content` when it has one. Unlike Qwen3's
+             template, every assistant turn is treated alike: each keeps its reasoning (Qwen3's
+             drops that of turns before the last user message, and writes no empty block in a
+             non-final turn without reasoning), so each rendering stays a prefix of the next
+             one, which multi-turn loss masks need. This is also LLaMA-Factory's rule.
+             `data.template=auto` picks this template for a Qwen3 tokenizer (see below).
+    qwen2_5 and qwen3 render tools (the system turn's "# Tools" block), assistant `tool_calls`
+             (`<tool_call>` blocks, trained with the turn) and tool results (`<tool_response>`
+             blocks in a user turn, consecutive results grouped, never trained) exactly as their
+             published templates do.
     llama3   "<|begin_of_text|>", then per message
              "<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>", the content
              stripped of surrounding whitespace (Llama 3's `| trim`); no default system prompt
              (Llama 3.1's dated system header is not reproduced: use data.template=tokenizer).
-             Tool calls and tool roles of any template are not handled.
+             It does not render tools: records with tools need data.template=tokenizer.
 
 `data.system` replaces the data's system prompt, or adds one where there is none.
 `auto` uses the tokenizer's template when it has one, else the built-in one for the model family
-named by `model_type` in the tokenizer directory's config.json.
+named by `model_type` in the tokenizer directory's config.json. The exception is Qwen3 (config.json
+`model_type` qwen3 / qwen3_moe and a template that writes `<think>`): its template rewrites
+earlier turns, so multi-turn conversations could not be masked; `auto` takes the built-in qwen3
+template, which renders a single-turn conversation (tools included) byte for byte as Qwen3's
+does, and keeps every turn's reasoning in longer ones (logged once). In a tool-calling loop that
+includes the empty `<think>` block of a non-final turn without reasoning: the block the model
+writes at inference, which Qwen3's template leaves out when it re-renders the history.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtrain.data.tools import chatml_tool_calls, chatml_tools_system, tools_of, without_tools
 from mtrain.errors import ConfigError
 
-TEMPLATE_VERSION = 1  # bump when a built-in template renders differently
+log = logging.getLogger("mtrain.data")
+
+TEMPLATE_VERSION = 2  # bump when a template renders the same records differently
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 # Tokens that close a turn in the common chat formats; the loss mask ends after the last one in
@@ -62,6 +79,8 @@ class ChatFormat:
     default_system: str | None = None  # system prompt when the conversation has none
     strip: bool = False  # strip whitespace around each message's content
     reasoning: bool = False  # assistant turns carry <think> blocks (data.thinking)
+    tools: bool = False  # renders tools, tool calls and results (ChatML, as Qwen2.5 / Qwen3)
+    raw_string_arguments: bool = False  # tool-call arguments given as a string are written as is
 
 
 BUILTIN = {
@@ -70,11 +89,13 @@ BUILTIN = {
         ChatFormat(
             "qwen3", "<|im_start|>{role}\n", "<|im_end|>\n", "<|im_end|>",
             specials=("<|im_start|>", "<|im_end|>", "<think>", "</think>"), reasoning=True,
+            tools=True, raw_string_arguments=True,
         ),
         ChatFormat(
             "qwen2_5", "<|im_start|>{role}\n", "<|im_end|>\n", "<|im_end|>",
             specials=("<|im_start|>", "<|im_end|>"),
             default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+            tools=True,
         ),
         ChatFormat(
             "llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", "<|eot_id|>",
@@ -123,19 +144,52 @@ class BuiltinTemplate:
         if message["role"] != "assistant" or not self.fmt.reasoning or self.thinking == "keep":
             return content
         reasoning, answer = split_reasoning(content)
+        if message.get("reasoning_content") is not None:
+            reasoning, answer = message["reasoning_content"], content
         if self.thinking == "off":
             return answer
         reasoning, answer = reasoning.strip("\n"), answer.lstrip("\n")
         return f"<think>\n{reasoning}\n</think>\n\n{answer}"
 
+    def _answer(self, message: dict) -> str:
+        """The part of an assistant turn after its reasoning (what tool calls follow)."""
+        if not self.fmt.reasoning or self.thinking == "keep":
+            return message["content"]
+        if message.get("reasoning_content") is not None:
+            return message["content"].lstrip("\n")
+        return split_reasoning(message["content"])[1]
+
     def render_one(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         fmt = self.fmt
-        messages = with_system(messages, self.system)
+        offered = tools_of(messages)
+        messages = with_system(without_tools(messages), self.system)
+        if not fmt.tools and (offered or any(_tool_use(m) for m in messages)):
+            raise ConfigError(
+                f"data.template={fmt.name} does not render tools, tool calls or tool results; "
+                "use data.template=tokenizer (the model's own template)"
+            )
         parts = [fmt.begin]
-        if fmt.default_system is not None and not (messages and messages[0]["role"] == "system"):
+        has_system = bool(messages) and messages[0]["role"] == "system"
+        if offered:
+            system = messages[0]["content"] if has_system else fmt.default_system
+            parts.append(chatml_tools_system(offered, system))
+            messages = messages[1:] if has_system else messages
+        elif fmt.default_system is not None and not has_system:
             parts.append(fmt.header.format(role="system") + fmt.default_system + fmt.end)
-        for m in messages:
-            parts.append(self._header(m["role"]) + self._content(m) + fmt.end)
+        last = len(messages) - 1
+        for n, m in enumerate(messages):
+            if m["role"] == "tool":  # results of one round share a user turn
+                if n == 0 or messages[n - 1]["role"] != "tool":
+                    parts.append("<|im_start|>user")
+                parts.append("\n<tool_response>\n" + m["content"] + "\n</tool_response>")
+                if n == last or messages[n + 1]["role"] != "tool":
+                    parts.append("<|im_end|>\n")
+                continue
+            text = self._header(m["role"]) + self._content(m)
+            if m.get("tool_calls"):
+                answer = self._answer(m)
+                text += chatml_tool_calls(m["tool_calls"], answer, fmt.raw_string_arguments)
+            parts.append(text + fmt.end)
         if add_generation_prompt:
             parts.append(self._header("assistant"))
         return "".join(parts)
@@ -170,9 +224,9 @@ class TokenizerTemplate:
             return None
         variables = {**self.tokenizer.special_tokens_map, **self.kwargs}
 
-        def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        def render(messages: list[dict], add_generation_prompt: bool, tools=None) -> str:
             return template.render(
-                messages=messages, tools=None, documents=None,
+                messages=messages, tools=tools, documents=None,
                 add_generation_prompt=add_generation_prompt, **variables,
             )  # fmt: skip
 
@@ -188,25 +242,31 @@ class TokenizerTemplate:
             return None
         return render
 
-    def _apply(self, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+    def _apply(
+        self, conversations: list[list[dict]], add_generation_prompt: bool, tools=None
+    ) -> list[str]:
         return self.tokenizer.apply_chat_template(
-            conversations, tokenize=False, add_generation_prompt=add_generation_prompt,
+            conversations, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
             **self.kwargs,
         )  # fmt: skip
 
     def render(self, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+        """Each conversation with its own tools (messages[0]["tools"], see data/tools.py)."""
         if not conversations:
             return []
-        convs = [with_system(c, self.system) for c in conversations]
-        if self._direct is None:
+        offered = [tools_of(c) for c in conversations]
+        convs = [with_system(without_tools(c), self.system) for c in conversations]
+        if self._direct is not None:
+            return [self._direct(c, add_generation_prompt, t) for c, t in zip(convs, offered)]
+        if not any(offered):
             return self._apply(convs, add_generation_prompt)
-        return [self._direct(c, add_generation_prompt) for c in convs]
+        return [self._apply([c], add_generation_prompt, t)[0] for c, t in zip(convs, offered)]
 
 
 def resolve_template(name: str, tokenizer, system: str | None = None, thinking: str = "on"):
     """The template `data.template=name` means for this tokenizer."""
     if name == "auto":
-        name = "tokenizer" if tokenizer.chat_template else _family_template(tokenizer)
+        name = _auto_template(tokenizer)
     if name == "tokenizer":
         if not tokenizer.chat_template:
             raise ConfigError(
@@ -228,14 +288,42 @@ def resolve_template(name: str, tokenizer, system: str | None = None, thinking: 
     return BuiltinTemplate(fmt, system, thinking)
 
 
+def _tool_use(message: dict) -> bool:
+    return message["role"] == "tool" or bool(message.get("tool_calls"))
+
+
 def _single_token(tokenizer, token: str) -> bool:
     ids = tokenizer.encode(token, add_special_tokens=False)
     return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
 
 
-def _family_template(tokenizer) -> str:
+def _model_type(tokenizer) -> str | None:
     config = Path(str(tokenizer.name_or_path)) / "config.json"
-    family = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    try:
+        return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _auto_template(tokenizer) -> str:
+    """`data.template=auto`: the tokenizer's own, except for Qwen3 (see the module docstring)."""
+    source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    if not source:
+        return _family_template(tokenizer)
+    if _model_type(tokenizer) in ("qwen3", "qwen3_moe") and "<think>" in source:
+        log.info(
+            "data.template=auto: a Qwen3 tokenizer, so mtrain's qwen3 template: Qwen3's own "
+            "rewrites earlier turns (drops their reasoning), which leaves multi-turn "
+            "conversations unmaskable; this one keeps every assistant turn with its reasoning "
+            "and renders single-turn conversations exactly as Qwen3's (data.template=tokenizer "
+            "for Qwen3's own, with data.train_on=last for multi-turn data)"
+        )
+        return "qwen3"
+    return "tokenizer"
+
+
+def _family_template(tokenizer) -> str:
+    family = _model_type(tokenizer)
     if family not in FAMILY_TEMPLATES:
         raise ConfigError(
             f"data.template=auto: the tokenizer {tokenizer.name_or_path} has no chat_template and "
