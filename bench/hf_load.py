@@ -3,11 +3,13 @@
     python bench/hf_load.py [--work DIR] [--layers 28] [--repeat 2]
 
 On the synthetic Qwen3-1.7B-shaped bf16 model of bench/convert.py (28 layers: about 4 GB), at
-TP2 x PP2 on 4 CPU processes: each rank builds its model chunks, then fills them from the HF
-safetensors (its own slices only) or from its rank file of the converted checkpoint. Prints,
-side by side in one run, the load time of each (the slowest rank, best of `--repeat`) and their
-ratio (target <= 1.2), and each rank's peak RSS against its own shard (target: peak RSS <= its
-shard + 1 GiB; the peak includes torch and megatron-core themselves).
+TP2 x PP2 on 4 CPU processes: each rank builds its model chunks without initialisation (as a run
+that loads weights does), then fills them from the HF safetensors (its own slices only) or from
+its rank file of the converted checkpoint. Prints, side by side in one run, the load time of each
+(the slowest rank, best of `--repeat`; it includes the first touch of the parameters' memory,
+which the build leaves untouched) and their ratio (target <= 1.2), the build time, and each
+rank's peak RSS against its own shard (target: peak RSS <= its shard + 1 GiB; the peak includes
+torch and megatron-core themselves).
 """
 
 from __future__ import annotations
@@ -46,7 +48,11 @@ def worker(mode: str, source: str, result: str) -> None:
     spec, _ = load_hf_config(hf_dir)
     accel.activate("cpu")
     parallel.init(2, 2)
-    chunks = build_model_chunks(spec, BuildOptions(tp=2, pp=2, precision="bf16"))
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    opts = BuildOptions(tp=2, pp=2, precision="bf16", initialize=False)  # as a run that loads
+    chunks = build_model_chunks(spec, opts)
+    build = time.perf_counter() - start
     shard = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     torch.distributed.barrier()
     start = time.perf_counter()
@@ -55,7 +61,8 @@ def worker(mode: str, source: str, result: str) -> None:
     else:
         load_model_weights(chunks, source, spec, 2, 2, 1)
     seconds = time.perf_counter() - start
-    row = {"rank": torch.distributed.get_rank(), "s": seconds, "rss": peak_rss(), "shard": shard}
+    rank = torch.distributed.get_rank()
+    row = {"rank": rank, "s": seconds, "build": build, "rss": peak_rss(), "shard": shard}
     rows = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(rows, row)
     if torch.distributed.get_rank() == 0:
@@ -104,8 +111,10 @@ def main() -> None:
             best[mode] = (slowest, rows)
     for mode, (seconds, rows) in best.items():
         worst = max(rows, key=lambda r: r["rss"] - r["shard"])
+        build = max(r["build"] for r in rows)
         print(
-            f"{mode:9s} load {seconds:6.2f} s (slowest rank); peak RSS {worst['rss'] / GiB:.2f} "
+            f"{mode:9s} load {seconds:6.2f} s (slowest rank; build {build:.2f} s before it); "
+            f"peak RSS {worst['rss'] / GiB:.2f} "
             f"GiB on rank {worst['rank']} = its shard {worst['shard'] / GiB:.2f} GiB + "
             f"{(worst['rss'] - worst['shard']) / GiB:.2f} GiB"
         )

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -70,7 +71,8 @@ def frozen_copy(run) -> list:
     from mtrain.models.provider import build_model_chunks
 
     spec, plan = run.spec, run.plan
-    chunks = [c.to(accel.device()) for c in build_model_chunks(spec, run.options)]
+    options = dataclasses.replace(run.options, initialize=False)  # the load fills every weight
+    chunks = [c.to(accel.device()) for c in build_model_chunks(spec, options)]
     load_start_weights(chunks, run.cfg.load, spec, plan)
     for c in chunks:
         c.requires_grad_(False)

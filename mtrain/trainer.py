@@ -32,6 +32,7 @@ from mtrain.checkpoint import (
     megatron_args,
     resume,
     save_training_checkpoint,
+    starting_point,
 )
 from mtrain.config.schema import TrainingCommandConfig, validate
 from mtrain.dtypes import DTYPE_NAMES, DTYPES, parse_dtype
@@ -147,6 +148,8 @@ def _build(cfg: TrainingCommandConfig, setup: Setup, task: Task):
         recompute_granularity=tr.recompute,
         init_method_std=tr.init_std,
         explicit_attention_mask=task.attention_mask,
+        # A run that starts from weights (resumed, loaded or HF) overwrites every base one.
+        initialize=starting_point(cfg)[0] is None,
         extra={"calculate_per_token_loss": True},
     )
     chunks = [c.to(accel.device()) for c in build_model_chunks(spec, opts)]

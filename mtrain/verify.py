@@ -109,7 +109,8 @@ def checkpoint_max_diff(
     ckpt = MegatronCheckpoint.open(Path(ckpt_dir))
     parallel.init(ckpt.tp, ckpt.pp, ckpt.vpp)
     try:
-        chunks = build_model_chunks(ckpt.spec, BuildOptions(tp=ckpt.tp, pp=ckpt.pp, vpp=ckpt.vpp))
+        opts = BuildOptions(tp=ckpt.tp, pp=ckpt.pp, vpp=ckpt.vpp, initialize=False)
+        chunks = build_model_chunks(ckpt.spec, opts)
         chunks = [c.to(accel.device()) for c in chunks]
         if ckpt.lora is not None:
             add_adapters(chunks, ckpt.lora.config, seed=0)  # values come from the checkpoint

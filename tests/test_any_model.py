@@ -15,7 +15,7 @@ from mtrain.config.model import ModelConfig, load_preset
 from mtrain.errors import ConfigError
 from mtrain.models.tiny import write_corpus
 from tests.conftest import tiny_spec
-from tests.torchrun import launch
+from tests.torchrun import launch, torchrun
 
 # Matches no preset: another family, depth, width and vocabulary.
 LLAMA = tiny_spec(
@@ -149,3 +149,26 @@ def test_training_straight_from_hf_weights_equals_converting_first(tiny_hf, tmp_
 
     direct = losses(hf, "direct")
     assert direct == losses(tmp_path / "c", "converted") and len(direct) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spec, precision",
+    [
+        (tiny_spec(), "bf16"),  # tied: the last stage's output layer is read from the embedding
+        (tiny_spec(family="qwen2", tie_word_embeddings=False, vocab_size=509), "fp32"),
+    ],
+    ids=["qwen3-tied-bf16", "qwen2-bias-untied-oddvocab-fp32"],
+)
+def test_hf_weights_read_into_an_uninitialised_model_equal_the_converted_ones(
+    tiny_hf, tmp_path, spec, precision
+):
+    """At TP2 x PP2 every parameter of a model built without initialisation (and set to NaN)
+    gets exactly the value the converted checkpoint gives a normally initialised one."""
+    hf = tiny_hf(spec)
+    ckpt = tmp_path / "c"
+    hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(ckpt), tp=2, pp=2))
+    result = tmp_path / "result.json"
+    torchrun("hf_load_parity.py", 4, result, hf, ckpt, "2", "2", precision)
+    rows = json.loads(result.read_text())
+    assert [r["differ"] for r in rows] == [[]] * 4 and all(r["tensors"] for r in rows)

@@ -3,9 +3,11 @@
 Both sides do their own I/O on the (simple, stable) safetensors layout: an 8-byte little-endian
 header length, a JSON header of {name: dtype, shape, data_offsets}, then the raw bytes.
 
-- Reading uses `pread` of exactly the bytes a slice needs (for a column slice, row blocks of at
-  most `_BLOCK` bytes), into memory the caller then owns. Nothing is memory-mapped, so resident
-  memory is what is being built, not every page touched so far.
+- Reading goes straight into the caller's tensor (a parameter, when a run starts from HF
+  weights). Rows are one `pread` of exactly their bytes. A column slice maps `_MAP_BLOCK` bytes
+  of whole rows at a time, just for one strided `copy_`, and unmaps them (reading the rows
+  whole instead would copy twice the bytes at TP2). Nothing stays mapped, so resident memory
+  is what is being built, not every page touched so far.
 - Writing plans every shard's header up front from the tensors' names, dtypes and shapes, then
   streams each tensor to disk as soon as it exists; nothing waits in memory for a shard to fill.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -29,8 +32,8 @@ from mtrain.errors import CheckpointError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # the HF default of "5GB"
-_BLOCK = 64 << 20  # bytes read at a time for a column slice
 _MAX_HEADER = 100 << 20  # safetensors' own limit
+_MAP_BLOCK = 64 << 20  # bytes of whole rows mapped at a time for a column slice
 
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -78,7 +81,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 def _pread_into(fd: int, tensor: torch.Tensor, offset: int, path: Path) -> None:
-    view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+    view = memoryview(tensor.detach().view(-1).view(torch.uint8).numpy())
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
@@ -160,28 +163,59 @@ class HFReader:
     ) -> torch.Tensor:
         """Rows `rows` (dim 0) and columns `cols` (dim 1) of a tensor, in fresh memory."""
         info = self.info(name)
-        fd = self._fd(info.file)
-        shape = info.shape
-        r0, r1, _ = (rows or slice(None)).indices(shape[0]) if shape else (0, 0, 1)
-        if not shape:  # a scalar
-            out = torch.empty((), dtype=info.dtype)
-            _pread_into(fd, out, info.offset, self.dir / info.file)
-            return out
-        row_bytes = math.prod(shape[1:]) * info.dtype.itemsize
-        if cols is None:
-            out = torch.empty((r1 - r0, *shape[1:]), dtype=info.dtype)
-            if out.numel():
-                _pread_into(fd, out, info.offset + r0 * row_bytes, self.dir / info.file)
-            return out
-        c0, c1, _ = cols.indices(shape[1])
-        out = torch.empty((r1 - r0, c1 - c0, *shape[2:]), dtype=info.dtype)
-        step = max(1, _BLOCK // max(row_bytes, 1))
-        block = torch.empty((min(step, r1 - r0), *shape[1:]), dtype=info.dtype)
-        for start in range(r0, r1, step):
-            n = min(step, r1 - start)
-            _pread_into(fd, block[:n], info.offset + start * row_bytes, self.dir / info.file)
-            out[start - r0 : start - r0 + n] = block[:n, c0:c1]
+        out = torch.empty(_slice_shape(info.shape, rows, cols), dtype=info.dtype)
+        self.read_into(name, out, rows, cols)
         return out
+
+    def read_into(
+        self, name: str, out: torch.Tensor, rows: slice | None = None, cols: slice | None = None
+    ) -> None:
+        """Rows `rows` and columns `cols` of a tensor into `out`, cast as `copy_` casts. Rows
+        are read straight into `out` when it is contiguous CPU memory of the tensor's dtype
+        (else through a buffer)."""
+        info = self.info(name)
+        shape = _slice_shape(info.shape, rows, cols)
+        if tuple(out.shape) != shape:
+            raise ValueError(f"{name}[{rows}, {cols}] has shape {shape}, not {tuple(out.shape)}")
+        if not out.numel():
+            return
+        r0 = (rows or slice(None)).indices(info.shape[0])[0] if shape else 0
+        row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
+        start = info.offset + r0 * row_bytes
+        if cols is not None and shape[1] != info.shape[1]:
+            step = max(1, _MAP_BLOCK // row_bytes)
+            for i in range(0, shape[0], step):
+                n = min(step, shape[0] - i)
+                self._copy_columns(info, out[i : i + n], start + i * row_bytes, cols)
+            return
+        direct = out.device.type == "cpu" and out.dtype == info.dtype and out.is_contiguous()
+        target = out if direct else torch.empty(shape, dtype=info.dtype)
+        _pread_into(self._fd(info.file), target, start, self.dir / info.file)
+        if not direct:
+            out.copy_(target)
+
+    def _copy_columns(self, info: TensorInfo, out: torch.Tensor, start: int, cols: slice) -> None:
+        """`out` = columns `cols` of the `len(out)` whole rows whose bytes begin at `start`."""
+        length = len(out) * math.prod(info.shape[1:]) * info.dtype.itemsize
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        # ACCESS_COPY: private and writable, as torch wants its buffers; nothing writes to it.
+        fd = self._fd(info.file)
+        with mmap.mmap(fd, start + length - base, access=mmap.ACCESS_COPY, offset=base) as mapped:
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=length, offset=start - base)
+            try:
+                out.copy_(raw.view(info.dtype).view(-1, *info.shape[1:])[:, cols])
+            finally:
+                del raw  # releases the buffer, so that the mapping can close
+
+
+def _slice_shape(shape: tuple[int, ...], rows: slice | None, cols: slice | None) -> tuple:
+    if not shape:
+        return ()
+    dims = list(shape)
+    for axis, part in ((0, rows), (1, cols)):
+        if part is not None:
+            dims[axis] = len(range(*part.indices(shape[axis])))
+    return tuple(dims)
 
 
 class _StreamedFile:

@@ -1,9 +1,9 @@
 """Training straight from an HF model directory: `load=HF_DIR`, no conversion step.
 
-Each rank builds the state dict of its own chunks from slice reads of exactly the bytes it needs
-(the converters' streaming reader and layouts), one chunk at a time, so no process ever holds
-more than its own shard of the model. The result is bit-identical to converting with
-converters.hf2mcore first and loading that checkpoint.
+Each rank reads exactly the bytes of its own slices (the converters' reader and layouts) straight
+into its parameters, piece by piece, so no process ever holds more than its own shard of the
+model and a few small buffers. The result is bit-identical to converting with converters.hf2mcore
+first and loading that checkpoint.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from mtrain import parallel
 from mtrain.checkpoint.hf_io import HFReader
 from mtrain.checkpoint.layout import TRACKER
-from mtrain.checkpoint.weights import fill
+from mtrain.checkpoint.weights import check_complete
 from mtrain.errors import CheckpointError
-from mtrain.models.sharding import Dims, shard
+from mtrain.models.sharding import Dims, shard_into, shard_shape
 from mtrain.models.spec import ModelSpec
 from mtrain.models.stages import all_hf_tensors, stage_groups
 
@@ -65,11 +65,23 @@ def load_hf_weights(
     dims = Dims.of(spec, tp)
     check_hf_tensors(reader, spec, dims)
     tp_rank, pp_rank = parallel.tp_rank(), parallel.pp_rank()
+    where = f"{hf_dir} (tp rank {tp_rank}, pp rank {pp_rank})"
     for index, chunk in enumerate(chunks):
-        state = {}
+        model = getattr(chunk, "module", chunk)  # unwrap DDP
+        params = model.state_dict(keep_vars=True)  # the parameters themselves, by name
+        planned = [p for group in stage_groups(spec, pp, vpp, pp_rank, index) for p in group]
+        names = {p.mcore for p in planned}
+        missing = [k for k in params if k not in names]
+        check_complete(missing, [n for n in names if n not in params], where, spec)
         with reader.session():
-            for group in stage_groups(spec, pp, vpp, pp_rank, index):
-                for p in group:
-                    state[p.mcore] = shard(p.entry, p.hf, reader, tp_rank, dims)
-        fill([chunk], [state], f"{hf_dir} (tp rank {tp_rank}, pp rank {pp_rank})", spec)
-        del state
+            for p in planned:
+                param = params.get(p.mcore)
+                if param is None:  # the tied output layer where the model shares the embedding
+                    continue
+                want = shard_shape(p.entry, dims)
+                if tuple(param.shape) != want:
+                    raise CheckpointError(
+                        f"{where}: {p.mcore} is {list(param.shape)} in the model but "
+                        f"{list(want)} from the HF tensors"
+                    )
+                shard_into(p.entry, p.hf, reader, tp_rank, dims, param.detach())

@@ -47,7 +47,6 @@ def fill(
     """Load one state dict per chunk into this rank's chunks: every base parameter (or, with
     `adapters`, every LoRA adapter) must be there, and nothing else. `where` names the source
     in errors."""
-    tied_copy = spec.family_table.output.mcore if spec.tie_word_embeddings else None
     for chunk, state in zip(chunks, states):
         model = getattr(chunk, "module", chunk)  # unwrap DDP
         if adapters and not any(is_adapter_key(k) for k in model.state_dict()):
@@ -56,15 +55,24 @@ def fill(
                 "finetuning_type=lora, or merge them first (converters.mcore2hf lora.merge=true)"
             )
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [
-            k for k in missing if not k.endswith("._extra_state") and is_adapter_key(k) == adapters
-        ]
-        unexpected = [k for k in unexpected if k != tied_copy]
-        if missing or unexpected:
-            what = f"lacks {missing[0]}" if missing else f"has unexpected {unexpected[0]}"
-            raise CheckpointError(
-                f"{where} {what} ({len(missing)} missing, {len(unexpected)} unexpected tensors)"
-            )
+        check_complete(missing, unexpected, where, spec, adapters)
+
+
+def check_complete(
+    missing: list[str], unexpected: list[str], where: str, spec: ModelSpec, adapters: bool = False
+) -> None:
+    """Refuse a load that leaves out a base parameter (or, with `adapters`, an adapter) of the
+    model or brings a tensor it lacks: a model built without initialisation relies on it."""
+    tied_copy = spec.family_table.output.mcore if spec.tie_word_embeddings else None
+    missing = [
+        k for k in missing if not k.endswith("._extra_state") and is_adapter_key(k) == adapters
+    ]
+    unexpected = [k for k in unexpected if k != tied_copy]
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has unexpected {unexpected[0]}"
+        raise CheckpointError(
+            f"{where} {what} ({len(missing)} missing, {len(unexpected)} unexpected tensors)"
+        )
 
 
 def _fill(chunks: list[torch.nn.Module], ckpt: MegatronCheckpoint, adapters: bool) -> None:

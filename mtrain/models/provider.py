@@ -30,6 +30,10 @@ class BuildOptions:
     recompute_num_layers: int | None = None
     init_method_std: float = 0.02
     seed_init_on_cpu: bool = True  # deterministic init independent of TP (use_cpu_initialization)
+    # False: leave the weights as allocated, for a load that fills every one of them next (the
+    # CPU init builds each whole weight in fp32 first: 1.2 GB for a 151936 x 2048 embedding).
+    # LoRA adapters are not megatron's: they keep their own init either way.
+    initialize: bool = True
     # Batches carry their own attention mask (packed samples): the layers must apply it rather
     # than the implicit causal one (megatron's fused causal softmax ignores a given mask).
     explicit_attention_mask: bool = False
@@ -78,6 +82,7 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         virtual_pipeline_model_parallel_size=opts.vpp if opts.vpp > 1 else None,
         sequence_parallel=opts.sequence_parallel,
         use_cpu_initialization=opts.seed_init_on_cpu,
+        perform_initialization=opts.initialize,
         **kernels.megatron_fusions(opts.kernels),
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,

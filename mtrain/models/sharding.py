@@ -1,8 +1,10 @@
 """Tensor-parallel layouts: how each tensor kind is cut into TP shards and put back together.
 
-hf2mcore asks, per TP rank, for exactly the rows/columns that rank needs (`shard`), so a rank file
-is built from slice reads of the HF files without ever loading a whole tensor. mcore2hf does the
-inverse from the TP shards of one tensor (`merge`).
+Each kind's layout is written once, as the `pieces` of a TP shard: which rows and columns of
+which HF tensor fill which rows of the shard. hf2mcore builds each rank's tensors from slice reads
+of exactly those bytes (`shard`); a run starting from HF weights reads them straight into its
+parameters (`shard_into`); neither ever loads a whole tensor. mcore2hf does the inverse from the
+TP shards of one tensor (`merge`).
 
 GQA interleave (Kind.QKV). Megatron stores q, k and v fused and grouped by kv group g:
     [q heads of g (h*d rows) | k of g (d rows) | v of g (d rows)] for g in 0..G-1
@@ -19,6 +21,7 @@ split along dim 0; the padding is trimmed on the way back.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,52 +68,93 @@ class SliceReader(Protocol):
     ) -> torch.Tensor: ...
 
 
+class SliceReaderInto(Protocol):
+    """Reads (part of) a named HF tensor into `out`, which has the slice's shape (and any dtype
+    or device: values are cast as `out.copy_` casts them)."""
+
+    def read_into(
+        self, name: str, out: torch.Tensor, rows: slice | None = None, cols: slice | None = None
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows `at`.. of a shard are the `rows` x `cols` of the entry's HF tensor number `source`."""
+
+    source: int
+    rows: slice
+    cols: slice | None
+    at: int
+
+
 def _part(total: int, tp: int, rank: int) -> slice:
     size = total // tp
     return slice(rank * size, (rank + 1) * size)
 
 
-def shard(
-    entry: Entry, hf_names: list[str], read: SliceReader, rank: int, dims: Dims
-) -> torch.Tensor:
-    """The TP-rank `rank` shard of the Megatron tensor `entry`, read from its HF tensors."""
+def pieces(entry: Entry, rank: int, dims: Dims) -> list[Piece]:
+    """Where each row block of the TP-rank `rank` shard of `entry` comes from, in row order.
+    Rows after the last piece are vocabulary padding: zero."""
     kind, tp = entry.kind, dims.tp
     shapes = dims.hf_shapes(entry)
     if kind is Kind.REPLICATED:
-        return read(hf_names[0])
+        return [Piece(0, slice(0, shapes[0][0]), None, 0)]
     if kind is Kind.COLUMN:
-        return read(hf_names[0], rows=_part(shapes[0][0], tp, rank))
+        return [Piece(0, _part(shapes[0][0], tp, rank), None, 0)]
     if kind is Kind.ROW:
-        return read(hf_names[0], cols=_part(shapes[0][1], tp, rank))
+        return [Piece(0, slice(0, shapes[0][0]), _part(shapes[0][1], tp, rank), 0)]
     if kind is Kind.GATED_FC1:
-        gate, up = (read(n, rows=_part(s[0], tp, rank)) for n, s in zip(hf_names, shapes))
-        return _cat_same_dtype([gate, up])
+        gate, up = (_part(s[0], tp, rank) for s in shapes)
+        return [Piece(0, gate, None, 0), Piece(1, up, None, gate.stop - gate.start)]
     if kind is Kind.QKV:
-        local = dims.groups // tp
-        g = _part(dims.groups, tp, rank)
         d, h = dims.head_dim, dims.heads_per_group
-        q = read(hf_names[0], rows=slice(g.start * h * d, g.stop * h * d))
-        k = read(hf_names[1], rows=slice(g.start * d, g.stop * d))
-        v = read(hf_names[2], rows=slice(g.start * d, g.stop * d))
-        rest = q.shape[1:]
-        fused = _cat_same_dtype(
-            [
-                q.reshape(local, h * d, *rest),
-                k.reshape(local, d, *rest),
-                v.reshape(local, d, *rest),
-            ],
-            dim=1,
-        )
-        return fused.reshape(-1, *rest)
+        groups = _part(dims.groups, tp, rank)
+        out = []
+        for local, g in enumerate(range(groups.start, groups.stop)):
+            at = local * (h + 2) * d
+            out += [
+                Piece(0, slice(g * h * d, (g + 1) * h * d), None, at),
+                Piece(1, slice(g * d, (g + 1) * d), None, at + h * d),
+                Piece(2, slice(g * d, (g + 1) * d), None, at + (h + 1) * d),
+            ]
+        return out
     if kind is Kind.VOCAB:
         rows = _part(dims.padded_vocab, tp, rank)
-        real = read(hf_names[0], rows=slice(rows.start, min(rows.stop, dims.vocab)))
-        missing = rows.stop - rows.start - real.shape[0]
-        if missing:
-            pad = torch.zeros(missing, *real.shape[1:], dtype=real.dtype)
-            real = torch.cat([real, pad])
-        return real
+        return [Piece(0, slice(rows.start, max(rows.start, min(rows.stop, dims.vocab))), None, 0)]
     raise AssertionError(kind)
+
+
+def shard(
+    entry: Entry, hf_names: list[str], read: SliceReader, rank: int, dims: Dims
+) -> torch.Tensor:
+    """The TP-rank `rank` shard of the Megatron tensor `entry`, read from its HF tensors. Parts
+    of different dtypes give the dtype that holds each of them exactly (a bf16 q with an fp32 k
+    gives an fp32 qkv)."""
+    parts = [(p, read(hf_names[p.source], p.rows, p.cols)) for p in pieces(entry, rank, dims)]
+    dtype = functools.reduce(torch.promote_types, [t.dtype for _, t in parts])
+    rows = shard_shape(entry, dims)[0]
+    out = torch.zeros(rows, *parts[0][1].shape[1:], dtype=dtype)  # any trailing shape (LoRA's B)
+    for p, t in parts:
+        out[p.at : p.at + len(t)] = t
+    return out
+
+
+def shard_into(
+    entry: Entry,
+    hf_names: list[str],
+    reader: SliceReaderInto,
+    rank: int,
+    dims: Dims,
+    out: torch.Tensor,
+) -> None:
+    """Write the TP-rank `rank` shard of `entry` into `out` (of `shard_shape`), each piece read
+    straight into its rows: no intermediate tensor where `out` has the HF dtype."""
+    end = 0
+    for p in pieces(entry, rank, dims):
+        end = p.at + p.rows.stop - p.rows.start
+        reader.read_into(hf_names[p.source], out[p.at : end], p.rows, p.cols)
+    if end < len(out):
+        out[end:].zero_()
 
 
 def merge(entry: Entry, shards: list[torch.Tensor], dims: Dims) -> list[torch.Tensor]:
@@ -153,13 +197,3 @@ def shard_shape(entry: Entry, dims: Dims) -> tuple[int, ...]:
         return (dims.padded_vocab // tp, *first[1:])
     rows = sum(s[0] for s in shapes) // tp  # COLUMN, GATED_FC1, QKV
     return (rows, *first[1:])
-
-
-def _cat_same_dtype(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """cat of the parts of one fused tensor; parts of different dtypes go to the widest one,
-    which is lossless (e.g. a bf16 q with an fp32 k gives an fp32 qkv)."""
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) > 1:
-        widest = max(dtypes, key=lambda dt: torch.finfo(dt).bits)
-        tensors = [t.to(widest) for t in tensors]
-    return torch.cat(tensors, dim=dim)
