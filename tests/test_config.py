@@ -54,6 +54,16 @@ def test_layout_defaults_to_the_presets_recommendation():
         (dict(load=None, checkpoint__finetune=True), 4, r"checkpoint.finetune=true needs load="),
         (dict(checkpoint__save_interval=5), 4, r"checkpoint.save_interval is set but save is not"),
         (dict(finetuning_type="lora"), 4, r"finetuning_type=lora needs load=CKPT_DIR"),
+        (dict(checkpoint__format="torch"), 4, r"checkpoint.format=torch is not one of legacy, "),
+        (dict(checkpoint__save_hf=True), 4, r"checkpoint.save_hf=true needs save=DIR"),
+        (dict(checkpoint__save_hf_lora="peft"), 4, r"save_hf_lora=peft is not one of merged"),
+        (dict(checkpoint__save_hf_dtype="int8"), 4, r"checkpoint.save_hf_dtype=int8 is not"),
+        (dict(checkpoint__save_hf_every_save=True), 4, r"needs checkpoint.save_hf=true"),
+        (
+            dict(finetuning_type="lora", load="base", checkpoint__format="torch_dist"),
+            4,
+            r"checkpoint.format=torch_dist is for full and freeze runs",
+        ),
         (
             dict(finetuning_type="qlora"),
             4,
