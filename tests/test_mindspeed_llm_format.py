@@ -6,6 +6,7 @@ convert_ckpt_v2 and its trainer save."""
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 
@@ -18,6 +19,7 @@ from converters.compare import compare
 from converters.hf2mcore import HF2McoreConfig
 from converters.mcore2hf import McoreToHFConfig
 from mtrain.checkpoint import TRACKER, MegatronCheckpoint, check_start, load_rank_file
+from mtrain.checkpoint.args import spec_from_megatron_args
 from mtrain.config.model import ModelConfig
 from mtrain.config.schema import TrainingCommandConfig, validate
 from tests.conftest import TINY
@@ -112,3 +114,23 @@ def test_it_is_accepted_as_a_fine_tuning_start(written, tmp_path):
     shutil.copytree(root / "msllm", tmp_path / "resume")
     cfg.save, cfg.load, cfg.checkpoint.finetune = str(tmp_path / "resume"), None, False
     check_start(cfg, spec, validate(cfg, 4, spec))
+
+
+def test_its_hf2mg_args_give_the_model(written):
+    """MindSpeed-LLM's hf2mg (convert_ckpt_v2) stores config.json's keys plus some of
+    Megatron-LM's: no ffn_hidden_size or num_query_groups, group_query_attention=False even for
+    GQA, kv_channels from head_dim, rotary_base from a top-level rope_theta."""
+    args = argparse.Namespace(
+        **json.loads((written[1] / "config.json").read_text()),
+        tensor_model_parallel_size=2, pipeline_model_parallel_size=2, num_layers=TINY.num_layers,
+        kv_channels=TINY.kv_channels, rotary_base=TINY.rope_theta, norm_epsilon=TINY.norm_epsilon,
+        untie_embeddings_and_output_weights=False, group_query_attention=False, qk_layernorm=True,
+    )  # fmt: skip
+    assert spec_from_megatron_args(args, "its args") == TINY
+
+
+def test_mtrain_args_hold_the_names_its_mg2hf_reads(written):
+    """Its mg2hf takes the GQA groups from `num_key_value_heads` (config.json's name) and needs
+    `expert_model_parallel_size`."""
+    args = MegatronCheckpoint.open(written[0] / "c").args
+    assert (args.num_key_value_heads, args.expert_model_parallel_size) == (TINY.num_query_groups, 1)

@@ -18,7 +18,7 @@ import random
 import sys
 import warnings
 import zipfile
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +147,13 @@ def test_a_view_still_shares_its_base_storage(tmp_path, protocol):
     assert view.storage_offset() == 4 * 8
     base[4, 0] = 7.0
     assert view[0, 0].item() == 7.0
+
+
+def test_a_defaultdict_state_dict_reads_back_as_a_plain_dict(tmp_path):
+    """MindSpeed-LLM's hf2mg saves `model` as a defaultdict(dict); its factory is not kept."""
+    model = defaultdict(dict, {"w": torch.ones(2, 3)})
+    loaded = load_restricted(save({"model": model}, tmp_path / "rank.pt", 4))["model"]
+    assert type(loaded) is dict and list(loaded) == ["w"] and torch.equal(loaded["w"], model["w"])
 
 
 def test_torch_weights_only_cannot_read_protocol_4(tmp_path):

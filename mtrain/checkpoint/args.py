@@ -24,6 +24,7 @@ def megatron_args(
         model_type_hf=spec.family,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=1,  # dense models; MindSpeed-LLM's mg2hf needs the key
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -31,6 +32,7 @@ def megatron_args(
         num_attention_heads=spec.num_attention_heads,
         group_query_attention=spec.num_query_groups != spec.num_attention_heads,
         num_query_groups=spec.num_query_groups,
+        num_key_value_heads=spec.num_query_groups,  # the HF name MindSpeed-LLM's mg2hf reads
         kv_channels=spec.kv_channels,
         vocab_size=spec.vocab_size,
         padded_vocab_size=spec.padded_vocab_size(tp),
@@ -58,25 +60,32 @@ def megatron_args(
 
 
 def spec_from_megatron_args(args: argparse.Namespace, source: str) -> ModelSpec:
-    """Inverse of `megatron_args`; also reads checkpoints written by MindSpeed-LLM/Megatron-LM."""
+    """Inverse of `megatron_args`; also reads checkpoints written by MindSpeed-LLM/Megatron-LM.
+    MindSpeed-LLM's hf2mg (convert_ckpt_v2) copies the HF config.json into `args` and adds only
+    some of Megatron-LM's names: the FFN size and the GQA groups fall back to config.json's."""
     a = vars(args)
 
-    def need(key: str) -> Any:
-        if a.get(key) is None:
-            raise CheckpointError(f"{source}: checkpoint args lack {key!r}")
-        return a[key]
+    def get(*keys: str) -> Any:
+        return next((a[k] for k in keys if a.get(k) is not None), None)
+
+    def need(*keys: str) -> Any:
+        if get(*keys) is None:
+            raise CheckpointError(f"{source}: checkpoint args lack {keys[0]!r}")
+        return get(*keys)
 
     family = a.get("model_type_hf")
     if family not in FAMILIES:  # a foreign checkpoint: infer the family from its switches
         family = "qwen3" if a.get("qk_layernorm") else "qwen2" if a.get("add_qkv_bias") else "llama"
     heads = int(need("num_attention_heads"))
     hidden = int(need("hidden_size"))
-    groups = a.get("num_query_groups") if a.get("group_query_attention", True) else None
+    # MindSpeed-LLM's hf2mg writes group_query_attention=False for GQA models too
+    gqa = a.get("group_query_attention", True)
+    groups = get("num_query_groups") if gqa else get("num_key_value_heads")
     return ModelSpec(
         family=family,
         num_layers=int(need("num_layers")),
         hidden_size=hidden,
-        ffn_hidden_size=int(need("ffn_hidden_size")),
+        ffn_hidden_size=int(need("ffn_hidden_size", "intermediate_size")),
         num_attention_heads=heads,
         num_query_groups=int(groups or heads),
         kv_channels=int(a.get("kv_channels") or hidden // heads),

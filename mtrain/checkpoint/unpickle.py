@@ -113,6 +113,8 @@ def _admitted() -> dict[str, Any]:
         "torch.Size": torch.Size,
         # containers
         "collections.OrderedDict": OrderedDict,
+        "collections.defaultdict": lambda *_: {},  # MindSpeed-LLM's hf2mg `model`; factory dropped
+        "builtins.dict": dict,
         "argparse.Namespace": argparse.Namespace,
         "builtins.set": set,
         "builtins.frozenset": frozenset,
