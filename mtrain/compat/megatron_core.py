@@ -133,6 +133,36 @@ def load_dist_optimizer_state(optimizer: Any, state_dict: Any) -> None:
                 s["step"] = step.clone()
 
 
+def mark_tensor_parallel_weights(chunks: list[torch.nn.Module]) -> None:
+    """Give the weights of a model built with `perform_initialization=False` the
+    tensor-parallel attributes an initialised build gives them.
+
+    Symptom (0.12.x): megatron's VocabParallelEmbedding, ColumnParallelLinear and
+    RowParallelLinear set `tensor_model_parallel` / `partition_dim` / `partition_stride` on their
+    weight only inside the init helpers, which `perform_initialization=False` skips. Without them
+    every sharded weight counts as a replicated duplicate: the gradient norm (and so clipping)
+    sees only TP rank 0's shard, and TP2 training drifts from TP1 from the first clipped step.
+    Shown by tests/test_odd_vocab.py and tests/test_any_model.py (hf_load_parity)."""
+    from megatron.core.tensor_parallel import layers
+
+    dims = (
+        (layers.VocabParallelEmbedding, 0),
+        (layers.ColumnParallelLinear, 0),
+        (layers.RowParallelLinear, 1),
+    )
+    for chunk in chunks:
+        for module in chunk.modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.nn.Parameter) or hasattr(
+                weight, "tensor_model_parallel"
+            ):
+                continue
+            for cls, dim in dims:
+                if isinstance(module, cls):
+                    layers.set_tensor_model_parallel_attributes(weight, True, dim, 1)
+                    break
+
+
 def tolerate_empty_fp8_quantization() -> None:
     """Let megatron's no-Transformer-Engine FP8 fallback accept an empty parameter list.
 

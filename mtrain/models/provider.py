@@ -142,6 +142,8 @@ def build_model_chunks(spec: ModelSpec, opts: BuildOptions) -> list[torch.nn.Mod
             rope_scaling_factor=spec.rope_scaling_factor or 8.0,
         )
         kernels.prepare(model, opts.kernels, opts.npu, opts.explicit_attention_mask)
+        if not opts.initialize:
+            compat.mark_tensor_parallel_weights([model])
         if model.post_process:
             mask_padded_vocabulary(model, spec, opts.tp)
         chunks.append(model)

@@ -4,7 +4,8 @@
 
 Direct: chunks built without initialisation, every parameter first set to NaN, then filled by
 `load_hf_weights`. Reference: chunks built with the usual init, then filled from the converted
-checkpoint. Writes, per rank, the names of the tensors that differ (dtype or any bit).
+checkpoint. Writes, per rank, the names of the tensors that differ (dtype or any bit, or the
+tensor-parallel attributes megatron marks sharded weights with).
 """
 
 import json
@@ -40,6 +41,12 @@ def main() -> None:
             same = got[name].dtype == tensor.dtype and torch.equal(got[name], tensor)
             if not same:
                 differ.append(name)
+    # The tensor-parallel attributes (gradient norm, optimizer) too, built with init or without.
+    keys = ("tensor_model_parallel", "partition_dim", "partition_stride")
+    marks = dict(converted.named_parameters())
+    for name, param in direct.named_parameters():
+        if [getattr(param, k, None) for k in keys] != [getattr(marks[name], k, None) for k in keys]:
+            differ.append(f"{name} (tensor-parallel attributes)")
     rows = [None] * torch.distributed.get_world_size()
     row = {"rank": torch.distributed.get_rank(), "differ": differ, "tensors": len(want)}
     torch.distributed.all_gather_object(rows, row)
