@@ -63,6 +63,7 @@ NAME = "cpu"
 DIST_BACKEND = "gloo"
 
 _INSTALLED = False
+_TYPE_WRAPPERS: set[Callable] = set()  # the shim's Tensor.type wrappers
 
 # torch factory functions megatron calls with device="cuda" or device=torch.cuda.current_device().
 _FACTORIES = (
@@ -206,7 +207,7 @@ def _cuda_type_for_megatron(orig_type):
             return name
         return orig_type(self, dtype, non_blocking, **kwargs)
 
-    tensor_type._mtrain_cpu_shim = True
+    _TYPE_WRAPPERS.add(tensor_type)
     return tensor_type
 
 
@@ -214,7 +215,8 @@ def _rewrap_type() -> None:
     """Wrap `type` again on the classes where something replaced the shim's wrapper."""
     for cls in (torch.Tensor, torch.nn.Parameter):
         current = cls.__dict__.get("type")
-        if current is not None and not getattr(current, "_mtrain_cpu_shim", False):
+        # By identity: functools.wraps copies a marker attribute onto a wrapper of the wrapper.
+        if current is not None and current not in _TYPE_WRAPPERS:
             cls.type = _cuda_type_for_megatron(current)
 
 

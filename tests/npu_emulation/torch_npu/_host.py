@@ -8,6 +8,10 @@ with `device="npu"`, `torch_npu._C._distributed_c10d.ProcessGroupHCCL.Options`,
 emulated ops of this package; an op with no emulation raises a NotImplementedError naming it,
 so a test that reaches one fails loudly instead of computing something else.
 
+With `TORCH_NPU_EMULATION_RECORD=<dir>` as well, each process counts the calls of the emulated
+ops and writes them to `<dir>/ops-<pid>.json` at exit, so a test can tell that MindSpeed's fused
+paths ran (and which did not).
+
 The factory wrappers only rewrite an "npu" device to "cpu": any other call is passed through
 unchanged. Like mtrain's CPU shim (mtrain/accel/cpu.py), this builds torch's device-constructor
 cache from the original functions first, so `with torch.device("meta")` keeps working.
@@ -165,9 +169,49 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+_OPS = (
+    "npu_fusion_attention",
+    "npu_fusion_attention_grad",
+    "npu_rms_norm",
+    "npu_swiglu",
+    "npu_rotary_mul",
+    "npu_rotary_position_embedding",
+)
+
+
+def _record_calls(package: types.ModuleType, directory: str) -> None:
+    import atexit
+    import collections
+    import json
+    import os
+
+    calls: collections.Counter = collections.Counter()
+    for name in _OPS:
+        op = getattr(package, name, None)
+        if op is None:
+            continue
+
+        def counted(*args, _op=op, _name=name, **kwargs):
+            calls[_name] += 1
+            return _op(*args, **kwargs)
+
+        setattr(package, name, functools.wraps(op)(counted))
+
+    def write() -> None:
+        path = os.path.join(directory, f"ops-{os.getpid()}.json")
+        with open(path, "w") as f:
+            json.dump(dict(calls), f)
+
+    atexit.register(write)
+
+
 def install(package: types.ModuleType) -> None:
+    import os
+
     if getattr(torch, "npu", None) is npu_module:
         return
+    if os.environ.get("TORCH_NPU_EMULATION_RECORD"):
+        _record_calls(package, os.environ["TORCH_NPU_EMULATION_RECORD"])
     _patch_torch()
     package._C = _c_module()
     package.unsupported_dtype = unsupported_dtype
