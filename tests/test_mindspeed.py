@@ -80,12 +80,18 @@ def setup(tiny_hf, tmp_path_factory):
     return root, hf, mindspeed_env(root)
 
 
-def run(setup, command: str, name: str, kernels: str, **extra) -> list[dict]:
+FUSED = ("npu_fusion_attention", "npu_rms_norm", "npu_swiglu", "npu_rotary_position_embedding")
+
+
+def run(setup, command: str, name: str, kernels: str, **extra) -> tuple[list[dict], dict]:
     """`python -m mtrain.<command>` at TP2 x PP2 (distributed optimizer) on 4 processes;
-    kernels=mindspeed adds sequence parallelism and MindSpeed's environment."""
+    kernels=mindspeed adds sequence parallelism and MindSpeed's environment. Returns the
+    metrics and, for MindSpeed, the emulated-op calls of each rank ({op: [count per rank]})."""
     root, hf, env = setup
     metrics = root / f"{name}-{kernels}.jsonl"
     metrics.unlink(missing_ok=True)
+    record = root / f"ops-{name}"
+    record.mkdir(exist_ok=True)
     data = {"pt": "corpus.jsonl", "sft": "chat.jsonl", "dpo": "pairs.jsonl"}[command]
     args = {
         "+model": "qwen3_tiny",
@@ -115,27 +121,99 @@ def run(setup, command: str, name: str, kernels: str, **extra) -> list[dict]:
         "-m",
         f"mtrain.{command}",
         *(f"{k}={v}" for k, v in args.items()),
-        env=env if kernels == "mindspeed" else None,
+        env={**env, "TORCH_NPU_EMULATION_RECORD": str(record)} if kernels == "mindspeed" else None,
     )
-    if kernels == "mindspeed":
-        assert "kernels=mindspeed (MindSpeed 2.3.0" in proc.stdout + proc.stderr
     history = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert len(history) == ITERS
-    return history
+    calls: dict[str, list[int]] = {}
+    if kernels == "mindspeed":
+        assert "kernels=mindspeed (MindSpeed 2.3.0" in proc.stdout + proc.stderr
+        ranks = [json.loads(f.read_text()) for f in sorted(record.glob("ops-*.json"))]
+        assert len(ranks) == 4, ranks
+        calls = {op: [r.get(op, 0) for r in ranks] for op in FUSED}
+    return history, calls
 
 
-def differences(a: list[dict], b: list[dict], key: str = "loss") -> list[float]:
-    return [abs(x[key] - y[key]) for x, y in zip(a, b)]
+def differences(a: list[dict], b: list[dict], key: str = "loss") -> float:
+    return max(abs(x[key] - y[key]) for x, y in zip(a, b))
+
+
+def report(name: str, ours: list[dict], reference: list[dict]) -> float:
+    diff = differences(ours, reference)
+    print(f"{name}: max |loss(mindspeed) - loss(local)| over {ITERS} steps = {diff:.3g}")
+    return diff
+
+
+def ran_fused(calls: dict[str, list[int]], *ops: str) -> bool:
+    """Every rank called each of `ops` (MindSpeed's fused paths, answered by the emulation)."""
+    return all(min(calls[op]) > 0 for op in ops)
 
 
 @pytest.fixture(scope="module")
 def pt_local(setup):
-    return run(setup, "pt", "pt", "local")
+    return run(setup, "pt", "pt", "local")[0]
 
 
 def test_pt_tp2pp2_sp_distributed_optimizer_equals_local(setup, pt_local):
-    ours = run(setup, "pt", "pt", "mindspeed")
-    diffs = differences(ours, pt_local)
-    print("pt mindspeed vs local:", max(diffs))
-    assert max(diffs) < FP32, diffs
-    assert max(differences(ours, pt_local, "grad_norm")) < FP32
+    ours, calls = run(setup, "pt", "pt", "mindspeed")
+    assert ran_fused(calls, *FUSED), calls
+    assert report("pt", ours, pt_local) < FP32
+    assert differences(ours, pt_local, "grad_norm") < FP32
+
+
+def test_pt_with_every_npu_kernel_off_runs_none_of_them_and_equals_local(setup, pt_local):
+    """npu.fused_rmsnorm / fused_swiglu = false are honoured although MindSpeed would apply its
+    fused norm and SwiGLU anyway; npu.flash_attn=false runs (MindSpeed's own causal mask needs
+    config fields megatron-core lacks)."""
+    off = {
+        f"npu.{k}": "false" for k in ("flash_attn", "fused_rmsnorm", "fused_swiglu", "fused_rope")
+    }
+    ours, calls = run(setup, "pt", "pt-unfused", "mindspeed", **off)
+    assert all(count == 0 for counts in calls.values() for count in counts), calls
+    assert report("pt, npu kernels off", ours, pt_local) < FP32
+
+
+def test_pt_interleaved_vpp2_equals_local(setup, pt_local):
+    vpp = {"load": setup[0] / "c22_vpp2", "parallel.vpp": 2}
+    ours, calls = run(setup, "pt", "pt-vpp2", "mindspeed", **vpp)
+    assert ran_fused(calls, *FUSED), calls
+    assert report("pt vpp2", ours, pt_local) < FP32
+
+
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_pt_with_recompute_equals_local(setup, pt_local, recompute):
+    ours, calls = run(setup, "pt", f"pt-{recompute}", "mindspeed", **{"train.recompute": recompute})
+    assert ran_fused(calls, *FUSED), calls
+    assert report(f"pt recompute={recompute}", ours, pt_local) < FP32
+
+
+def test_pt_bf16_tracks_local_bf16(setup):
+    bf16 = {"train.precision": "bf16"}
+    reference, _ = run(setup, "pt", "pt-bf16", "local", **bf16)
+    ours, calls = run(setup, "pt", "pt-bf16", "mindspeed", **bf16)
+    assert ran_fused(calls, *FUSED), calls
+    assert report("pt bf16", ours, reference) < BF16
+
+
+def test_packed_sft_equals_local(setup):
+    packed = {"data.packing": "true"}
+    reference, _ = run(setup, "sft", "sft-packed", "local", **packed)
+    ours, calls = run(setup, "sft", "sft-packed", "mindspeed", **packed)
+    assert ran_fused(calls, *FUSED), calls
+    assert report("sft packed", ours, reference) < FP32
+
+
+def test_dpo_equals_local(setup):
+    reference, _ = run(setup, "dpo", "dpo", "local")
+    ours, calls = run(setup, "dpo", "dpo", "mindspeed")
+    assert ran_fused(calls, *FUSED), calls
+    assert report("dpo", ours, reference) < FP32
+    assert differences(ours, reference, "rewards/margin") < FP32
+
+
+def test_lora_packed_sft_equals_local(setup):
+    lora = {"data.packing": "true", "finetuning_type": "lora", "lora.r": 8, "lora.alpha": 16}
+    reference, _ = run(setup, "sft", "lora", "local", **lora)
+    ours, calls = run(setup, "sft", "lora", "mindspeed", **lora)
+    assert ran_fused(calls, *FUSED), calls
+    assert report("lora", ours, reference) < FP32
