@@ -42,9 +42,9 @@ pytestmark = [
 ]
 ITERS = 6
 FP32 = 1e-5
-# bf16: both runs round every matmul and norm to bf16, but not at the same places (MindSpeed's
-# norm and SwiGLU compute in fp32 inside one op); 12 steps at lr 1e-3 stay within this.
-BF16 = 2e-2
+# bf16: both runs round matmuls and norms to bf16, but not at the same places (MindSpeed's fused
+# norm and SwiGLU compute in fp32 inside one op); measured 1.3e-4 over the 6 steps.
+BF16 = 2e-3
 
 
 def mindspeed_env(tmp: Path) -> dict[str, str]:
