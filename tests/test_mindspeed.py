@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,41 @@ def test_lora_packed_sft_equals_local(setup):
     ours, calls = run(setup, "sft", "lora", "mindspeed", **lora)
     assert ran_fused(calls, *FUSED), calls
     assert report("lora", ours, reference) < FP32
+
+
+AFTER_THE_ADAPTOR = """
+import json, sys
+from mtrain import accel, env, kernels
+from mtrain.kernels import mindspeed
+accel.activate("cpu", before_megatron=lambda: mindspeed.install(["--use-flash-attn"]))
+import importlib.metadata, transformer_engine  # MindSpeed's dummy modules now import
+rows = dict(env.report("cpu"))
+print(json.dumps({
+    "te_metadata_says": importlib.metadata.version("transformer-engine"),
+    "te_installed": accel.installed("transformer_engine"),
+    "env_te": rows["transformer-engine"],
+    "env_mindspeed": rows["mindspeed"],
+    "compile_disabled": mindspeed.compile_disabled(),
+    "kernels": kernels.describe("mindspeed"),
+}))
+"""
+
+
+def test_after_the_adaptor_te_is_not_taken_for_installed_and_the_release_is_named(setup):
+    proc = subprocess.run(
+        [sys.executable, "-c", AFTER_THE_ADAPTOR],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **setup[2]},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["te_metadata_says"] == "2.2.0"  # what MindSpeed makes it answer
+    assert seen["te_installed"] is False and seen["env_te"] == "not installed"
+    assert seen["env_mindspeed"].endswith("(release 2.3.0)")
+    assert seen["compile_disabled"] is True
+    assert (
+        seen["kernels"]
+        == "mindspeed (MindSpeed 2.3.0, which made torch.compile / torch.jit.script no-ops)"
+    )
