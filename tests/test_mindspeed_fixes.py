@@ -38,6 +38,7 @@ def test_a_dummy_module_with_a_loaderless_spec_is_not_an_installed_package(monke
     monkeypatch.setitem(sys.modules, "transformer_engine", unspecced)
     assert not accel.installed("transformer_engine")
     assert accel.installed("torch")
+    assert accel.installed("megatron")  # a namespace package: no loader, but search locations
 
 
 def test_te_kernels_are_refused_when_only_a_dummy_transformer_engine_is_loaded(monkeypatch):

@@ -26,14 +26,17 @@ _active: ModuleType | None = None
 
 
 def installed(package: str) -> bool:
-    """Whether `package` is really installed: a module in sys.modules with no loader is a
-    stand-in (MindSpeed's adaptor registers dummy `transformer_engine` modules so that
-    megatron-core's TE imports succeed on Ascend) and does not count."""
+    """Whether `package` is really installed: a module in sys.modules whose spec has neither a
+    loader nor search locations (not a namespace package either) is a stand-in (MindSpeed's
+    adaptor registers dummy `transformer_engine` modules so that megatron-core's TE imports
+    succeed on Ascend) and does not count."""
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):  # ValueError: in sys.modules with __spec__ None
         return False
-    return spec is not None and spec.loader is not None
+    return spec is not None and (
+        spec.loader is not None or spec.submodule_search_locations is not None
+    )
 
 
 def npu_available() -> bool:
