@@ -152,7 +152,9 @@ def start(cfg: Any, plan: Any, num_layers: int) -> str:
     """Set up the device and kernels of a training command; returns the resolved `kernels`.
 
     Order matters on Ascend: torch_npu and its cuda->npu mapping, then MindSpeed's adaptor with
-    the run's flags, all before the first megatron import.
+    the run's flags, all before the first megatron import. The backend runs the adaptor inside
+    its set-up (on CPU, in mtrain's MindSpeed tests: between the shim's torch and megatron
+    patches).
     """
     device_name = accel.resolve(cfg.device)
     kernels = for_finetuning(resolve_kernels(cfg.kernels, device_name), cfg)
