@@ -18,6 +18,7 @@ from mtrain import accel, kernels
 from mtrain.accel import npu, runtime_env
 from mtrain.accel.runtime_env import NPU_DEFAULTS
 from mtrain.cli import hydra_command
+from mtrain.kernels import mindspeed
 
 log = logging.getLogger("mtrain.env")
 
@@ -40,16 +41,22 @@ class EnvConfig:
 
 
 def package_version(name: str) -> str | None:
+    """The installed distribution's version, read from its metadata files.
+
+    Not `importlib.metadata.version`: MindSpeed's adaptor wraps it to report transformer-engine
+    2.2.0 when no Transformer Engine is installed."""
     try:
-        return importlib.metadata.version(name)
+        return importlib.metadata.distribution(name).version
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
 def versions() -> dict[str, str | None]:
     found = {name: package_version(name) for name in PACKAGES}
-    if found["mindspeed"] is None and accel.installed("mindspeed"):
-        found["mindspeed"] = "importable (version unknown)"
+    if accel.installed("mindspeed"):
+        # Every MindSpeed branch for core 0.12.1 reports 0.12.1: name the release by its files.
+        base = found["mindspeed"] or "importable, version unknown"
+        found["mindspeed"] = f"{base} (release {mindspeed.release()})"
     return found
 
 

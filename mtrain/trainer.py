@@ -305,7 +305,7 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
         plan.micro_batches,
         tr.micro_batch_size,
         tr.iters,
-        setup.kernels,
+        kernels.describe(setup.kernels),
     )
     preemption = _Preemption()
     try:

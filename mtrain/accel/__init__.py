@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,17 @@ _active: ModuleType | None = None
 
 
 def installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+    """Whether `package` is really installed: a module in sys.modules whose spec has neither a
+    loader nor search locations (not a namespace package either) is a stand-in (MindSpeed's
+    adaptor registers dummy `transformer_engine` modules so that megatron-core's TE imports
+    succeed on Ascend) and does not count."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # ValueError: in sys.modules with __spec__ None
+        return False
+    return spec is not None and (
+        spec.loader is not None or spec.submodule_search_locations is not None
+    )
 
 
 def npu_available() -> bool:
@@ -64,8 +75,11 @@ def module(name: str) -> ModuleType:
     return importlib.import_module(f"mtrain.accel.{name}")
 
 
-def activate(name: str = "auto") -> ModuleType:
-    """Select and set up the backend for this process (idempotent for the same backend)."""
+def activate(name: str = "auto", before_megatron: Callable[[], None] | None = None) -> ModuleType:
+    """Select and set up the backend for this process (idempotent for the same backend).
+
+    `before_megatron` runs inside the set-up, after the device's torch-level mapping and before
+    anything of the backend imports megatron (MindSpeed's adaptor must patch megatron first)."""
     global _active
     backend = module(resolve(name))
     if _active is not None and _active is not backend:
@@ -73,7 +87,7 @@ def activate(name: str = "auto") -> ModuleType:
             f"backend {_active.NAME} is already active; cannot switch to "
             f"{backend.NAME} in the same process"
         )
-    backend.install_shim()
+    backend.install_shim(before_megatron)
     _active = backend
     return backend
 

@@ -54,6 +54,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,6 +63,7 @@ NAME = "cpu"
 DIST_BACKEND = "gloo"
 
 _INSTALLED = False
+_TYPE_WRAPPERS: set[Callable] = set()  # the shim's Tensor.type wrappers
 
 # torch factory functions megatron calls with device="cuda" or device=torch.cuda.current_device().
 _FACTORIES = (
@@ -90,12 +92,16 @@ def describe() -> dict[str, str]:
     }
 
 
-def install_shim() -> None:
+def install_shim(before_megatron: Callable[[], None] | None = None) -> None:
     """Patch torch and megatron-core so that megatron's CUDA code paths run on the CPU.
 
     Idempotent. May be called before or after megatron is imported: the megatron patches
     import ``megatron.core.tensor_parallel.random`` themselves, and every other megatron
-    call site looks ``torch.*`` up at call time.
+    call site looks ``torch.*`` up at call time. ``before_megatron`` runs between the torch
+    patches and the megatron ones, for a caller that must import something before megatron
+    (MindSpeed's adaptor, in mtrain's test-only MindSpeed-on-CPU runs); ``Tensor.type`` is
+    wrapped again after it, in case it wrapped that method too (a wrapper between megatron and
+    the shim's would hide megatron's frame).
     """
     global _INSTALLED
     if _INSTALLED:
@@ -103,6 +109,9 @@ def install_shim() -> None:
     _patch_torch_cuda()
     _patch_factories()
     _patch_tensor_methods()
+    if before_megatron is not None:
+        before_megatron()
+        _rewrap_type()
     _patch_megatron_rng()
     _INSTALLED = True
 
@@ -162,7 +171,6 @@ def _patch_factories() -> None:
 
 def _patch_tensor_methods() -> None:
     orig_to = torch.Tensor.to
-    orig_type = torch.Tensor.type
 
     # rotary_pos_embedding.py RotaryEmbedding.forward: inv_freq.to(device=current_device());
     # transformer_layer.py: .to(torch.cuda.current_device()).
@@ -179,9 +187,17 @@ def _patch_tensor_methods() -> None:
     def cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
         return orig_to(self, "cpu", non_blocking=non_blocking, memory_format=memory_format)
 
-    # optimizer/optimizer.py + distrib_optimizer.py accept only 'torch.cuda.{Float,Half,BFloat16}Tensor'
-    # params; optimizer/clip_grads.py asserts grad.type() == 'torch.cuda.FloatTensor'.
-    # Only megatron's own frames get the CUDA name; everyone else sees the real type.
+    torch.Tensor.to = to
+    torch.Tensor.cuda = cuda
+    torch.Tensor.type = _cuda_type_for_megatron(torch.Tensor.type)
+
+
+def _cuda_type_for_megatron(orig_type):
+    """optimizer/optimizer.py + distrib_optimizer.py accept only
+    'torch.cuda.{Float,Half,BFloat16}Tensor' params; optimizer/clip_grads.py asserts
+    grad.type() == 'torch.cuda.FloatTensor'. Only megatron's own frames get the CUDA name;
+    everyone else sees the real type."""
+
     @functools.wraps(orig_type)
     def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and not kwargs:
@@ -191,9 +207,17 @@ def _patch_tensor_methods() -> None:
             return name
         return orig_type(self, dtype, non_blocking, **kwargs)
 
-    torch.Tensor.to = to
-    torch.Tensor.cuda = cuda
-    torch.Tensor.type = tensor_type
+    _TYPE_WRAPPERS.add(tensor_type)
+    return tensor_type
+
+
+def _rewrap_type() -> None:
+    """Wrap `type` again on the classes where something replaced the shim's wrapper."""
+    for cls in (torch.Tensor, torch.nn.Parameter):
+        current = cls.__dict__.get("type")
+        # By identity: functools.wraps copies a marker attribute onto a wrapper of the wrapper.
+        if current is not None and current not in _TYPE_WRAPPERS:
+            cls.type = _cuda_type_for_megatron(current)
 
 
 def _called_from_megatron() -> bool:

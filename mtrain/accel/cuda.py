@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -10,12 +11,14 @@ NAME = "cuda"
 DIST_BACKEND = "nccl"
 
 
-def install_shim() -> None:
+def install_shim(before_megatron: Callable[[], None] | None = None) -> None:
     """Nothing to patch on CUDA; only megatron's expected runtime setting."""
     # Megatron's TP communication overlap needs kernels queued in issue order.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if before_megatron is not None:
+        before_megatron()
 
 
 def device() -> torch.device:

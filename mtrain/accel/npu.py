@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -14,10 +15,11 @@ NAME = "npu"
 DIST_BACKEND = "hccl"
 
 
-def install_shim() -> None:
+def install_shim(before_megatron: Callable[[], None] | None = None) -> None:
     """Import torch_npu and its cuda->npu mapping (must precede any megatron import), and bind
-    this process to its NPU among the visible ones (ASCEND_RT_VISIBLE_DEVICES). The runtime
-    environment was set when `mtrain` was imported (accel/runtime_env.py)."""
+    this process to its NPU among the visible ones (ASCEND_RT_VISIBLE_DEVICES); then run
+    `before_megatron` (MindSpeed's adaptor). The runtime environment was set when `mtrain` was
+    imported (accel/runtime_env.py)."""
     import torch_npu  # noqa: F401
     from torch_npu.contrib import transfer_to_npu  # noqa: F401
 
@@ -31,6 +33,8 @@ def install_shim() -> None:
             f"most {count} processes per node (torchrun --nproc_per_node / NPROC_PER_NODE)"
         )
     torch.npu.set_device(local_rank)  # type: ignore[attr-defined]
+    if before_megatron is not None:
+        before_megatron()
 
 
 def device() -> torch.device:

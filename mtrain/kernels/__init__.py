@@ -39,6 +39,9 @@ class Kernels:
     # redirects them to NPU kernels); mtrain's torch_npu spec and the CPU run plain PyTorch.
     megatron_fused: bool = False
     fused_rope: bool = False  # megatron's fused RoPE, where Transformer Engine or MindSpeed has one
+    # npu.fused_swiglu switches megatron's bias-activation fusion, where the fused SwiGLU is
+    # reached through it (MindSpeed patches megatron's SwiGLU functions whatever its flags say).
+    swiglu_switch: bool = False
     sequence_parallel: bool = False  # its norm supports it (megatron-core's torch RMSNorm does not)
     # (ops) -> packed batches hand attention their cu_seqlens boundaries, not a dense mask.
     cu_seqlens: Callable[[Any], bool] = _never
@@ -75,6 +78,7 @@ CHOICES: dict[str, Kernels] = {
     "mindspeed": Kernels(
         megatron_fused=True,
         fused_rope=True,
+        swiglu_switch=True,
         sequence_parallel=True,
         prepare=mindspeed.prepare,
         device="npu",
@@ -99,9 +103,10 @@ def choice(kernels: str) -> Kernels:
 
 
 def _runs_here(kernels: Kernels, device_name: str) -> bool:
-    return kernels.device in (None, device_name) and (
-        kernels.package is None or accel.installed(kernels.package)
-    )
+    on_device = kernels.device in (None, device_name)
+    if kernels is CHOICES["mindspeed"] and not on_device:
+        on_device = mindspeed.emulated_on_cpu(device_name)  # mtrain's own tests only
+    return on_device and (kernels.package is None or accel.installed(kernels.package))
 
 
 def resolve_kernels(requested: str, device_name: str) -> str:
@@ -147,7 +152,9 @@ def start(cfg: Any, plan: Any, num_layers: int) -> str:
     """Set up the device and kernels of a training command; returns the resolved `kernels`.
 
     Order matters on Ascend: torch_npu and its cuda->npu mapping, then MindSpeed's adaptor with
-    the run's flags, all before the first megatron import.
+    the run's flags, all before the first megatron import. The backend runs the adaptor inside
+    its set-up (on CPU, in mtrain's MindSpeed tests: between the shim's torch and megatron
+    patches).
     """
     device_name = accel.resolve(cfg.device)
     kernels = for_finetuning(resolve_kernels(cfg.kernels, device_name), cfg)
@@ -157,17 +164,23 @@ def start(cfg: Any, plan: Any, num_layers: int) -> str:
     if kernels == "mindspeed":
         packed = bool(getattr(cfg.data, "packing", False))
         argv = mindspeed.flags(cfg, plan, num_layers, packed=packed)
-    accel.activate(device_name)
-    if argv is not None:
-        mindspeed.install(argv)
+    accel.activate(
+        device_name, before_megatron=None if argv is None else lambda: mindspeed.install(argv)
+    )
     return kernels
 
 
-def megatron_fusions(kernels: str) -> dict[str, bool]:
+def describe(kernels: str) -> str:
+    """`kernels` as the run header names it."""
+    return f"{kernels} ({mindspeed.describe()})" if kernels == "mindspeed" else kernels
+
+
+def megatron_fusions(kernels: str, ops: Any) -> dict[str, bool]:
     """megatron-core's own fusion switches for these kernels (TransformerConfig fields)."""
     chosen = choice(kernels)
     return dict(
-        bias_activation_fusion=chosen.megatron_fused,
+        bias_activation_fusion=chosen.megatron_fused
+        and (ops.fused_swiglu or not chosen.swiglu_switch),
         masked_softmax_fusion=chosen.megatron_fused,
         bias_dropout_fusion=chosen.megatron_fused,
         apply_rope_fusion=chosen.fused_rope,

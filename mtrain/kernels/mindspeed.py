@@ -11,7 +11,10 @@ import, and argv is restored afterwards; megatron must not have been imported ye
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +53,72 @@ VALUE_FLAGS = (
 )
 OWNED = frozenset(flag for _, flag in SWITCHES) | frozenset(VALUE_FLAGS)
 SPARSE_GIVEN_MASK = 0  # npu_fusion_attention applies the mask it is given
+
+# TEST-ONLY. With this set to 1, `kernels=mindspeed` runs on device=cpu, so that mtrain's tests
+# (tests/test_mindspeed.py) can run MindSpeed's own code on gloo under the torch_npu emulation in
+# tests/npu_emulation. It is refused unless that emulation is the torch_npu on the path, so no
+# real run can take it; a user never needs it.
+CPU_TEST_SWITCH = "MTRAIN_TEST_ONLY_MINDSPEED_ON_CPU"
+
+# Every MindSpeed branch for megatron-core 0.12.1 reports version 0.12.1, so the release is told
+# by a file it added (and its later releases kept), newest first; verified against the
+# Ascend/MindSpeed branches 2.1.0 .. 26.1.0_core_r0.12.1.
+RELEASE_MARKERS: list[tuple[str, str]] = [
+    ("26.1.0", "core/memory/swap_layer_input/__init__.py"),
+    ("26.0.0", "core/dist_checkpointing/checkpoint_adaptor.py"),
+    ("2.3.0", "core/distributed/reset_bucket_group_order_feature/__init__.py"),
+    ("2.2.0", "core/fusions/fused_moe_permute.py"),
+]
+TESTED_RELEASE = "2.3.0"  # the branch mtrain's MindSpeed tests run (2.3.0_core_r0.12.1)
+
+
+def emulated_on_cpu(device_name: str) -> bool:
+    """Whether this is one of mtrain's test runs of MindSpeed on CPU (see CPU_TEST_SWITCH)."""
+    if os.environ.get(CPU_TEST_SWITCH) != "1":
+        return False
+    emulation = False
+    if device_name == "cpu" and importlib.util.find_spec("torch_npu") is not None:
+        import torch_npu
+
+        emulation = getattr(torch_npu, "EMULATION", False) and hasattr(torch, "npu")
+    if not emulation:
+        raise ConfigError(
+            f"{CPU_TEST_SWITCH}=1 is for mtrain's own tests only: it runs MindSpeed on CPU "
+            "under the test-only torch_npu emulation (tests/npu_emulation, with "
+            f"TORCH_NPU_EMULATION_HOST=1), which this process does not have (device="
+            f"{device_name}); unset {CPU_TEST_SWITCH}"
+        )
+    return True
+
+
+def release(root: str | os.PathLike | None = None) -> str | None:
+    """The MindSpeed release installed (e.g. '2.3.0'), read from its files; None if absent.
+
+    `root`: the `mindspeed` package directory; found on the path when not given (without
+    importing it: the import patches megatron-core)."""
+    if root is None:
+        spec = importlib.util.find_spec("mindspeed")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = list(spec.submodule_search_locations)[0]
+    for name, marker in RELEASE_MARKERS:
+        if (Path(root) / marker).is_file():
+            return name
+    return "2.1.0 or older"
+
+
+def compile_disabled() -> bool:
+    """MindSpeed's adaptor replaces torch.compile and torch.jit.script with no-ops, for the
+    whole process; a run says so in its header."""
+    return getattr(torch.compile, "__module__", "").startswith("mindspeed")
+
+
+def describe() -> str:
+    """What the run header says about MindSpeed."""
+    out = f"MindSpeed {release()}"
+    if compile_disabled():
+        out += ", which made torch.compile / torch.jit.script no-ops"
+    return out
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -130,17 +199,49 @@ def flags(cfg: Any, plan: Any, num_layers: int, packed: bool) -> list[str]:
 
 
 def prepare(chunk: torch.nn.Module, ops: Any, packed: bool) -> None:
-    """MindSpeed's flash attention runs sparse mode 2 on causal batches (see `flags`) and takes
-    the compressed causal mask from the caller."""
-    if not ops.flash_attn or packed:
+    """What a chunk built under MindSpeed's patches still needs.
+
+    - npu.fused_rmsnorm=false: MindSpeed's norm factory turns `use_fused_rmsnorm` on for every
+      RMSNorm it builds (on the TransformerConfig they share), whatever the flag says; turn it
+      off again once the chunk is built, so the norms take their unfused path.
+    - Causal batches get their mask from the caller: with flash attention, the compressed
+      causal mask of sparse mode 2 (see `flags`); without it, the full [s, s] causal mask
+      (MindSpeed would otherwise build one from `micro_batch_size` / `pre_tockens` config
+      fields that megatron-core's TransformerConfig does not have, and fail).
+    """
+    if not ops.fused_rmsnorm:
+        for module in chunk.modules():
+            if _is_mindspeed_rmsnorm(module):
+                module.config.use_fused_rmsnorm = False
+    if packed:
         return
 
     def with_causal_mask(module, args, kwargs):
         if len(args) < 3 and kwargs.get("attention_mask") is None:
-            kwargs["attention_mask"] = compressed_causal_mask(accel.device())
+            if ops.flash_attn:
+                kwargs["attention_mask"] = compressed_causal_mask(accel.device())
+            else:
+                kwargs["attention_mask"] = _full_causal_mask(args, kwargs)
         return args, kwargs
 
     chunk.register_forward_pre_hook(with_causal_mask, with_kwargs=True)
+
+
+def _is_mindspeed_rmsnorm(module: torch.nn.Module) -> bool:
+    return (
+        type(module).__module__.startswith("mindspeed.")
+        and hasattr(module, "unfused_rmsnorm")
+        and hasattr(getattr(module, "config", None), "use_fused_rmsnorm")
+    )
+
+
+def _full_causal_mask(args: tuple, kwargs: dict) -> torch.Tensor:
+    """[1, 1, s, s] bool, True above the diagonal (masked out); s from the tokens or positions
+    (GPTModel.forward(input_ids, position_ids, ...))."""
+    given = [*args, kwargs.get("input_ids"), kwargs.get("position_ids")]
+    seq = next(t.shape[-1] for t in given if isinstance(t, torch.Tensor))
+    ones = torch.ones(seq, seq, dtype=torch.bool, device=accel.device())
+    return torch.triu(ones, diagonal=1)[None, None]
 
 
 def install(argv_flags: list[str]) -> None:

@@ -83,7 +83,7 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         sequence_parallel=opts.sequence_parallel,
         use_cpu_initialization=opts.seed_init_on_cpu,
         perform_initialization=opts.initialize,
-        **kernels.megatron_fusions(opts.kernels),
+        **kernels.megatron_fusions(opts.kernels, opts.npu),
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         batch_p2p_comm=compat.batch_p2p_comm(opts.pp),

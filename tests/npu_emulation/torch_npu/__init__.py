@@ -40,12 +40,24 @@ Ops (names and signatures as in torch_npu 2.7.1):
   r2 = sin); "half" rotates cat(-x2, x1) of the two halves, "interleave" the pairs
   (x[..., 0::2], x[..., 1::2]).
 * `npu_rotary_position_embedding(x, cos, sin, mode=0)`: the same, mode 0 = half, 1 = interleave.
+
+With `TORCH_NPU_EMULATION_HOST=1` in the environment, importing the package also applies the
+host emulation MindSpeed needs on CPU (`_host.py`: `torch.npu`, "npu" devices mapped to the CPU,
+op builders answered by these ops). Without it, nothing in torch is patched and `torch.npu` does
+not exist.
 """
 
+import os as _os
+import sys as _sys
+
+from . import _host
 from ._attention import npu_fusion_attention
 from ._ops import npu_rms_norm, npu_rotary_mul, npu_rotary_position_embedding, npu_swiglu
 
 __version__ = "2.7.1"
+EMULATION = True  # what mtrain's test-only MindSpeed-on-CPU switch checks for
+if _os.environ.get("TORCH_NPU_EMULATION_HOST") == "1":
+    _host.install(_sys.modules[__name__])
 
 __all__ = [
     "npu_fusion_attention",

@@ -54,4 +54,10 @@ def npu_rotary_position_embedding(
         raise ValueError(
             f"npu_rotary_position_embedding: mode={mode}; use 0 (half) or 1 (interleave)"
         )
+    # The kernel takes 4-D tensors only, with cos / sin broadcastable to x.
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"npu_rotary_position_embedding: {name} is {t.dim()}-D; it must be 4-D"
+            )
     return _rope(x, cos, sin, interleaved=mode == 1)

@@ -1,0 +1,218 @@
+"""TEST-ONLY host emulation that lets MindSpeed's pure-Python code import and run on CPU.
+
+Applied by `import torch_npu` (this package). MindSpeed (branch 2.3.0_core_r0.12.1) asks for
+more than the four ops: `torch.npu` device calls (npu.py), factory calls and `.to` / `.npu()`
+with `device="npu"`, `torch_npu._C._distributed_c10d.ProcessGroupHCCL.Options`,
+`torch_npu.unsupported_dtype`, `torchair` (the stub beside this package), and its op builders'
+`load()`, which on a CANN host JIT-compiles a C++ extension. Here `load()` answers with the
+emulated ops of this package; an op with no emulation raises a NotImplementedError naming it,
+so a test that reaches one fails loudly instead of computing something else.
+
+With `TORCH_NPU_EMULATION_RECORD=<dir>` as well, each process counts the calls of the emulated
+ops and writes them to `<dir>/ops-<pid>.json` at exit, so a test can tell that MindSpeed's fused
+paths ran (and which did not).
+
+The factory wrappers only rewrite an "npu" device to "cpu": any other call is passed through
+unchanged. Like mtrain's CPU shim (mtrain/accel/cpu.py), this builds torch's device-constructor
+cache from the original functions first, so `with torch.device("meta")` keeps working.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import sys
+import types
+from typing import Any
+
+import torch
+
+from . import npu as npu_module
+
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "linspace", "eye",
+    "rand", "randn", "randint", "randperm", "empty_strided", "empty_like", "zeros_like",
+    "ones_like", "full_like", "rand_like", "randn_like", "randint_like",
+)  # fmt: skip
+
+# torch_npu's list of dtypes HCCL cannot communicate.
+unsupported_dtype = [torch.float64, torch.complex64, torch.complex128]
+
+
+def _is_npu(dev: Any) -> bool:
+    if isinstance(dev, str):
+        return dev == "npu" or dev.startswith("npu:")
+    return False
+
+
+def _cpu_factory(fn):
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        if _is_npu(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    return factory
+
+
+def _patch_torch() -> None:
+    from torch.jit._builtins import _find_builtin, _register_builtin
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
+    for name in _FACTORIES:
+        fn = getattr(torch, name, None)
+        if fn is None:
+            continue
+        wrapper = _cpu_factory(fn)
+        op = _find_builtin(fn)
+        if op is not None:
+            _register_builtin(wrapper, op)
+        setattr(torch, name, wrapper)
+
+    orig_to = torch.Tensor.to
+
+    @functools.wraps(orig_to)
+    def to(self, *args, **kwargs):
+        if args and _is_npu(args[0]):
+            args = ("cpu", *args[1:])
+        if _is_npu(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return orig_to(self, *args, **kwargs)
+
+    def to_npu(self, device=None, non_blocking=False, **kwargs):
+        return orig_to(self, "cpu", non_blocking=non_blocking)
+
+    torch.Tensor.to = to
+    torch.Tensor.npu = to_npu
+    torch.npu = npu_module
+    sys.modules["torch.npu"] = npu_module
+
+
+class _HCCLOptions:
+    """`ProcessGroupHCCL.Options()`: MindSpeed sets `hccl_config` on it; gloo never reads it."""
+
+    hccl_config: dict = {}
+
+
+def _c_module() -> types.ModuleType:
+    c10d = types.ModuleType("torch_npu._C._distributed_c10d")
+    c10d.ProcessGroupHCCL = types.SimpleNamespace(Options=_HCCLOptions)
+    c = types.ModuleType("torch_npu._C")
+    c._distributed_c10d = c10d
+    sys.modules["torch_npu._C"] = c
+    sys.modules["torch_npu._C._distributed_c10d"] = c10d
+    return c
+
+
+class _EmulatedOps:
+    """What an op builder's `load()` returns: the emulated op of that name, or a loud refusal."""
+
+    def __init__(self, builder: str, ops: dict[str, Any]):
+        self._builder, self._ops = builder, ops
+
+    def __getattr__(self, name: str):
+        if name in self._ops:
+            return self._ops[name]
+        raise NotImplementedError(
+            f"torch_npu emulation: MindSpeed op {name!r} (builder {self._builder}) has no CPU "
+            "emulation; add one to tests/npu_emulation/torch_npu or keep the test off that path"
+        )
+
+
+def _builder_ops() -> dict[str, Any]:
+    import torch_npu
+
+    return {
+        name: getattr(torch_npu, name)
+        for name in (
+            "npu_rotary_position_embedding",
+            "npu_fusion_attention",
+            "npu_fusion_attention_grad",
+            "npu_rms_norm",
+            "npu_swiglu",
+        )
+        if hasattr(torch_npu, name)
+    }
+
+
+def _patch_builder(module: types.ModuleType) -> None:
+    def load(self, verbose=True):
+        return _EmulatedOps(type(self).__name__, _builder_ops())
+
+    module.MindSpeedOpBuilder.load = load
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Patches `mindspeed.op_builder.builder` right after it is imported (MindSpeed is not
+    importable when torch_npu is, so the patch waits for it)."""
+
+    TARGET = "mindspeed.op_builder.builder"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.TARGET:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_patch(module):
+            exec_module(module)
+            _patch_builder(module)
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
+_OPS = (
+    "npu_fusion_attention",
+    "npu_fusion_attention_grad",
+    "npu_rms_norm",
+    "npu_swiglu",
+    "npu_rotary_mul",
+    "npu_rotary_position_embedding",
+)
+
+
+def _record_calls(package: types.ModuleType, directory: str) -> None:
+    import atexit
+    import collections
+    import json
+    import os
+
+    calls: collections.Counter = collections.Counter()
+    for name in _OPS:
+        op = getattr(package, name, None)
+        if op is None:
+            continue
+
+        def counted(*args, _op=op, _name=name, **kwargs):
+            calls[_name] += 1
+            return _op(*args, **kwargs)
+
+        setattr(package, name, functools.wraps(op)(counted))
+
+    def write() -> None:
+        path = os.path.join(directory, f"ops-{os.getpid()}.json")
+        with open(path, "w") as f:
+            json.dump(dict(calls), f)
+
+    atexit.register(write)
+
+
+def install(package: types.ModuleType) -> None:
+    import os
+
+    if getattr(torch, "npu", None) is npu_module:
+        return
+    if os.environ.get("TORCH_NPU_EMULATION_RECORD"):
+        _record_calls(package, os.environ["TORCH_NPU_EMULATION_RECORD"])
+    _patch_torch()
+    package._C = _c_module()
+    package.unsupported_dtype = unsupported_dtype
+    sys.meta_path.insert(0, _AfterImport())
