@@ -16,7 +16,6 @@ import math
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -27,15 +26,14 @@ from mtrain.checkpoint import (
     TrainingParts,
     TrainState,
     check_start,
-    export_hf,
-    is_hf_dir,
+    export_run_checkpoint,
     megatron_args,
     resume,
     save_training_checkpoint,
     starting_point,
 )
 from mtrain.config.schema import TrainingCommandConfig, validate
-from mtrain.dtypes import DTYPE_NAMES, DTYPES, parse_dtype
+from mtrain.dtypes import DTYPE_NAMES, DTYPES
 from mtrain.errors import ConfigError, MtrainError
 from mtrain.freeze import apply_freeze
 from mtrain.lora import add_adapters
@@ -234,32 +232,6 @@ def train(
         parallel.shutdown()
 
 
-def save_hf(saved: Path, cfg: TrainingCommandConfig) -> None:
-    """checkpoint.save_hf: rank 0 writes the HF model of the checkpoint just saved into its
-    `hf` folder, layer by layer from the files on disk; the other ranks wait."""
-    if torch.distributed.get_rank() == 0:
-        ck, hf_dir = cfg.checkpoint, cfg.model.hf_dir
-        if hf_dir is None and cfg.load is not None and is_hf_dir(cfg.load):
-            hf_dir = cfg.load
-        if hf_dir is None:
-            log.warning(
-                "checkpoint.save_hf: model.hf_dir is not given, so %s/hf gets a config.json "
-                "written from the model's settings and no tokenizer files",
-                saved,
-            )
-        export_hf(
-            saved.parent,
-            saved / "hf",
-            iteration=saved.name.removeprefix("iter_"),
-            hf_dir=hf_dir,
-            dtype=parse_dtype(ck.save_hf_dtype),
-            merge_lora=ck.save_hf_lora == "merged",
-            into_checkpoint=True,
-        )
-        log.info("HF model of iteration %s written to %s", saved.name, saved / "hf")
-    torch.distributed.barrier()
-
-
 def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, float]]:
     spec, plan, tr = setup.spec, setup.plan, cfg.train
     task = make_task(cfg, setup)  # may resolve train.epochs into train.iters
@@ -383,7 +355,7 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
                 if cfg.checkpoint.save_hf and (
                     done or exiting or cfg.checkpoint.save_hf_every_save
                 ):
-                    save_hf(saved, cfg)
+                    export_run_checkpoint(saved, cfg)
             if exiting and not done:
                 log.info(
                     "stopping at iteration %d (%s)%s",

@@ -51,7 +51,7 @@ _EXPORTS = {
         "save_training_checkpoint",
     ],
     "weights": ["load_model_weights"],
-    "hf_export": ["export_hf"],
+    "hf_export": ["export_hf", "export_run_checkpoint"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

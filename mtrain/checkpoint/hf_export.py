@@ -20,11 +20,14 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed
 
 from mtrain.checkpoint.atomic import atomic_output_dir, check_output_dir
 from mtrain.checkpoint.hf_io import DEFAULT_MAX_SHARD_BYTES, HFShardedWriter
+from mtrain.checkpoint.hf_weights import is_hf_dir
 from mtrain.checkpoint.layout import MegatronCheckpoint
 from mtrain.checkpoint.peft import (
     adapter_names,
@@ -32,12 +35,15 @@ from mtrain.checkpoint.peft import (
     check_adapter_states,
     write_peft_adapter,
 )
-from mtrain.dtypes import DTYPE_NAMES
+from mtrain.dtypes import DTYPE_NAMES, parse_dtype
 from mtrain.errors import CheckpointError, ConfigError
 from mtrain.lora import merged_weight
 from mtrain.models.sharding import Dims, merge, shard_shape
 from mtrain.models.spec import hf_config_from_spec, load_hf_config
 from mtrain.models.stages import stage_groups
+
+if TYPE_CHECKING:
+    from mtrain.config.schema import TrainingCommandConfig
 
 log = logging.getLogger("mtrain.checkpoint")
 
@@ -241,3 +247,29 @@ def export_hf(
         out_dir,
     )
     return out_dir
+
+
+def export_run_checkpoint(saved: Path, cfg: TrainingCommandConfig) -> None:
+    """checkpoint.save_hf: rank 0 writes the HF model of the checkpoint just saved into its
+    `hf` folder, layer by layer from the files on disk; the other ranks wait."""
+    if torch.distributed.get_rank() == 0:
+        ck, hf_dir = cfg.checkpoint, cfg.model.hf_dir
+        if hf_dir is None and cfg.load is not None and is_hf_dir(cfg.load):
+            hf_dir = cfg.load
+        if hf_dir is None:
+            log.warning(
+                "checkpoint.save_hf: model.hf_dir is not given, so %s/hf gets a config.json "
+                "written from the model's settings and no tokenizer files",
+                saved,
+            )
+        export_hf(
+            saved.parent,
+            saved / "hf",
+            iteration=saved.name.removeprefix("iter_"),
+            hf_dir=hf_dir,
+            dtype=parse_dtype(ck.save_hf_dtype),
+            merge_lora=ck.save_hf_lora == "merged",
+            into_checkpoint=True,
+        )
+        log.info("HF model of iteration %s written to %s", saved.name, saved / "hf")
+    torch.distributed.barrier()
