@@ -120,6 +120,13 @@ def _open_base(adapters: MegatronCheckpoint, base_dir: str | None) -> MegatronCh
     base = MegatronCheckpoint.open(path, iteration)
     if base.lora is not None:
         raise ConfigError(f"base_dir={path} holds adapters too; give the full base checkpoint")
+    if base.format == "torch_dist" and (adapters.tp, adapters.pp, adapters.vpp) != (1, 1, 1):
+        raise ConfigError(
+            f"the adapters' base {path} is a torch_dist checkpoint, and merging needs the base "
+            f"at the adapters' layout (tp={adapters.tp} pp={adapters.pp}); export a PEFT adapter "
+            "instead (lora.merge=false), or merge against the base converted with "
+            "converters.hf2mcore at that layout (base_dir=)"
+        )
     if base.spec != adapters.spec or (base.tp, base.pp, base.vpp) != (
         adapters.tp,
         adapters.pp,
@@ -187,12 +194,14 @@ def export_hf(
     dims = Dims.of(spec, ckpt.tp)
 
     start = time.perf_counter()
+    tp, pp = ckpt.saved_layout[:2] if ckpt.saved_layout else (ckpt.tp, ckpt.pp)
     log.info(
-        "HF export: %s (%s, tp=%d pp=%d)%s -> %s",
+        "HF export: %s (%s, %s, tp=%d pp=%d)%s -> %s",
         ckpt.iter_dir,
         spec.family,
-        ckpt.tp,
-        ckpt.pp,
+        ckpt.format,
+        tp,
+        pp,
         f" + LoRA {adapters.iter_dir} merged" if adapters else "",
         out_dir,
     )
