@@ -44,6 +44,20 @@ def check_start(cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan)
         check_hf_start(cfg, spec, source)
         return
     ckpt = open_matching(source, None, spec, plan.tp, plan.pp, plan.vpp)
+    ck = cfg.checkpoint
+    if (
+        cfg.finetuning_type == "lora"
+        and ck.save_hf
+        and ck.save_hf_lora == "merged"
+        and ckpt.format == "torch_dist"
+        and ckpt.lora is None
+        and (plan.tp, plan.pp, plan.vpp) != (1, 1, 1)
+    ):
+        raise ConfigError(
+            f"checkpoint.save_hf: {source} is a torch_dist base, onto which adapters trained at "
+            f"tp={plan.tp} pp={plan.pp} cannot be merged; use checkpoint.save_hf_lora=adapter "
+            "(a PEFT adapter), or a base converted with converters.hf2mcore at this layout"
+        )
     if not resuming:
         return
     if not ckpt.has_optimizer:
