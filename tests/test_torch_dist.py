@@ -75,9 +75,11 @@ def runs(setup):
 def test_a_torch_dist_save_resumes_at_another_tp_pp_and_dp(runs, setup):
     """Weights, Adam moments and steps, scheduler and data position reshard, with the
     distributed optimizer (TP2 x PP2 -> TP1 x PP1 x DP2) and without it (-> one process)."""
-    legacy = runs[0]
+    legacy = runs[0]  # distributed optimizer, like the first scenario
+    assert runs[1][0] == legacy[:2]  # the save format does not change the run, bit for bit
     for first, resumed in runs[1:]:
-        assert first == legacy[:2]  # the save format does not change the run
+        # without the distributed optimizer the reductions differ in order (1 ulp here and there)
+        assert max(abs(a - b) for a, b in zip(first, legacy)) < 1e-5
         assert len(resumed) == ITERS - 2
         diffs = [abs(a - b) for a, b in zip(resumed, legacy[2:])]
         assert max(diffs) < 1e-5, diffs
