@@ -175,9 +175,9 @@ def build_datasets(
     """(train, validation or None) of `kind`'s cache entries, each set made by
     `make(files, (file, record) picks, pad_id)`, a dataset with `describe(name)`."""
     cfg.validate()
-    chat = ChatTokenizer(cfg, tokenizer_dir)
-    files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.paths()]
-    val_files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.val_paths()]
+    with ChatTokenizer(cfg, tokenizer_dir) as chat:
+        files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.paths()]
+        val_files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.val_paths()]
     train_pools, val_pools = split(files, cfg.val_ratio, cfg.seed)
     picks = blended_picks(train_pools, cfg.weights, seed)
 
