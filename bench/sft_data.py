@@ -2,7 +2,7 @@
 with packing.
 
     python bench/sft_data.py [--work DIR] [--conversations 20000] [--repeat 3] [--workers 1,2]
-                             [--seq 4096]
+                             [--one-thread] [--seq 4096]
 
 Writes the tiny byte-level BPE tokenizer (its ChatML chat template is what `data.template=auto`
 picks) and a JSONL file of synthetic OpenAI-format conversations (system prompt half of the
@@ -15,7 +15,10 @@ time, 1 to 3 turns), then times, best of `--repeat`:
        building the dataset; with N > 1 workers also starting the N worker processes.
 Prints each in samples/s and tokens/s (the same tokens), the ratio sft/raw at one worker
 (target >= 0.9), the speed-up of each worker count over one (target: near-linear while cores
-last), and checks that every worker count wrote the same cache bytes.
+last), and checks that every worker count wrote the same cache bytes. With one worker the
+tokenizer's threads already use every core, so on a small machine more workers gain little;
+`--one-thread` gives the tokenizer one thread in every process (raw included), which shows how
+the worker processes themselves scale, core for core.
 
 Then, on a length-skewed set (Pareto-distributed answer lengths: mostly short, a long tail),
 the fraction of pad tokens in the training sequences of `--seq` tokens without and with
@@ -94,8 +97,11 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workers", default="1,2", help="data.workers counts to time, e.g. 1,2,4")
+    parser.add_argument("--one-thread", action="store_true", help="one tokenizer thread each")
     parser.add_argument("--seq", type=int, default=4096, help="seq_length for the padding figures")
     args = parser.parse_args()
+    if args.one_thread:  # before the first encoding; spawned workers inherit it
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     counts = [int(w) for w in args.workers.split(",")]
     if 1 not in counts:
         counts.insert(0, 1)
@@ -106,7 +112,11 @@ def main() -> None:
     convs = conversations(args.conversations, seed=1, skew=False)
     write_jsonl(work / "chat.jsonl", convs)
     size = (work / "chat.jsonl").stat().st_size
-    print(f"data: {len(convs):,} conversations, {size / 1e6:.1f} MB JSONL; {os.cpu_count()} cores")
+    threads = "one tokenizer thread per process" if args.one_thread else "tokenizer threads: all"
+    print(
+        f"data: {len(convs):,} conversations, {size / 1e6:.1f} MB JSONL; {os.cpu_count()} cores, "
+        f"{threads}; load average {os.getloadavg()[0]:.1f}"
+    )
 
     texts = resolve_template("auto", tokenizer).render(convs, False)
     tokenizer(texts[:100])  # warm-up
@@ -145,7 +155,7 @@ def main() -> None:
             f"(sft / raw {min(raw) / min(ours[w]):.2f})"
         )
     same = "yes" if len(digests) == 1 else f"NO: {sorted(digests.values())}"
-    print(f"same cache bytes for every worker count: {same}")
+    print(f"same cache bytes for every worker count: {same}; load average {os.getloadavg()[0]:.1f}")
 
     skewed = conversations(max(args.conversations // 2, 1000), seed=2, skew=True)
     write_jsonl(work / "skewed.jsonl", skewed)

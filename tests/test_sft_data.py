@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import random
 import re
 from collections import Counter
@@ -21,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtrain.config.sft_data import SFTDataConfig
-from mtrain.data import progress, sft_cache, sft_encode
+from mtrain.data import pool, progress, sft_cache, sft_encode
 from mtrain.data.masking import ChatEncoder
 from mtrain.data.packing import best_fit_decreasing
 from mtrain.data.sampler import collate
@@ -662,6 +663,15 @@ def test_workers_write_the_serial_cache_byte_for_byte(
             build_sft_datasets(config, str(spaced_tok_dir), 4096, 0)
         errors.append(str(err.value))
     assert errors[0] == errors[1] and "d.jsonl:1: a token spans the boundary" in errors[0]
+
+
+def test_a_worker_that_cannot_start_is_an_error_not_a_wait():
+    workers = pool.start(2, operator.truediv, (1, 0))  # every worker's initializer raises
+    try:
+        with pytest.raises(ConfigError, match="data.workers: a tokenization worker process"):
+            list(pool.in_order(workers, abs, range(4), window=4))
+    finally:
+        pool.stop(workers)
 
 
 def test_progress_lines_give_the_rate_and_the_time_left(tmp_path, tok_dir, monkeypatch, caplog):

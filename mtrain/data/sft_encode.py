@@ -16,9 +16,8 @@ travels), so they load no tokenizer and import neither transformers' models nor 
 
 from __future__ import annotations
 
-import multiprocessing.pool
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -81,7 +80,7 @@ class Encoding:
 
     def __init__(self, encoder: ChatEncoder, dtype: np.dtype, workers: int = 1):
         self.encoder, self.dtype, self.workers = encoder, dtype, workers
-        self._pool: multiprocessing.pool.Pool | None = None
+        self._pool: ProcessPoolExecutor | None = None
 
     @property
     def batch_size(self) -> int:
