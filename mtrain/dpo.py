@@ -76,7 +76,8 @@ def data_fingerprint(cfg: DPOConfig, pairs: int) -> dict:
         for p in cfg.data.paths()
     ]
     settings = OmegaConf.to_container(OmegaConf.structured(cfg.data))
-    settings.pop("cache_dir", None)
+    for key in ("cache_dir", "workers"):  # where and how fast, not what: same pairs, same cache
+        settings.pop(key, None)
     return {
         "data": settings,
         "files": files,
@@ -98,7 +99,7 @@ def make_dpo_task(cfg: DPOConfig, setup: Setup) -> Task:
     data = cfg.data
     if data.val_ratio or data.val_path is not None:
         raise ConfigError("data.val_ratio / data.val_path: validation is not available for DPO yet")
-    train_set, _ = parallel.node_first(
+    train_set, _ = parallel.cluster_first(
         lambda: build_pair_datasets(data, cfg.model.hf_dir, tr.seq_length, tr.seed)
     )
     if tr.epochs is not None:

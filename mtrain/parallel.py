@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from mtrain import accel
+from mtrain.errors import MtrainError
 from mtrain.plan import data_parallel_size
+
+T = TypeVar("T")
+CLUSTER_WAIT = datetime.timedelta(hours=24)  # how long `cluster_first` waits for another rank
 
 
 def global_rank() -> int:
@@ -59,13 +65,54 @@ def init_process_group(timeout_minutes: int = 30) -> None:
     )
 
 
-def node_first(step):
-    """Run `step` (e.g. tokenizing a corpus into a shared cache) on one process per node first;
-    the others run it after a barrier, when everything they need is cached. Collective."""
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    result = step() if first else None
-    dist.barrier()
-    return result if first else step()
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def cluster_first(step: Callable[[], T]) -> T:
+    """Run `step`, a read that fills a cache on a miss (tokenizing data into `data.cache_dir`),
+    on global rank 0 first, then on the first process of every other node, then on all the
+    others: three turns, every rank waiting between them. With a cache directory that the nodes
+    share (the usual cluster set-up) rank 0 alone fills it and every other rank reads it; with a
+    node-local one, the first process of each other node finds no entry and fills its node's.
+    An error in a turn stops every rank with the same message. The ranks wait on a CPU (gloo)
+    group of their own, whose timeout (`CLUSTER_WAIT`) lets a big data set take hours where the
+    device group's would end the job. Collective."""
+    turn = 0 if global_rank() == 0 else 1 if local_rank() == 0 else 2
+    group = dist.new_group(backend="gloo", timeout=CLUSTER_WAIT)
+    result = None
+    try:
+        for phase in range(3):
+            error = None
+            if phase == turn:
+                try:
+                    result = step()
+                except Exception as err:
+                    error = err
+            _stop_together(error, group)
+    finally:
+        dist.destroy_process_group(group)
+    return result
+
+
+def _stop_together(error: Exception | None, group) -> None:
+    """A barrier that raises on every rank once `error` is set on any: there the error itself,
+    elsewhere the same message (mtrain's own errors keep their type, so each rank reports the
+    same line)."""
+    flag = torch.tensor([global_rank() + 1 if error is not None else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    failed = int(flag.item()) - 1
+    if failed < 0:
+        return
+    box = [None]
+    if global_rank() == failed:
+        box = [error if isinstance(error, MtrainError) else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(box, src=failed, group=group)
+    if error is not None:
+        raise error
+    if isinstance(box[0], MtrainError):
+        raise box[0]
+    raise RuntimeError(f"global rank {failed} failed: {box[0]}")
 
 
 def destroy() -> None:

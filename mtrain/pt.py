@@ -31,7 +31,7 @@ def make_pt_task(cfg: PTConfig, setup: Setup) -> Task:
     cfg.model.tokenizer_dir("pretraining tokenizes with the model's HF tokenizer")
     tr = cfg.train
     if tr.epochs is not None:
-        prefixes = parallel.node_first(lambda: prepare_corpus(cfg.data, cfg.model.hf_dir))
+        prefixes = parallel.cluster_first(lambda: prepare_corpus(cfg.data, cfg.model.hf_dir))
         samples = sum((IndexedTokens(p).num_tokens - 1) // tr.seq_length for p in prefixes)
         log.info(
             "data: %d samples of %d tokens per epoch; %g epochs = %d iterations",
@@ -41,7 +41,7 @@ def make_pt_task(cfg: PTConfig, setup: Setup) -> Task:
             iters_for_epochs(tr, samples),
         )
     num_samples = tr.iters * tr.global_batch_size
-    dataset = parallel.node_first(
+    dataset = parallel.cluster_first(
         lambda: build_pt_dataset(cfg.data, cfg.model.hf_dir, tr.seq_length, num_samples, tr.seed)
     )
 

@@ -60,7 +60,7 @@ class Rows(torch.utils.data.Dataset):
 def make_sft_task(cfg: SFTConfig, setup: Setup) -> Task:
     cfg.model.tokenizer_dir("SFT renders and tokenizes conversations with the model's HF tokenizer")
     tr, data = cfg.train, cfg.data
-    train_set, val_set = parallel.node_first(
+    train_set, val_set = parallel.cluster_first(
         lambda: build_sft_datasets(data, cfg.model.hf_dir, tr.seq_length, tr.seed)
     )
     if tr.epochs is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,3 +57,36 @@ def tok(tok_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+@pytest.fixture(scope="session")
+def spaced_tok_dir(tok, tmp_path_factory) -> Path:
+    """The tiny tokenizer with a template whose assistant header ends in a space, which BPE
+    merges into a response starting with a word: such a turn's boundary falls inside a token."""
+    spaced = tok.__class__.from_pretrained(tok.name_or_path)
+    spaced.chat_template = (
+        "{% for m in messages %}{{ m.role + ': ' + m.content + '<|im_end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    out = tmp_path_factory.mktemp("tok_spaced")
+    spaced.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache_contents():
+    """`cache_contents(dir)`: every file of the cache entries in `dir`, by name; the .json
+    without the time the tokenization took, the one thing that differs between two runs."""
+
+    def contents(cache_dir: Path) -> dict[str, bytes]:
+        out = {}
+        for f in sorted(p for p in cache_dir.iterdir() if p.is_file()):
+            data = f.read_bytes()
+            if f.suffix == ".json":
+                meta = json.loads(data)
+                meta.pop("seconds")
+                data = json.dumps(meta, sort_keys=True).encode()
+            out[f.name] = data
+        return out
+
+    return contents

@@ -18,7 +18,7 @@ import torch
 
 from mtrain.config.dpo_data import DPODataConfig
 from mtrain.config.sft_data import SFTDataConfig
-from mtrain.data import sft_cache
+from mtrain.data import sft_cache, sft_encode
 from mtrain.data.pairs import build_pair_datasets
 from mtrain.data.sft import build_sft_datasets
 from mtrain.errors import ConfigError, DataError
@@ -341,6 +341,34 @@ def test_pairs_are_cached_apart_from_sft(tmp_path, tok_dir, monkeypatch):
     assert by_pair(again) == by_pair(train)
 
 
+def test_workers_write_the_serial_pairs_cache_byte_for_byte(
+    tmp_path, spaced_tok_dir, monkeypatch, cache_contents
+):
+    """Two worker processes, batches of 4 pairs, with unparsable records and pairs a side of
+    which has a token across the turn boundary: the same entry, the same bytes, the same
+    counts (a pair refused once however many sides fail)."""
+    monkeypatch.setattr(sft_encode, "WORKER_BATCH", 4)
+    lines = [
+        json.dumps({"prompt": f"q{i}", "chosen": "!" * (1 + i % 3), "rejected": "?" + "!" * i})
+        for i in range(30)
+    ]
+    one_side, both = {"chosen": "!", "rejected": "hello"}, {"chosen": "hello", "rejected": "word"}
+    for i in (3, 10, 11, 25):  # sides starting with a word, which the header's space joins
+        lines[i] = json.dumps({"prompt": "q", **(one_side if i % 2 else both)})
+    lines[17:17] = ["{broken"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    caches = {}
+    for workers in (1, 2):
+        config = DPODataConfig(
+            path=str(path), cache_dir=str(tmp_path / f"c{workers}"), skip_bad=True, workers=workers
+        )
+        train, _ = build_pair_datasets(config, str(spaced_tok_dir), 64, 0)
+        caches[workers] = cache_contents(tmp_path / f"c{workers}")
+        assert train.stats["pairs"] == 26 and train.files[0].meta["bad"] == 5
+    assert caches[2] == caches[1]
+
+
 def test_empty_set_is_refused(tmp_path, tok_dir):
     path = write(
         tmp_path / "d.jsonl", [{"instruction": " fox" * 100, "chosen": "a", "rejected": "b"}]
@@ -360,6 +388,7 @@ def test_empty_set_is_refused(tmp_path, tok_dir):
         ({"train_on": "all"}, "data.train_on=all"),
         ({"format": "csv"}, "data.format=csv is not one of"),
         ({"columns": {"answer": "a"}}, "data.columns.answer is not a renamable field"),
+        ({"workers": 0}, "data.workers=0 must be >= 1"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(tmp_path, tok_dir, changes, message):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtrain.config.sft_data import SFTDataConfig
-from mtrain.data import sft_cache
+from mtrain.data import pool, progress, sft_cache, sft_encode
 from mtrain.data.masking import ChatEncoder
 from mtrain.data.packing import best_fit_decreasing
 from mtrain.data.sampler import collate
@@ -621,6 +623,74 @@ def test_failed_tokenization_leaves_no_cache_entry(tmp_path, tok_dir):
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["hashes"]
 
 
+def mixed_records(n: int) -> list[str]:
+    """JSONL lines of `n` conversations for the spaced template, a fifth of them with a turn
+    whose boundary falls inside a token, and two unparsable lines."""
+    lines = []
+    for i, conv in enumerate(random_conversations(n, seed=5)):
+        for m in conv:
+            if m["role"] == "assistant" and i % 5:
+                m["content"] = "! " + m["content"]  # "assistant: !" splits before the content
+        lines.append(json.dumps({"messages": conv}))
+    lines.insert(n // 3, "{broken")
+    lines.insert(2 * n // 3, "[1, 2")
+    return lines
+
+
+def test_workers_write_the_serial_cache_byte_for_byte(
+    tmp_path, spaced_tok_dir, monkeypatch, cache_contents
+):
+    """Two worker processes, batches of 7 records (several in flight, back in order), bad records
+    of both kinds among them (unparsable; a token across a turn boundary): the same entry name
+    (data.workers is not in the key) and the same bytes; without skip_bad, the same error."""
+    monkeypatch.setattr(sft_encode, "WORKER_BATCH", 7)
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(mixed_records(60)) + "\n")
+    caches, stats = {}, {}
+    for workers in (1, 2):
+        config = cfg(
+            path=str(path), cache_dir=str(tmp_path / f"c{workers}"), skip_bad=True, workers=workers
+        )
+        train, _ = build_sft_datasets(config, str(spaced_tok_dir), 4096, 0)
+        caches[workers], stats[workers] = cache_contents(tmp_path / f"c{workers}"), train.stats
+    meta = json.loads(next(v for k, v in caches[1].items() if k.endswith(".json")))
+    assert meta["bad"] == 2 + 12 and meta["samples"] == 48  # 12 conversations refused
+    assert caches[2] == caches[1] and stats[2] == stats[1]
+    errors = []
+    for workers in (1, 2):
+        config = cfg(path=str(path), cache_dir=str(tmp_path / f"e{workers}"), workers=workers)
+        with pytest.raises(DataError) as err:
+            build_sft_datasets(config, str(spaced_tok_dir), 4096, 0)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "d.jsonl:1: a token spans the boundary" in errors[0]
+
+
+def test_a_worker_that_cannot_start_is_an_error_not_a_wait():
+    workers = pool.start(2, operator.truediv, (1, 0))  # every worker's initializer raises
+    try:
+        with pytest.raises(ConfigError, match="data.workers: a tokenization worker process"):
+            list(pool.in_order(workers, abs, range(4), window=4))
+    finally:
+        pool.stop(workers)
+
+
+def test_progress_lines_give_the_rate_and_the_time_left(tmp_path, tok_dir, monkeypatch, caplog):
+    monkeypatch.setattr(progress, "INTERVAL_SECONDS", 0.0)
+    monkeypatch.setattr(sft_encode, "BATCH", 10)
+    path = write_conversations(tmp_path / "d.jsonl", random_conversations(30))
+    with caplog.at_level(logging.INFO, logger="mtrain.data"):
+        build_sft_datasets(cfg(path=str(path), cache_dir=str(tmp_path / "c")), str(tok_dir), 64, 0)
+    lines = [r.getMessage() for r in caplog.records]
+    ticks = [line for line in lines if "conversations/s" in line]
+    assert len(ticks) == 3, lines
+    assert re.fullmatch(
+        r"data: \S+d\.jsonl: 10/30 \(33%\) conversations, [\d,]+ conversations/s, "
+        r"[\d,]+ tokens/s, elapsed \d:\d\d:\d\d, ETA \d:\d\d:\d\d",
+        ticks[0],
+    ), ticks[0]
+    assert "30/30 (100%)" in ticks[-1] and "tokenized in" in lines[lines.index(ticks[-1]) + 1]
+
+
 # --- config ---------------------------------------------------------------------------------------
 
 
@@ -643,6 +713,7 @@ def test_config_is_a_structured_hydra_schema():
         ({"val_ratio": 1.0}, r"data.val_ratio=1.0 must be in \[0, 1\)"),
         ({"val_ratio": 0.1, "val_path": "v.jsonl"}, "not both"),
         ({"weights": [1.0, 2.0]}, "data.weights gives 2 weight"),
+        ({"workers": 0}, "data.workers=0 must be >= 1"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(changes, message):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 DIST_DIR = Path(__file__).parent / "dist"
@@ -50,6 +52,49 @@ def launch(
             f"{' '.join(cmd[3:])} failed with exit code {proc.returncode}:\n{out[-6000:]}"
         )
     return proc
+
+
+def launch_nodes(
+    nnodes: int,
+    nproc: int,
+    *target: str,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
+) -> list[str]:
+    """torchrun `target` as `nnodes` nodes of `nproc` CPU processes each, all on this machine
+    (one torchrun per node, static rendezvous on loopback); returns each node's output, and
+    raises with the tails when a node fails."""
+    port = free_port()
+    run = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}"]
+    where = [f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+    outs = [tempfile.TemporaryFile("w+") for _ in range(nnodes)]
+    procs = [
+        subprocess.Popen(
+            [*run, f"--node_rank={r}", *where, *map(str, target)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **ENV, **(env or {})},
+            start_new_session=True,  # its own process group: a timeout ends its workers too
+        )
+        for r, out in enumerate(outs)
+    ]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    texts = []
+    for out in outs:
+        out.seek(0)
+        texts.append(out.read())
+        out.close()
+    if any(codes):
+        tails = "\n".join(f"--- node {r}:\n{t[-3000:]}" for r, t in enumerate(texts))
+        raise AssertionError(f"{' '.join(map(str, target))}: exit codes {codes}\n{tails}")
+    return texts
 
 
 def torchrun(

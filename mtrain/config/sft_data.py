@@ -39,6 +39,7 @@ class SFTDataConfig:
     val_ratio: float = 0.0  # fraction of every file held out for validation; 0: none
     val_path: Any | None = None  # validation file(s) instead of a val_ratio split
     cache_dir: str | None = None  # tokenized data; default $MTRAIN_CACHE or ~/.cache/mtrain/data
+    workers: int = 1  # tokenization worker processes (1: in-process, the tokenizer's own threads)
     seed: int = 0  # seed of the val_ratio split, apart from train.seed so the split stays put
 
     column_names: ClassVar[tuple[str, ...]] = COLUMN_NAMES  # what data.columns may rename
@@ -70,6 +71,8 @@ class SFTDataConfig:
                 )
             if not isinstance(column, str) or not column:
                 raise ConfigError(f"data.columns.{name}={column!r} must name a field")
+        if self.workers < 1:
+            raise ConfigError(f"data.workers={self.workers} must be >= 1")
         check_weights(self.weights, paths)
         if not 0.0 <= self.val_ratio < 1.0:
             raise ConfigError(f"data.val_ratio={self.val_ratio} must be in [0, 1)")

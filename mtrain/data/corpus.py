@@ -15,10 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
-import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -28,8 +25,9 @@ import numpy as np
 
 from mtrain.checkpoint.atomic import atomic_paths, atomic_write
 from mtrain.config.data import DataConfig
-from mtrain.data import sources
+from mtrain.data import pool, sources
 from mtrain.data.indexed import IndexedTokens, is_prepared, token_dtype, write_index
+from mtrain.data.progress import Ticker
 from mtrain.errors import ConfigError, DataError
 
 log = logging.getLogger("mtrain.data")
@@ -127,9 +125,7 @@ class Tokenization:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.terminate()  # workers hold nothing worth finishing once we are done
-            self._pool.join()
+        pool.stop(self._pool)
 
     @property
     def identity(self) -> str:
@@ -176,22 +172,10 @@ class Tokenization:
         encode, eod, dtype = self._load()
         if self.workers == 1:
             return (encode_chunk(c, encode, eod, dtype) for c in chunks)
-        if self._pool is None:
-            # spawn: safe under torch.distributed and threads; workers import only numpy and
-            # tokenizers (plus this package).
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = ctx.Pool(self.workers, _worker_init, (encode, eod, dtype))
-        return self._in_order(chunks)
-
-    def _in_order(self, chunks: Iterable[sources.Chunk]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self._pool is None:  # workers import numpy and tokenizers (plus this package)
+            self._pool = pool.start(self.workers, _worker_init, (encode, eod, dtype))
         # A bounded window of chunks in flight keeps memory flat for texts shipped by this process.
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(self._pool.apply_async(_worker_chunk, (chunk,)))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        return (r for _, r in pool.in_order(self._pool, _worker_chunk, chunks, 2 * self.workers))
 
 
 def _prepare_file(path: Path, fmt: str, cfg: DataConfig, tokenization: Tokenization) -> Prepared:
@@ -221,12 +205,14 @@ def _write(
 ) -> tuple[int, int]:
     """Tokenize `chunks` into `prefix`.bin/.idx, all or nothing; (documents, tokens)."""
     lengths = []
+    ticker = Ticker(str(path), "documents", lambda: sources.record_count(path))
     # .idx last: the entry becomes visible only once both files are complete.
     with atomic_paths(f"{prefix}.bin", f"{prefix}.idx") as (bin_tmp, idx_tmp):
         with open(bin_tmp, "wb") as out:
             for ids, lens in tokenization.encoded(chunks):
                 out.write(ids.tobytes())
                 lengths.append(lens)
+                ticker.add(len(lens), len(ids))
         lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
         if not len(lengths):
             raise DataError(f"{path}: no documents (the file is empty or every text is empty)")
@@ -280,7 +266,7 @@ _WORKER: dict = {}
 
 
 def _worker_init(encode, eod, dtype) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; the pool is parallel
+    pool.single_threaded()
     _WORKER.update(encode=encode, eod=eod, dtype=dtype)
 
 

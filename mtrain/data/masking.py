@@ -63,6 +63,11 @@ class ChatEncoder:
             ends.add(tokenizer.eos_token_id)
         self.end_ids = frozenset(ends)
 
+    def __getstate__(self) -> dict:
+        """A tokenization worker gets the fast tokenizer's `tokenizers` backend (what it runs)
+        without transformers' wrapper; a slow tokenizer travels whole."""
+        return {**self.__dict__, "tokenizer": None if self.backend else self.tokenizer}
+
     def encode(
         self,
         conversations: list[list[dict]],

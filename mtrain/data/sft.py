@@ -110,18 +110,21 @@ class SFTDataset(torch.utils.data.Dataset):
         if pack:
             bins = packing.best_fit_decreasing(self.lengths, seq_length)
             bins = [bins[b] for b in rng.permutation(len(bins))]
-        else:
-            bins = [[i] for i in rng.permutation(len(self.refs)).tolist()]
-        self.order = np.array([i for b in bins for i in b], dtype=np.int64)
-        self.bounds = np.cumsum([0] + [len(b) for b in bins], dtype=np.int64)
-        # cu_seqlens holds 0, the end of every sample, and seq_length closing any padding.
-        self.cu_len = max([3] + [len(b) + 1 + (self.lengths[b].sum() < seq_length) for b in bins])
-        tokens = int(self.lengths.sum())
+            self.order = np.array([i for b in bins for i in b], dtype=np.int64)
+            self.bounds = np.cumsum([0] + [len(b) for b in bins], dtype=np.int64)
+            # cu_seqlens holds 0, the end of every sample, and seq_length closing any padding.
+            ends = [len(b) + 1 + (self.lengths[b].sum() < seq_length) for b in bins]
+            self.cu_len = max([3, *ends])
+        else:  # a sequence per sample: [0, length, seq_length] at most
+            self.order = rng.permutation(len(self.refs)).astype(np.int64)
+            self.bounds = np.arange(len(self.refs) + 1, dtype=np.int64)
+            self.cu_len = 3
+        tokens, sequences = int(self.lengths.sum()), len(self.bounds) - 1
         self.stats = {
             "samples": len(self.refs),
-            "sequences": len(bins),
+            "sequences": sequences,
             "tokens": tokens,
-            "padding": 1 - tokens / max(len(bins) * seq_length, 1),
+            "padding": 1 - tokens / max(sequences * seq_length, 1),
             "truncated": int((over & keep).sum()) if truncation == "right" else 0,
             "dropped_long": int(over.sum()) if truncation == "drop" else 0,
             "dropped_untrained": int(untrained.sum()),
@@ -175,9 +178,9 @@ def build_datasets(
     """(train, validation or None) of `kind`'s cache entries, each set made by
     `make(files, (file, record) picks, pad_id)`, a dataset with `describe(name)`."""
     cfg.validate()
-    chat = ChatTokenizer(cfg, tokenizer_dir)
-    files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.paths()]
-    val_files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.val_paths()]
+    with ChatTokenizer(cfg, tokenizer_dir) as chat:
+        files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.paths()]
+        val_files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.val_paths()]
     train_pools, val_pools = split(files, cfg.val_ratio, cfg.seed)
     picks = blended_picks(train_pools, cfg.weights, seed)
 

@@ -6,7 +6,8 @@ so an entry is never read as the other kind. The key hashes the file's bytes, th
 (its files), the chat template (its source, or the built-in's name and version, with
 data.thinking and data.system) and every setting that changes the samples: format, columns,
 train_on, skip_bad. seq_length, truncation, packing, weights and the validation split act later,
-on the cached samples, so changing them tokenizes nothing. The entry holds:
+on the cached samples, so changing them tokenizes nothing; nor is `data.workers` in the key: any
+number of worker processes writes the same bytes (sft_encode.py). The entry holds:
 
     .bin/.idx    token ids, one sequence per conversation (a Megatron indexed dataset)
     .mask.bin    uint8 per token, 1 where the token is trained (the unshifted label mask)
@@ -21,7 +22,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -31,21 +31,24 @@ import numpy as np
 from mtrain.checkpoint.atomic import atomic_paths
 from mtrain.config.data import DataConfig
 from mtrain.config.sft_data import SFTDataConfig
-from mtrain.data import formats
+from mtrain.data import formats, sources
 from mtrain.data.corpus import Tokenization, _content_hash, ready_cache_root
 from mtrain.data.indexed import IndexedTokens, token_dtype, write_index
-from mtrain.data.masking import ChatEncoder, Encoded
+from mtrain.data.masking import ChatEncoder
+from mtrain.data.progress import Ticker
+from mtrain.data.sft_encode import Batch, Encoding, Piece
 from mtrain.data.templates import resolve_template
 from mtrain.errors import ConfigError, DataError
 
 log = logging.getLogger("mtrain.data")
 
 CACHE_VERSION = 1  # bump when the files written for the same inputs change
-BATCH = 4096  # conversations rendered and tokenized together (the tokenizer's threads share them)
 
 
 class ChatTokenizer:
-    """The tokenizer, template and encoder of one SFT data config, loaded once."""
+    """The tokenizer, template and encoder of one SFT data config, loaded once; with
+    `data.workers > 1`, also the worker processes (started on the first cache miss, stopped
+    when the `with` block ends)."""
 
     def __init__(self, cfg: SFTDataConfig, tokenizer_dir: str):
         from transformers import AutoTokenizer
@@ -61,6 +64,13 @@ class ChatTokenizer:
         if self.pad_id is None:
             raise ConfigError(f"tokenizer={tokenizer_dir} has neither a pad nor an eos token")
         self.dtype = token_dtype(len(self.tokenizer))
+        self.encoding = Encoding(self.encoder, self.dtype, cfg.workers)
+
+    def __enter__(self) -> ChatTokenizer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.encoding.close()
 
 
 class TokenizedFile:
@@ -176,40 +186,25 @@ def _write(path: Path, prefix: Path, cfg: SFTDataConfig, chat: ChatTokenizer, ki
             stats.bad_record(where, err)
 
     suffixes = (".bin", ".mask.bin", ".first.npy", ".idx", ".json")  # renamed in order, .json last
-    lengths: list[int] = []
-    firsts: list[int] = []
+    lengths: list[np.ndarray] = []
+    firsts: list[np.ndarray] = []
     trained = 0
+    ticker = Ticker(str(path), kind.unit, lambda: sources.record_count(path))
+    batches = _read_batches(path, cfg, kind, chat.encoding.batch_size, stats)
     with atomic_paths(*(f"{prefix}{s}" for s in suffixes)) as paths:
         temps = dict(zip(suffixes, paths))
-        with (
-            open(temps[".bin"], "wb") as ids_out,
-            open(temps[".mask.bin"], "wb") as mask_out,
-            ThreadPoolExecutor(1) as renderer,
-        ):
-            # Batch n+1 is read and rendered (Python) while batch n is tokenized (Rust, no GIL).
-            reading = kind.read(path, cfg, stats)
-            pending = None  # (locations, rendering in progress) of the batch read last
-            for batch in chain(_batches(reading, BATCH), [None]):
-                submitted = None
-                if batch is not None:
-                    conversations = [c for _, group in batch for c in group]
-                    submitted = (
-                        [w for w, group in batch for _ in group],
-                        renderer.submit(chat.encoder.render, conversations),
-                    )
-                if pending is not None:
-                    where, rendering = pending
-                    encoded = chat.encoder.tokenize(rendering.result(), where, bad)
-                    groups = [encoded[i : i + kind.size] for i in range(0, len(encoded), kind.size)]
-                    encoded = [e for group in groups if None not in group for e in group]
-                    ids, mask = _flatten(encoded, chat.dtype, path)
-                    ids_out.write(ids.tobytes())
-                    mask_out.write(mask.tobytes())
-                    lengths += [len(e.ids) for e in encoded]
-                    firsts += [_first_trained(e) for e in encoded]
-                    trained += int(mask.sum(dtype=np.int64))
-                pending = submitted
-        if not lengths:
+        with open(temps[".bin"], "wb") as ids_out, open(temps[".mask.bin"], "wb") as mask_out:
+            for batch, piece in chat.encoding.pieces(batches, kind.size, path):
+                for refused, where, err in _bad_records(batch, piece, kind.size):
+                    (bad if refused else stats.bad_record)(where, err)
+                ids_out.write(piece.ids.tobytes())
+                mask_out.write(piece.mask.tobytes())
+                lengths.append(piece.lengths)
+                firsts.append(piece.firsts)
+                trained += piece.trained
+                ticker.add(batch.records + len(batch.errors), len(piece.ids))
+        lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        if not len(lengths):
             raise DataError(
                 f"{path}: no usable {kind.unit}"
                 + (
@@ -218,46 +213,64 @@ def _write(path: Path, prefix: Path, cfg: SFTDataConfig, chat: ChatTokenizer, ki
                     else ""
                 )
             )
-        write_index(temps[".idx"], np.asarray(lengths), chat.dtype)
+        write_index(temps[".idx"], lengths, chat.dtype)
         with open(temps[".first.npy"], "wb") as f:
-            np.save(f, np.asarray(firsts, dtype=np.int32))
+            np.save(f, np.concatenate(firsts))
         meta = {
             "source": str(path), "format": stats.format, "samples": len(lengths),
-            "tokens": int(sum(lengths)), "trained": trained, "bad": stats.bad,
+            "tokens": int(lengths.sum()), "trained": trained, "bad": stats.bad,
             "first_bad": stats.first_bad, "seconds": time.perf_counter() - start,
         }  # fmt: skip
         temps[".json"].write_text(json.dumps(meta))
 
 
-def _batches(items: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
+def _bad_records(batch: Batch, piece: Piece, size: int) -> list[tuple[bool, str, DataError]]:
+    """(refused by the tokenizer, where, why) of the batch's bad records, in file order, however
+    far reading ran ahead of tokenizing."""
+    if not (batch.errors or piece.refused):
+        return []
+    record = {w: n for n, w in enumerate(batch.where[::size])}  # a location -> its record index
+    refused = [(record[w], True, w, err) for w, err in piece.refused]
+    unread = [(n, False, w, err) for n, w, err in batch.errors]  # before record n of the batch
+    return [e[1:] for e in sorted(unread + refused, key=lambda e: e[:2])]
+
+
+class _Held:
+    """Read errors held back until their batch is written, each with the number of good records
+    of the batch before it (`ReadStats`' interface); the format read from the first usable record
+    goes on to `stats`."""
+
+    def __init__(self, stats: formats.ReadStats):
+        self.stats, self.errors, self.position = stats, [], 0
+
+    @property
+    def format(self) -> str | None:
+        return self.stats.format
+
+    @format.setter
+    def format(self, value: str | None) -> None:
+        self.stats.format = value
+
+    def bad_record(self, where: str, err: DataError) -> None:
+        self.errors.append((self.position, where, err))
+
+    def take(self) -> list[tuple[int, str, DataError]]:
+        errors, self.errors, self.position = self.errors, [], 0
+        return errors
+
+
+def _read_batches(
+    path: Path, cfg: SFTDataConfig, kind: Kind, size: int, stats: formats.ReadStats
+) -> Iterator[Batch]:
+    """`path`'s records in batches of `size`, each with the read errors met since the last."""
+    held = _Held(stats)
+    batch: list[tuple[str, list[formats.Messages]]] = []
+    for item in chain(kind.read(path, cfg, held), [None]):
+        if item is not None:
+            batch.append(item)
+            held.position = len(batch)
+        if len(batch) == size or (item is None and (batch or held.errors)):
+            conversations = [c for _, group in batch for c in group]
+            where = [w for w, group in batch for _ in group]
+            yield Batch(conversations, where, len(batch), held.take())
             batch = []
-    if batch:
-        yield batch
-
-
-def _flatten(encoded: list[Encoded], dtype: np.dtype, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """All samples' token ids back to back in `dtype`, and their trained-token mask."""
-    sizes = [len(e.ids) for e in encoded]
-    ids = np.fromiter(chain.from_iterable(e.ids for e in encoded), dtype=np.int64, count=sum(sizes))
-    if len(ids) and ids.max() > np.iinfo(dtype).max:
-        raise DataError(f"{path}: token id {ids.max()} does not fit the dataset's {dtype}")
-    mask = np.zeros(len(ids), dtype=np.uint8)
-    offset = 0
-    for size, e in zip(sizes, encoded):
-        for a, b in e.spans:
-            mask[offset + a : offset + b] = 1
-        offset += size
-    return ids.astype(dtype), mask
-
-
-def _first_trained(e: Encoded) -> int:
-    """The first trained position a label can reach (>= 1), or len(ids) when there is none."""
-    for a, b in e.spans:
-        if max(a, 1) < b:
-            return max(a, 1)
-    return len(e.ids)

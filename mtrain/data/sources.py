@@ -53,6 +53,23 @@ def chunks(path: Path, fmt: str, text_key: str, workers: int) -> Iterator[Chunk]
         yield from parquet_chunks(path, text_key)
 
 
+def record_count(path: Path) -> int | None:
+    """How many records `path` holds, where that is cheap to know: a Parquet file's rows, a
+    JSONL or text file's lines (one pass, no parsing; blank lines included); None for a JSON
+    list, which would have to be parsed."""
+    fmt = format_of(path)
+    if fmt == "parquet":
+        return open_parquet(path).metadata.num_rows
+    if fmt not in ("jsonl", "txt"):
+        return None
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
 def read_texts(chunk: Chunk) -> list[str]:
     """The non-empty documents of `chunk`, in file order."""
     if chunk.texts is not None:

@@ -205,42 +205,69 @@ class TokenizerTemplate:
     def __init__(self, tokenizer, system: str | None, thinking: str):
         self.tokenizer, self.system = tokenizer, system
         self.kwargs = {} if thinking == "keep" else {"enable_thinking": thinking == "on"}
-        source = tokenizer.get_chat_template()
-        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        self.source = tokenizer.get_chat_template()
+        digest = hashlib.sha256(self.source.encode()).hexdigest()[:16]
         self.identity = f"tokenizer/{digest}/{thinking}"
         self.end_tokens = END_OF_TURN
-        self._direct = self._compiled(source)
+        self.variables = {**tokenizer.special_tokens_map, **self.kwargs}
+        self._compile()
+        self.direct = self._jinja is not None and self._renders_as_public()
 
-    def _compiled(self, source: str):
-        """transformers' compiled template, called without `apply_chat_template` around it, whose
-        per-message conversions cost as much as the rendering itself and change nothing in plain
-        {role, content} messages. Used only if it renders a probe exactly as
-        `apply_chat_template` does; otherwise (a future transformers) the public path is used."""
+    def _compile(self) -> None:
+        """transformers' Jinja environment for chat templates (its filters and extensions), and
+        the variables every rendering starts from: the template's globals, merged once here
+        rather than on every call as `Template.render` does (the merge costs more than
+        rendering a short conversation)."""
         try:
             from transformers.utils.chat_template_utils import _compile_jinja_template
 
-            template = _compile_jinja_template(source)
+            self._jinja = _compile_jinja_template(self.source)
         except Exception:
-            return None
-        variables = {**self.tokenizer.special_tokens_map, **self.kwargs}
+            self._jinja, self._context = None, None
+            return
+        self._context = {**self._jinja.globals, "tools": None, "documents": None, **self.variables}
 
-        def render(messages: list[dict], add_generation_prompt: bool, tools=None) -> str:
-            return template.render(
-                messages=messages, tools=tools, documents=None,
-                add_generation_prompt=add_generation_prompt, **variables,
-            )  # fmt: skip
-
+    def _renders_as_public(self) -> bool:
+        """transformers' compiled template is called without `apply_chat_template` around it,
+        whose per-message conversions cost as much as the rendering itself and change nothing
+        in plain {role, content} messages. It is used only if it renders a probe exactly as
+        `apply_chat_template` does; otherwise (a future transformers) the public path is used."""
         probe = [
             {"role": "system", "content": " s "}, {"role": "user", "content": "u\n"},
             {"role": "assistant", "content": "<think>r</think>a"}, {"role": "user", "content": "v"},
         ]  # fmt: skip
         try:
-            for n, gen in ((3, False), (4, True), (2, True)):
-                if render(probe[:n], gen) != self._apply([probe[:n]], gen)[0]:
-                    return None
+            return all(
+                self._direct(probe[:n], gen) == self._apply([probe[:n]], gen)[0]
+                for n, gen in ((3, False), (4, True), (2, True))
+            )
         except Exception:  # a template refusing the probe (e.g. no system role): stay public
-            return None
-        return render
+            return False
+
+    def _direct(self, messages: list[dict], add_generation_prompt: bool, tools=None) -> str:
+        """`Template.render(messages=..., tools=..., ...)`, from the merged variables."""
+        jinja = self._jinja
+        variables = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+        if tools is not None:
+            variables["tools"] = tools
+        context = jinja.new_context({**self._context, **variables}, shared=True)
+        try:
+            return jinja.environment.concat(jinja.root_render_func(context))
+        except Exception:
+            jinja.environment.handle_exception()  # re-raises, as `Template.render` does
+
+    def __getstate__(self) -> dict:
+        """What a tokenization worker needs: rendering directly takes the source alone, so the
+        worker neither receives transformers' tokenizer nor imports its models (nor torch)."""
+        state = {**self.__dict__, "_jinja": None, "_context": None}
+        if self.direct:
+            state["tokenizer"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.direct:
+            self._compile()
 
     def _apply(
         self, conversations: list[list[dict]], add_generation_prompt: bool, tools=None
@@ -256,7 +283,7 @@ class TokenizerTemplate:
             return []
         offered = [tools_of(c) for c in conversations]
         convs = [with_system(without_tools(c), self.system) for c in conversations]
-        if self._direct is not None:
+        if self.direct:
             return [self._direct(c, add_generation_prompt, t) for c, t in zip(convs, offered)]
         if not any(offered):
             return self._apply(convs, add_generation_prompt)
