@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -54,14 +55,8 @@ def load_distributed_optimizer_state(
     Shown by tests/test_train.py::test_interrupted_and_resumed_training_reproduces_the_loss_sequence
     (distributed optimizer on)."""
     inner = list(getattr(optimizer, "chained_optimizers", [optimizer]))
-    steps = [
-        (state, state.pop("step"))
-        for opt in inner
-        for state in opt.optimizer.state.values()
-        if "step" in state
-    ]
     read = load or torch.load
-    try:
+    with _steps_set_aside(inner):
         states = None
         for index, opt in enumerate(inner):
             if getattr(opt, "is_stub_optimizer", False) or not hasattr(
@@ -72,6 +67,17 @@ def load_distributed_optimizer_state(
                 states = read(path)
             state = None if states is None else states if len(inner) == 1 else states[index]
             opt.load_parameter_state_from_dp_zero(state)
+
+
+@contextmanager
+def _steps_set_aside(optimizers: list[Any]) -> Iterator[None]:
+    """Take Adam's "step" out of every parameter state of `optimizers` (megatron's loaders
+    would copy into it, or need it saved), and give each parameter its own copy back after."""
+    inner = [getattr(opt, "optimizer", None) for opt in optimizers]
+    states = [s for opt in inner if opt is not None for s in opt.state.values()]
+    steps = [(s, s.pop("step")) for s in states if isinstance(s.get("step"), torch.Tensor)]
+    try:
+        yield
     finally:
         for state, step in steps:
             state["step"] = step.clone()
@@ -122,15 +128,9 @@ def load_dist_optimizer_state(optimizer: Any, state_dict: Any) -> None:
             param_state = state.pop("param_state")
             state.pop("param_state_sharding_type")
         opt.load_state_dict(state)
-        inner = getattr(opt, "optimizer", None)
-        states = list(getattr(inner, "state", {}).values())
-        steps = [(s, s.pop("step")) for s in states if isinstance(s.get("step"), torch.Tensor)]
-        try:
+        with _steps_set_aside([opt]):
             if param_state is not None:
                 opt.load_parameter_state_from_fs_model_space(param_state)
-        finally:
-            for s, step in steps:
-                s["step"] = step.clone()
 
 
 def mark_tensor_parallel_weights(chunks: list[torch.nn.Module]) -> None:
