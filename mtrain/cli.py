@@ -222,6 +222,24 @@ def check_composition(config_name: str, schema: type, argv: list[str]) -> None:
             raise ConfigError(_explain(err, lines, schema)) from None
 
 
+# Keys whose value may be written `key=a,b` as LLaMA-Factory's --dataset is; Hydra would read it
+# as a sweep and refuse it without --multirun.
+COMMA_LISTS = ("data.dataset", "data.val_dataset")
+
+
+def comma_lists(argv: list[str]) -> list[str]:
+    """`argv` with `key=a,b` of a COMMA_LISTS key (unbracketed, unquoted) as `key=[a,b]`."""
+    if "--multirun" in argv or "-m" in argv:
+        return argv
+    out = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in COMMA_LISTS and "," in value and not value.startswith(("[", "'", '"')):
+            arg = f"{key}=[{value}]"
+        out.append(arg)
+    return out
+
+
 # mtrain's commands write nothing of Hydra's own (no outputs/ dir, no log files, no cwd change).
 QUIET_HYDRA = (
     "hydra/job_logging=none",
@@ -259,7 +277,7 @@ def hydra_command(config_name: str, schema: type[T]) -> Callable[[Callable[[T], 
 
         @functools.wraps(main)
         def command() -> Any:
-            user = sys.argv[1:]
+            user = comma_lists(sys.argv[1:])
             exit_on_user_error(check_overrides)(schema, user)
             name = config_name if has_yaml else schema_name
             exit_on_user_error(check_composition)(name, schema, user)

@@ -18,6 +18,7 @@ class DPODataConfig(SFTDataConfig):
 
     train_on: str = "last"  # fixed: DPO compares the final responses only
 
+    ranking: ClassVar[bool] = True
     column_names: ClassVar[tuple[str, ...]] = (
         *COLUMN_NAMES, "chosen", "rejected", "prompt", "conversations",
     )  # fmt: skip

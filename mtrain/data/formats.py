@@ -12,7 +12,9 @@ Tool use and separate reasoning are kept in the message form tools.py describes.
 
 `data.columns` renames fields (`instruction`, `input`, `output`, `system`, `history` for alpaca;
 `messages`, `role`, `content`, `system`, `tools` for sharegpt/openai, which differ only in their
-default names). With `data.format=auto` a file's layout is taken from its first usable record.
+default names) and adds speaker names (`user_tag`, `assistant_tag`, `observation_tag`,
+`function_tag`, `system_tag`, as LLaMA-Factory's tags name them). With `data.format=auto` a
+file's layout is taken from its first usable record.
 
 A record that cannot be read says where it is (`train.jsonl:17: ...`, `data.json:230: ...`,
 `data.parquet: row 12: ...`); the caller either stops or, with `data.skip_bad`, counts it.
@@ -32,6 +34,12 @@ from mtrain.errors import DataError
 
 Messages = list[dict[str, Any]]
 
+# Speaker names a dataset may add (LLaMA-Factory's tags), and what a turn of each is.
+SPEAKER_TAGS = {
+    "user_tag": "user", "assistant_tag": "assistant", "observation_tag": "observation",
+    "function_tag": "function_call", "system_tag": "system",
+}  # fmt: skip
+
 DEFAULT_COLUMNS = {
     "alpaca": {
         "instruction": "instruction", "input": "input", "output": "output",
@@ -39,11 +47,11 @@ DEFAULT_COLUMNS = {
     },
     "sharegpt": {
         "messages": "conversations", "role": "from", "content": "value", "system": "system",
-        "tools": "tools",
+        "tools": "tools", **dict.fromkeys(SPEAKER_TAGS),
     },
     "openai": {
         "messages": "messages", "role": "role", "content": "content", "system": "system",
-        "tools": "tools",
+        "tools": "tools", **dict.fromkeys(SPEAKER_TAGS),
     },
 }  # fmt: skip
 
@@ -118,9 +126,18 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
         return f"{path}:{line}"
 
     pos = skip_space(pos)
+    if text.startswith("{", pos):  # one record per line in a .json file, as `datasets` reads it
+        while pos < len(text):
+            try:
+                record, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where(err.pos)}: not valid JSON ({err.msg})") from None
+            yield where(pos), record
+            pos = skip_space(end)
+        return
     if not text.startswith("[", pos):
         raise DataError(
-            f"{where(pos)}: expected a JSON list of records; for one per line use .jsonl"
+            f"{where(pos)}: expected a JSON list of records, or one JSON object per line"
         )
     pos = skip_space(pos + 1)
     while not text.startswith("]", pos):
@@ -295,12 +312,8 @@ def to_message(turn: Any, what: str, names: dict[str, str]) -> dict[str, Any]:
             f"{what} needs fields {role_key!r} and {content_key!r} (has {keys}); "
             "set data.columns.role / data.columns.content"
         )
-    role = ROLES.get(str(turn[role_key]).lower())
-    if role is None:
-        raise DataError(
-            f"{what} has role {turn[role_key]!r}; known roles: {', '.join(sorted(ROLES))}"
-        )
-    speaker = str(turn[role_key]).lower()
+    speaker = _speaker(turn[role_key], what, names)
+    role = ROLES[speaker]
     if speaker == "function_call":  # sharegpt: the value is the call itself
         return {
             "role": role,
@@ -315,6 +328,21 @@ def to_message(turn: Any, what: str, names: dict[str, str]) -> dict[str, Any]:
         if reasoning is not None:
             message["reasoning_content"] = reasoning
     return message
+
+
+def _speaker(value: Any, what: str, names: dict[str, str]) -> str:
+    """The ROLES key of a turn's speaker `value`: a name the data's speaker tags give
+    (`names["user_tag"]`, ...), else one of the names found in the wild, in any case."""
+    for tag, speaker in SPEAKER_TAGS.items():
+        if names.get(tag) is not None and value == names[tag]:
+            return speaker
+    speaker = str(value).lower()
+    if speaker not in ROLES:
+        tagged = [str(names[t]) for t in SPEAKER_TAGS if names.get(t) is not None]
+        raise DataError(
+            f"{what} has role {value!r}; known roles: {', '.join(sorted({*ROLES, *tagged}))}"
+        )
+    return speaker
 
 
 def field_text(record: dict, key: str, optional: bool = False) -> str:

@@ -55,10 +55,12 @@ COLUMNS = {  # per layout, the default field names `data.columns` may rename
     "sharegpt": {
         "conversations": "conversations", "role": "from", "content": "value",
         "system": "system", "chosen": "chosen", "rejected": "rejected",
+        **dict.fromkeys(formats.SPEAKER_TAGS),
     },
     "openai": {
         "messages": "messages", "prompt": "prompt", "role": "role", "content": "content",
         "system": "system", "chosen": "chosen", "rejected": "rejected",
+        **dict.fromkeys(formats.SPEAKER_TAGS),
     },
 }  # fmt: skip
 PROMPT_KEYS = {"sharegpt": ("conversations",), "openai": ("messages", "prompt")}
@@ -77,6 +79,7 @@ def read_pairs(
     path: Path, cfg: SFTDataConfig, stats: formats.ReadStats
 ) -> Iterator[tuple[str, Pair]]:
     """(location, pair) of every good record of `path`; bad records go to `stats`."""
+    cfg = cfg.for_file(path)
     names = {f: formats.columns_for(f, cfg.columns, COLUMNS) for f in COLUMNS}
     return formats.parsed(
         path, cfg.format, stats, lambda r: _layout(r, names), lambda r, f: to_pair(r, f, names[f])

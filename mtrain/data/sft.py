@@ -57,7 +57,13 @@ def load_conversations(cfg: SFTDataConfig, paths) -> list[list[dict]]:
     out = []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         stats = formats.ReadStats(cfg.skip_bad)
-        out += [m for _, m in formats.conversations(Path(path), cfg.format, cfg.columns, stats)]
+        file_cfg = cfg.for_file(path)
+        out += [
+            m
+            for _, m in formats.conversations(
+                Path(path), file_cfg.format, file_cfg.columns, stats
+            )
+        ]
         if stats.bad:
             log.info(
                 "data: %s: skipped %d malformed record(s) (data.skip_bad), first: %s",
@@ -182,6 +188,7 @@ def build_datasets(
         files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.paths()]
         val_files = [tokenize_file(Path(p), cfg, chat, kind) for p in cfg.val_paths()]
     train_pools, val_pools = split(files, cfg.val_ratio, cfg.seed)
+    train_pools = drawn(train_pools, cfg.sample_counts(), cfg.seed)
     picks = blended_picks(train_pools, cfg.weights, seed)
 
     def build(fs: list[TokenizedFile], ps: np.ndarray, name: str) -> Dataset:
@@ -221,6 +228,26 @@ def split(
         val.append(np.sort(order[:held]))
         train.append(np.sort(order[held:]))
     return train, val
+
+
+def drawn(
+    pools: list[np.ndarray], counts: list[tuple[list[int], int]], seed: int
+) -> list[np.ndarray]:
+    """`pools` with the files of each (files, n) of `counts` cut or grown to n samples in all
+    (a dataset's num_samples): a seeded draw that takes every sample once before any twice."""
+    pools = list(pools)
+    for files, n in counts:
+        rows = _concat([pools[k] for k in files])
+        if not len(rows):
+            continue
+        rng = np.random.default_rng([seed, files[0], n])
+        order = np.concatenate(
+            [rng.permutation(len(rows)) for _ in range(-(-n // len(rows)))]
+        )[:n]
+        taken = rows[np.sort(order)]
+        for j, k in enumerate(files):
+            pools[k] = taken[taken[:, 0] == j, 1]
+    return pools
 
 
 def blended_picks(pools: list[np.ndarray], weights: list[float] | None, seed: int) -> np.ndarray:

@@ -138,6 +138,7 @@ def tokenize_file(
     """The cache entry of `path`, tokenizing it on a miss."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    cfg = cfg.for_file(path)  # a data.dataset file: its dataset's layout and field names
     root = ready_cache_root(chat.pt_cfg)
     settings = {
         "version": CACHE_VERSION,
