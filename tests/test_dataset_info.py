@@ -307,3 +307,10 @@ def test_sft_cli_trains_from_a_dataset_info_directory(data_dir, tmp_path, tiny_h
     assert "alpaca.json: alpaca, 7 conversations" in out
     assert "part-1.jsonl: sharegpt, 4 conversations" in out
     assert len(metrics.read_text().splitlines()) == 2
+
+
+def test_val_dataset_is_the_validation_set(data_dir, tok_dir):
+    config = cfg(data_dir, "alpaca_renamed", val_dataset="custom_tags", cache_dir=str(data_dir / "c"))
+    assert config.val_paths() == [str(data_dir / "custom" / f"part-{i}.jsonl") for i in (0, 1)]
+    train, val = build_sft_datasets(config, str(tok_dir), 64, 0)
+    assert (train.stats["samples"], val.stats["samples"]) == (len(CONVS), len(CONVS))
