@@ -283,6 +283,66 @@ def test_gradients_equal_reference_gradients(layout):
         torch.testing.assert_close(got, expected, **TOL)
 
 
+def _reference_grads(q, k, v, dy, scale, hidden):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.autograd.backward(reference(q, k, v, scale, hidden), dy)
+    return [t.grad for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("layout", ["BSH", "SBH", "BNSD"])
+def test_attention_grad_of_a_lone_block_equals_autograd(layout):
+    q, k, v = qkv(kv_heads=2)
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    got = npu.npu_fusion_attention_grad(
+        *(to_layout(t, layout) for t in (q, k, v, dy)), 4, layout, atten_mask=CAUSAL_2048,
+        scale_value=0.3, sparse_mode=3,
+    )  # fmt: skip
+    causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).triu(1)
+    for g, expected in zip(got[:3], _reference_grads(q, k, v, dy, 0.3, causal)):
+        torch.testing.assert_close(g, to_layout(expected, layout), **TOL)
+
+
+def test_attention_grad_per_key_block_adds_up_to_the_whole_as_ring_attention_uses_it():
+    """Ring context parallelism runs the backward block by block of keys, each with the whole
+    attention's softmax statistics and output: the blocks' dq add up to the whole dq, and each
+    block's dk / dv are the whole dk / dv of its keys."""
+    q, k, v = qkv(kv_heads=2)
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
+    hidden = torch.rand(q.shape[2], k.shape[2], generator=torch.Generator().manual_seed(7)) < 0.3
+    hidden[:, 0] = False  # no row fully hidden
+    out, row_max, row_sum = npu.npu_fusion_attention(
+        q, k, v, 4, "BNSD", atten_mask=hidden, scale=0.3, sparse_mode=1
+    )[:3]
+    dq_total, dks, dvs = torch.zeros_like(q), [], []
+    for cols in (slice(0, 3), slice(3, None)):
+        dq, dk, dv, _ = npu.npu_fusion_attention_grad(
+            q, k[:, :, cols], v[:, :, cols], dy, 4, "BNSD", atten_mask=hidden[:, cols],
+            softmax_max=row_max, softmax_sum=row_sum, attention_in=out, scale_value=0.3,
+            sparse_mode=1,
+        )  # fmt: skip
+        dq_total += dq
+        dks.append(dk)
+        dvs.append(dv)
+    expected = _reference_grads(q, k, v, dy, 0.3, hidden)
+    for got, want in zip((dq_total, torch.cat(dks, 2), torch.cat(dvs, 2)), expected):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_attention_grad_tnd_is_each_sequences_own():
+    t, n, d = 7, 4, 8
+    gen = torch.Generator().manual_seed(8)
+    q, k, v, dy = (torch.randn(t, heads, d, generator=gen) for heads in (n, 2, 2, n))  # GQA
+    got = npu.npu_fusion_attention_grad(
+        q, k, v, dy, n, "TND", atten_mask=CAUSAL_2048, scale_value=0.5, sparse_mode=3,
+        actual_seq_qlen=[3, 7], actual_seq_kvlen=[3, 7],
+    )  # fmt: skip
+    for a, b in ((0, 3), (3, 7)):
+        causal = torch.ones(b - a, b - a, dtype=torch.bool).triu(1)
+        parts = [x[a:b].transpose(0, 1)[None] for x in (q, k, v, dy)]
+        for g, expected in zip(got[:3], _reference_grads(*parts, 0.5, causal)):
+            torch.testing.assert_close(g[a:b], expected[0].transpose(0, 1), **TOL)
+
+
 def test_bf16_in_bf16_out():
     q, k, v = qkv(dtype=torch.bfloat16)
     out = attention(q, k, v)

@@ -34,6 +34,11 @@ Ops (names and signatures as in torch_npu 2.7.1):
     masked scores and the row sum of exp(score - max), repeated over the last dim of 8; a fully
     masked row gives max -inf, sum 0 and an output of zeros. softmax_out is empty; seed, offset
     and numels are 0.
+* `npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, ...)` ->
+  `(dq, dk, dv, dpse)`: the flash-attention backward, dS = P * (dP - rowsum(dy * out)), with
+  P rebuilt from the given `softmax_max` / `softmax_sum` / `attention_in` (those of the whole
+  attention, as ring context parallelism passes them for one block of keys) or, without them,
+  from the block alone; `scale_value` names the scale; keep_prob must be 1.
 * `npu_rms_norm(self, gamma, epsilon=1e-6)` -> `(y, rstd)`, normalising over gamma's dims.
 * `npu_swiglu(input, dim=-1)` = silu(first half) * second half along `dim`.
 * `npu_rotary_mul(input, r1, r2, rotary_mode="half")` = input * r1 + rotate(input) * r2 (r1 = cos,
@@ -51,7 +56,7 @@ import os as _os
 import sys as _sys
 
 from . import _host
-from ._attention import npu_fusion_attention
+from ._attention import npu_fusion_attention, npu_fusion_attention_grad
 from ._ops import npu_rms_norm, npu_rotary_mul, npu_rotary_position_embedding, npu_swiglu
 
 __version__ = "2.7.1"
@@ -61,6 +66,7 @@ if _os.environ.get("TORCH_NPU_EMULATION_HOST") == "1":
 
 __all__ = [
     "npu_fusion_attention",
+    "npu_fusion_attention_grad",
     "npu_rms_norm",
     "npu_rotary_mul",
     "npu_rotary_position_embedding",

@@ -191,3 +191,107 @@ def npu_fusion_attention(
         return t.unsqueeze(-1).expand(*t.shape, STATS_WIDTH).contiguous()
 
     return out.to(query.dtype), stats(row_max), stats(row_sum), query.new_empty(0), 0, 0, 0
+
+
+def _attend_grad(q, k, v, dy, out, hidden, scale, row_max, row_sum):
+    """The flash-attention backward of one [B,N,S,D] block: probabilities rebuilt from the row
+    max / sum of the WHOLE attention (as a ring of blocks saves them), dS = P * (dP - D) with
+    D = rowsum(dy * out), so a block's gradients add up to the full attention's."""
+    group = q.shape[1] // k.shape[1]
+    ke, ve = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = scale * (q @ ke.transpose(-1, -2))
+    if hidden is not None:
+        scores = scores.masked_fill(hidden, float("-inf"))
+    if row_max is None:  # a lone block: its own statistics
+        row_max = scores.amax(dim=-1)
+        finite = torch.where(row_max.isneginf(), 0.0, row_max)
+        row_sum = torch.exp(scores - finite[..., None]).sum(dim=-1)
+    finite = torch.where(row_max.isneginf(), 0.0, row_max)
+    probs = torch.exp(scores - finite[..., None]) / torch.where(row_sum > 0, row_sum, 1.0)[
+        ..., None
+    ]
+    if out is None:
+        out = probs @ ve
+    d_probs = dy @ ve.transpose(-1, -2)
+    d_scores = probs * (d_probs - (dy * out).sum(dim=-1, keepdim=True))
+    dq = scale * d_scores @ ke
+    dk = (scale * d_scores.transpose(-1, -2) @ q).unflatten(1, (-1, group)).sum(dim=2)
+    dv = (probs.transpose(-1, -2) @ dy).unflatten(1, (-1, group)).sum(dim=2)
+    return dq, dk, dv
+
+
+def npu_fusion_attention_grad(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dy: torch.Tensor,
+    head_num: int,
+    input_layout: str,
+    *,
+    pse: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    atten_mask: torch.Tensor | None = None,
+    softmax_max: torch.Tensor | None = None,
+    softmax_sum: torch.Tensor | None = None,
+    softmax_in: torch.Tensor | None = None,
+    attention_in: torch.Tensor | None = None,
+    scale_value: float = 1.0,
+    keep_prob: float = 1.0,
+    pre_tockens: int = 2147483647,
+    next_tockens: int = 2147483647,
+    inner_precise: int = 0,
+    seed: int = 0,
+    offset: int = 0,
+    numels: int = 0,
+    prefix: list[int] | None = None,
+    actual_seq_qlen: list[int] | torch.Tensor | None = None,
+    actual_seq_kvlen: list[int] | torch.Tensor | None = None,
+    sparse_mode: int = 0,
+    gen_mask_parallel: bool = True,
+    sync: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dpse) of `npu_fusion_attention` with the same arguments. softmax_max /
+    softmax_sum / attention_in, when given, are the statistics and output of the whole attention
+    this block belongs to (ring attention), else the block's own. keep_prob must be 1: the real
+    kernel replays its dropout mask from seed / offset, which the emulation does not keep."""
+    _check_arguments(pse, padding_mask, prefix, atten_mask, keep_prob, sparse_mode, input_layout)
+    if keep_prob != 1.0:
+        raise NotImplementedError("npu_fusion_attention_grad emulation: keep_prob < 1")
+    mask = None if atten_mask is None else atten_mask.bool()
+    q, k, v, g = query.float(), key.float(), value.float(), dy.float()
+    out = None if attention_in is None else attention_in.float()
+    stat_max = None if softmax_max is None else softmax_max[..., 0].float()
+    stat_sum = None if softmax_sum is None else softmax_sum[..., 0].float()
+    if input_layout == "TND":
+        if actual_seq_qlen is None or actual_seq_kvlen is None:
+            raise ValueError("input_layout='TND' needs actual_seq_qlen and actual_seq_kvlen")
+        q_ends = _ends(actual_seq_qlen, q.shape[0], "actual_seq_qlen")
+        kv_ends = _ends(actual_seq_kvlen, k.shape[0], "actual_seq_kvlen")
+        grads = [torch.zeros_like(t) for t in (q, k, v)]
+        for (q0, q1), (k0, k1) in zip(pairwise([0, *q_ends]), pairwise([0, *kv_ends])):
+            seq_mask = (
+                mask[: q1 - q0, : k1 - k0] if sparse_mode in (0, 1) and mask is not None else None
+            )
+            hidden = _hidden(sparse_mode, seq_mask, q1 - q0, k1 - k0, pre_tockens, next_tockens)
+
+            def one(t, a, b):  # [T,N,...] -> sequence a:b as [1,N,S,...]
+                return None if t is None else t[a:b].transpose(0, 1)[None]
+
+            pieces = _attend_grad(
+                one(q, q0, q1), one(k, k0, k1), one(v, k0, k1), one(g, q0, q1),
+                one(out, q0, q1), hidden, scale_value, one(stat_max, q0, q1),
+                one(stat_sum, q0, q1),
+            )  # fmt: skip
+            for grad, piece, (a, b) in zip(grads, pieces, ((q0, q1), (k0, k1), (k0, k1))):
+                grad[a:b] = piece[0].transpose(0, 1)
+        dq, dk, dv = grads
+    else:
+        head_dim = q.shape[-1] // head_num if input_layout in ("BSH", "SBH") else q.shape[-1]
+        q, k, v, g = (_to_bnsd(t, input_layout, head_dim) for t in (q, k, v, g))
+        out = None if out is None else _to_bnsd(out, input_layout, head_dim)
+        hidden = _hidden(sparse_mode, mask, q.shape[2], k.shape[2], pre_tockens, next_tockens)
+        dq, dk, dv = (
+            _from_bnsd(t, input_layout)
+            for t in _attend_grad(q, k, v, g, out, hidden, scale_value, stat_max, stat_sum)
+        )
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), query.new_empty(0)

@@ -120,10 +120,39 @@ class _EmulatedOps:
         )
 
 
+def _fusion_attention_v2(q, k, v, head_num, layout, pse, padding_mask, atten_mask, scale,
+                         keep_prob, pre, nxt, inner_precise, prefix, qlen, kvlen, sparse_mode,
+                         gen_mask_parallel, sync, pse_type=1, q_start=None, kv_start=None):  # fmt: skip
+    """MindSpeed's FusionAttentionV2 builder op (positional arguments) as the torch_npu op."""
+    import torch_npu
+
+    return torch_npu.npu_fusion_attention(
+        q, k, v, head_num, layout, pse=pse, padding_mask=padding_mask, atten_mask=atten_mask,
+        scale=scale, keep_prob=keep_prob, pre_tockens=pre, next_tockens=nxt, prefix=prefix,
+        actual_seq_qlen=qlen, actual_seq_kvlen=kvlen, sparse_mode=sparse_mode,
+    )  # fmt: skip
+
+
+def _fusion_attention_grad_v2(q, k, v, dy, head_num, layout, pse, padding_mask, atten_mask,
+                              softmax_max, softmax_sum, softmax_in, attention_in, scale,
+                              keep_prob, pre, nxt, inner_precise, seed, offset, numels, prefix,
+                              qlen, kvlen, sparse_mode, gen_mask_parallel, sync, pse_type=1,
+                              q_start=None, kv_start=None):  # fmt: skip
+    import torch_npu
+
+    return torch_npu.npu_fusion_attention_grad(
+        q, k, v, dy, head_num, layout, pse=pse, padding_mask=padding_mask,
+        atten_mask=atten_mask, softmax_max=softmax_max, softmax_sum=softmax_sum,
+        attention_in=attention_in, scale_value=scale, keep_prob=keep_prob, pre_tockens=pre,
+        next_tockens=nxt, prefix=prefix, actual_seq_qlen=qlen, actual_seq_kvlen=kvlen,
+        sparse_mode=sparse_mode,
+    )  # fmt: skip
+
+
 def _builder_ops() -> dict[str, Any]:
     import torch_npu
 
-    return {
+    ops = {
         name: getattr(torch_npu, name)
         for name in (
             "npu_rotary_position_embedding",
@@ -132,8 +161,10 @@ def _builder_ops() -> dict[str, Any]:
             "npu_rms_norm",
             "npu_swiglu",
         )
-        if hasattr(torch_npu, name)
     }
+    ops["npu_fusion_attention_v2"] = _fusion_attention_v2
+    ops["npu_fusion_attention_grad_v2"] = _fusion_attention_grad_v2
+    return ops
 
 
 def _patch_builder(module: types.ModuleType) -> None:
