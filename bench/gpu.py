@@ -59,7 +59,7 @@ from mtrain.progress import flops_per_token  # noqa: E402
 
 GiB = 2**30
 PRESETS = {"8b": "qwen3_8b", "1.7b": "qwen3_1_7b"}
-# 8B at seq 4096 on one 141 GB H200: all 36 layers need ~150 GB for mtrain's fp32 master
+# 8B at seq 4096 on one 141 GB H200: all 36 layers need ~147 GB for mtrain's fp32 master
 # weights, gradients and Adam moments alone; 12 leave room for local attention's s x s scores.
 LAYERS = {"8b": 12, "1.7b": 28}
 TINY = ModelSpec(
@@ -153,6 +153,7 @@ class Bench:
         _release()
         if mem is not None:
             mem.reset_peak_memory_stats()
+            base["resident_gib_before"] = round(mem.memory_allocated() / GiB, 2)
         start = time.perf_counter()
         step: Step | None = None
         try:
@@ -194,6 +195,7 @@ class Bench:
             "step_s": round(step, 5),
             "step_s_min": round(min(times), 5),
             "steps": len(times),
+            "step_times_s": [round(t, 5) for t in times],
             "tokens_per_step": shape.tokens,
             "tokens_per_s": round(shape.tokens / step, 1),
             "flops_per_token": per_token,
@@ -212,7 +214,9 @@ class Bench:
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    """CUDA's OutOfMemoryError; torch_npu raises a RuntimeError saying so."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(err, oom) or "out of memory" in str(err).lower()
 
 
 def _release() -> None:
@@ -299,10 +303,13 @@ def header(device_name: str, peak) -> dict:
     import transformers
 
     info = accel.current().describe()
+    mem = memory_module()
+    total = None if mem is None else mem.get_device_properties(0).total_memory / GiB
     return {
         "kind": "device",
         "device": device_name,
         "name": info.get("gpu") or info.get("npu") or platform.processor() or platform.machine(),
+        "memory_gib": None if total is None else round(total, 1),
         "peak_tflops": peak.tflops,
         "peak_source": peak.reason,
         "torch": torch.__version__,
@@ -316,7 +323,11 @@ def header(device_name: str, peak) -> dict:
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
-    p.add_argument("--tiny", action="store_true", help="a tiny model on CPU: every path, seconds")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny model, seq 64, every path in seconds (on CPU unless --device)",
+    )
     p.add_argument(
         "--shapes", default=",".join(PRESETS), help="comma list of " + ", ".join(PRESETS)
     )
@@ -327,7 +338,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, help="start no measurement after this many seconds")
     p.add_argument("--out", help="also write the JSON lines here")
     a = p.parse_args(argv)
-    if a.tiny:
+    if a.tiny and a.device == "auto":
         a.device = "cpu"
     for name, (acc, tiny) in DEFAULTS.items():
         if getattr(a, name) is None:
