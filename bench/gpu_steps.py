@@ -178,6 +178,7 @@ def hf_model(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> torch.nn.M
 
     raw = hf_config_from_spec(spec)
     config = CONFIG_MAPPING[raw.pop("model_type")](**raw)
+    config.use_cache = False  # training keeps no KV cache (LLaMA-Factory sets the same)
     with torch.device(accel.device()):
         torch.manual_seed(SEED)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
