@@ -95,10 +95,9 @@ def _count(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _optimizer_name(opt: torch.optim.Optimizer) -> str:
-    how = [k for k in ("fused", "foreach") if opt.defaults.get(k)]
-    return f"{type(opt).__module__.split('.')[0]}.{type(opt).__name__}" + (
-        f" ({how[0]})" if how else ""
-    )
+    """E.g. `torch.AdamW (fused)`; torch's own choice (foreach on CUDA) when none was asked."""
+    how = next((k for k in ("fused", "foreach") if opt.defaults.get(k)), "torch's default")
+    return f"{type(opt).__module__.split('.')[0]}.{type(opt).__name__} ({how})"
 
 
 def mtrain_step(
