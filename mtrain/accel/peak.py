@@ -1,13 +1,22 @@
-"""Dense bf16/fp16 peak FLOP/s per device, for MFU. Matched by substring of the device name.
+"""Dense bf16 peak FLOP/s per device, for MFU. Matched by substring of the device name, first
+entry first (so the more specific names come before the ones they contain).
 
-Vendor figures without sparsity. Override with `log.peak_tflops=` for anything not listed.
+Vendor datasheet figures for dense bf16 tensor-core math (no 2:4 sparsity). A device that is not
+listed has no peak: MFU is then not reported, never guessed. Override with `log.peak_tflops=`
+(bench/gpu.py: `--peak-tflops`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 PEAK_TFLOPS: list[tuple[str, float]] = [
-    ("H200", 989.0),
-    ("H100", 989.0),  # SXM; the PCIe card is 756
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),  # SXM; also the GPU of a GH200
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H800 PCIe", 756.0),
     ("H800", 989.0),
     ("H20", 148.0),
     ("A100", 312.0),
@@ -21,11 +30,27 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
 ]
 
 
-def peak_tflops(device_name: str | None) -> float | None:
+@dataclass(frozen=True)
+class Peak:
+    """A device's peak, or why there is none."""
+
+    tflops: float | None
+    reason: str  # where the figure comes from, or why it is missing
+
+
+def lookup(device_name: str | None) -> Peak:
     if not device_name:
-        return None
+        return Peak(None, "no accelerator name (CPU run): no peak to compare with")
     compact = device_name.replace(" ", "")
     for key, value in PEAK_TFLOPS:
         if key.replace(" ", "") in compact:
-            return value
-    return None
+            return Peak(value, f"{key}: {value:g} TFLOP/s dense bf16 (mtrain/accel/peak.py)")
+    return Peak(
+        None,
+        f"device {device_name!r} is not in mtrain/accel/peak.py's table; give its dense bf16 "
+        "peak (log.peak_tflops=, or --peak-tflops for bench/gpu.py)",
+    )
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    return lookup(device_name).tflops
