@@ -17,6 +17,7 @@ from mtrain.config.data import DataConfig
 from mtrain.config.kernels import KERNELS, NpuConfig
 from mtrain.config.lora import LoraConfig
 from mtrain.config.model import ModelConfig
+from mtrain.context_parallel import check_context_parallel
 from mtrain.dtypes import parse_dtype
 from mtrain.errors import ConfigError
 from mtrain.models.spec import ModelSpec
@@ -46,6 +47,10 @@ class ParallelConfig:
     sequence_parallel: bool = False  # split activations along the sequence within TP (needs tp > 1)
     distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
     overlap_grad_reduce: bool = False  # overlap the DP gradient all-reduce with backward
+    cp: int = 1  # context-parallel size: each sequence split over cp ranks (long context)
+    # kernels=mindspeed only: MindSpeed's CP algorithm: ulysses_cp_algo | megatron_cp_algo (ring)
+    # | hybrid_cp_algo; other kernels run Ulysses (te: megatron-core's own CP)
+    cp_algo: str = "ulysses_cp_algo"
 
 
 @dataclass
@@ -283,6 +288,8 @@ def validate(
         global_batch_size=tr.global_batch_size,
         sequence_parallel=par.sequence_parallel,
         distributed_optimizer=par.distributed_optimizer,
+        cp=par.cp,
     )
     check_combinations(cfg, spec)
+    check_context_parallel(cfg, spec, tp, cfg.kernels)
     return plan
