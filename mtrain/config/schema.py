@@ -47,9 +47,9 @@ class ParallelConfig:
     sequence_parallel: bool = False  # split activations along the sequence within TP (needs tp > 1)
     distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
     overlap_grad_reduce: bool = False  # overlap the DP gradient all-reduce with backward
-    cp: int = 1  # context-parallel size: each sequence split over cp ranks (long context)
-    # kernels=mindspeed only: MindSpeed's CP algorithm: ulysses_cp_algo | megatron_cp_algo (ring)
-    # | hybrid_cp_algo; other kernels run Ulysses (te: megatron-core's own CP)
+    cp: int = 1  # context-parallel size: every sequence split over cp ranks (long context)
+    # MindSpeed's CP with kernels=mindspeed: ulysses_cp_algo | megatron_cp_algo (ring); the other
+    # kernels run mtrain's Ulysses (te: megatron-core's own CP)
     cp_algo: str = "ulysses_cp_algo"
 
 
