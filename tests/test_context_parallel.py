@@ -36,6 +36,8 @@ CASES = [
     "tp1-pp1-cp4-local",
     "tp1-pp1-cp2-sdpa",
     "tp1-pp1-cp2-torch_npu",
+    "tp2-pp1-cp2-local-full",
+    "tp1-pp1-cp2-sdpa-selective",
 ]
 
 
@@ -55,7 +57,8 @@ def setup(tiny_hf, tmp_path_factory):
 @pytest.mark.slow
 def test_cp_loss_and_every_gradient_equal_cp1_and_the_hf_model(setup):
     """TP2 x CP2, CP2 x PP2 and CP4 with the local spec; CP2 with sdpa and torch_npu (emulated,
-    fused RoPE and varlen packed attention); pretraining, packed SFT and DPO."""
+    fused RoPE and varlen packed attention); full and selective recompute under CP;
+    pretraining, packed SFT and DPO; validation's forward-only loss for the first two."""
     root, hf = setup
     path = os.pathsep.join([str(EMULATION), os.environ.get("PYTHONPATH", "")])
     result = root / "parity.json"
@@ -67,6 +70,7 @@ def test_cp_loss_and_every_gradient_equal_cp1_and_the_hf_model(setup):
         for task, r in tasks.items():
             scale = max(1.0, abs(r["hf_loss"]))
             assert abs(r["loss"] - r["hf_loss"]) <= TOLERANCE * scale, (case, task, r)
+            assert abs(r["eval_loss"] - r["hf_loss"]) <= TOLERANCE * scale, (case, task, r)
             assert r["loss_vs_first"] <= TOLERANCE * scale, (case, task, r)
             assert r["grad_diff"] <= TOLERANCE * max(1.0, r["grad_scale"]), (case, task, r)
             assert r["grad_vs_first"] <= TOLERANCE * max(1.0, r["grad_scale"]), (case, task, r)
@@ -150,3 +154,48 @@ def test_mindspeed_gets_its_own_cp_flags(algo):
         ConfigError, match="kernels=mindspeed with parallel.cp > 1 and data.packing"
     ):
         mindspeed.check(cfg, plan, "mindspeed")
+
+
+def long_context(seq: int, cp: int, recompute=None):
+    cfg = cp_config(
+        kernels="auto",
+        parallel__tp=8,
+        parallel__pp=1,
+        parallel__cp=cp,
+        parallel__distributed_optimizer=True,
+        train__seq_length=seq,
+        train__global_batch_size=1,
+        train__recompute=recompute,
+        model__max_position_embeddings=262144,
+    )
+    cfg.device = "npu"
+    return cfg
+
+
+def test_dry_run_estimates_qwen3_32b_at_tp8_cp8_and_flags_256k_without_full_recompute(
+    monkeypatch,
+):
+    from mtrain.dry_run import describe_plan
+    from mtrain.estimates import memory_estimate
+
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    acts = {}
+    for seq in (32768, 131072, 262144):
+        cfg = long_context(seq, 8)
+        acts[seq] = memory_estimate(cfg, validate(cfg, 64))["activations"]
+    assert acts[131072] == pytest.approx(4 * acts[32768])  # linear in s with flash attention
+    cfg = long_context(262144, 1)
+    assert memory_estimate(cfg, validate(cfg, 8))["activations"] == pytest.approx(8 * acts[262144])
+    # The distributed optimizer shards over DP x CP: 64 ranks at dp 1, not one.
+    cfg = long_context(131072, 8)
+    plain = memory_estimate(cfg, validate(cfg, 64))
+    cfg.parallel.distributed_optimizer = False
+    assert memory_estimate(cfg, validate(cfg, 64))["optimizer"] == pytest.approx(
+        8 * plain["optimizer"]
+    )
+
+    assert describe_plan(long_context(131072, 8)).splitlines()[-1].startswith("fit        yes")
+    refused = describe_plan(long_context(262144, 8)).splitlines()[-1]
+    assert refused.startswith("fit        NO") and "train.recompute=full" in refused, refused
+    full = describe_plan(long_context(262144, 8, "full")).splitlines()[-1]
+    assert full.startswith("fit        yes"), full

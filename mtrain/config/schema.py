@@ -182,6 +182,9 @@ class TrainingCommandConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # adapters for finetuning_type=lora
     device: str = "auto"  # auto | cpu | cuda | npu
+    # GiB per device that dry_run checks its memory estimate against; default by device: 64
+    # (Ascend 910B, an A3 die; also for auto), 80 (cuda)
+    device_memory_gib: float | None = None
     kernels: str = "auto"  # layers: auto | local | sdpa | te | torch_npu | mindspeed
     npu: NpuConfig = field(default_factory=NpuConfig)  # Ascend fused kernels and MindSpeed flags
     load: str | None = (

@@ -3,7 +3,8 @@ pretraining rows, packed SFT rows and DPO pairs, at several layouts in one set o
 
     torchrun --nproc_per_node 4 tests/dist/cp_parity.py RESULT.json HF_DIR CKPT_ROOT CASE...
 
-CASE is `tpT-ppP-cpC-KERNELS` (CKPT_ROOT/tpT-ppP holds the converted weights); processes beyond
+CASE is `tpT-ppP-cpC-KERNELS[-RECOMPUTE]` (CKPT_ROOT/tpT-ppP holds the converted weights,
+RECOMPUTE is full or selective); processes beyond
 T*P*C are data parallel. Each case runs one forward-backward per task through the trainer's own
 pieces (DDP, per-token loss normalisation, finalize_model_grads, the metric reduction); the
 gradients are gathered into HF layout and compared with torch.autograd on the HF model, which
@@ -94,13 +95,20 @@ def run_case(case: str, ckpt_root: str, batches: dict, expected: dict) -> dict:
     from mtrain.config.model import load_preset
     from mtrain.config.schema import TrainingCommandConfig
     from mtrain.data.packing import block_causal_mask
-    from mtrain.losses import lm_loss, make_dpo_loss, pair_forward
+    from mtrain.losses import (
+        lm_loss,
+        lm_loss_and_accuracy,
+        logits_forward,
+        make_dpo_loss,
+        pair_forward,
+    )
     from mtrain.plan import ParallelPlan
     from mtrain.schedule import run_schedule
     from mtrain.trainer import Setup, Task, _build
 
-    layout, kernels = case.rsplit("-", 1)
-    tp, pp, cp = (int(part[2:]) for part in layout.split("-"))
+    parts = case.split("-")
+    tp, pp, cp = (int(part[2:]) for part in parts[:3])
+    kernels, recompute = parts[3], (parts[4] if len(parts) > 4 else None)
     ckpt_dir = f"{ckpt_root}/tp{tp}-pp{pp}"
     spec = MegatronCheckpoint.open(ckpt_dir).spec
     parallel.init(tp, pp, cp=cp)
@@ -111,6 +119,7 @@ def run_case(case: str, ckpt_root: str, batches: dict, expected: dict) -> dict:
         setattr(model_cfg, key, value)
     cfg = TrainingCommandConfig(model=model_cfg, kernels=kernels, device="cpu")
     cfg.train.precision, cfg.train.seq_length, cfg.train.iters = "fp32", SEQ, 1
+    cfg.train.recompute = recompute
     cfg.parallel.cp = cp
     plan = ParallelPlan.build(tp, pp, world, global_batch_size=ROWS, cp=cp)
     cu_masks = kernel_choices.cu_seqlens_masks(kernels, cfg.npu)
@@ -140,9 +149,17 @@ def run_case(case: str, ckpt_root: str, batches: dict, expected: dict) -> dict:
         )  # fmt: skip
         loss = (sums[0, 0] / sums[0, 1]).item()
         grads = gathered_grads(model, spec, tp, pp)
+        if not pairs:  # validation's path: logits, loss and accuracy, forward only
+            with torch.no_grad():
+                evaluated = run_schedule(
+                    model, [iter(rows)], logits_forward, lm_loss_and_accuracy, len(rows), seq,
+                    1, forward_only=True,
+                )  # fmt: skip
+            results_eval = (evaluated[0, 0] / evaluated[0, 1]).item()
         want_loss, want_grads = expected[name]
         assert set(grads) == set(want_grads), sorted(set(want_grads) ^ set(grads))
         results[name] = {
+            "eval_loss": results_eval if not pairs else want_loss,
             "loss": loss,
             "hf_loss": want_loss,
             "grad_diff": max((grads[k] - want_grads[k]).abs().max().item() for k in want_grads),
