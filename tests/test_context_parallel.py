@@ -38,6 +38,7 @@ CASES = [
     "tp1-pp1-cp2-torch_npu",
     "tp2-pp1-cp2-local-full",
     "tp1-pp1-cp2-sdpa-selective",
+    "tp2-pp1-cp2-torch_npu-sp",
 ]
 
 
@@ -57,7 +58,8 @@ def setup(tiny_hf, tmp_path_factory):
 @pytest.mark.slow
 def test_cp_loss_and_every_gradient_equal_cp1_and_the_hf_model(setup):
     """TP2 x CP2, CP2 x PP2 and CP4 with the local spec; CP2 with sdpa and torch_npu (emulated,
-    fused RoPE and varlen packed attention); full and selective recompute under CP;
+    fused RoPE and varlen packed attention); full and selective recompute under CP; sequence
+    parallelism with CP (torch_npu);
     pretraining, packed SFT and DPO; validation's forward-only loss for the first two."""
     root, hf = setup
     path = os.pathsep.join([str(EMULATION), os.environ.get("PYTHONPATH", "")])

@@ -3,8 +3,8 @@ pretraining rows, packed SFT rows and DPO pairs, at several layouts in one set o
 
     torchrun --nproc_per_node 4 tests/dist/cp_parity.py RESULT.json HF_DIR CKPT_ROOT CASE...
 
-CASE is `tpT-ppP-cpC-KERNELS[-RECOMPUTE]` (CKPT_ROOT/tpT-ppP holds the converted weights,
-RECOMPUTE is full or selective); processes beyond
+CASE is `tpT-ppP-cpC-KERNELS[-OPTION...]` (CKPT_ROOT/tpT-ppP holds the converted weights;
+OPTION: full or selective recompute, sp for sequence parallelism); processes beyond
 T*P*C are data parallel. Each case runs one forward-backward per task through the trainer's own
 pieces (DDP, per-token loss normalisation, finalize_model_grads, the metric reduction); the
 gradients are gathered into HF layout and compared with torch.autograd on the HF model, which
@@ -108,7 +108,9 @@ def run_case(case: str, ckpt_root: str, batches: dict, expected: dict) -> dict:
 
     parts = case.split("-")
     tp, pp, cp = (int(part[2:]) for part in parts[:3])
-    kernels, recompute = parts[3], (parts[4] if len(parts) > 4 else None)
+    kernels, options = parts[3], parts[4:]
+    recompute = next((o for o in options if o in ("full", "selective")), None)
+    sp = "sp" in options
     ckpt_dir = f"{ckpt_root}/tp{tp}-pp{pp}"
     spec = MegatronCheckpoint.open(ckpt_dir).spec
     parallel.init(tp, pp, cp=cp)
@@ -120,8 +122,8 @@ def run_case(case: str, ckpt_root: str, batches: dict, expected: dict) -> dict:
     cfg = TrainingCommandConfig(model=model_cfg, kernels=kernels, device="cpu")
     cfg.train.precision, cfg.train.seq_length, cfg.train.iters = "fp32", SEQ, 1
     cfg.train.recompute = recompute
-    cfg.parallel.cp = cp
-    plan = ParallelPlan.build(tp, pp, world, global_batch_size=ROWS, cp=cp)
+    cfg.parallel.cp, cfg.parallel.sequence_parallel = cp, sp
+    plan = ParallelPlan.build(tp, pp, world, global_batch_size=ROWS, cp=cp, sequence_parallel=sp)
     cu_masks = kernel_choices.cu_seqlens_masks(kernels, cfg.npu)
     results, kept = {}, {}
     for name in ("pt", "packed", "dpo"):
