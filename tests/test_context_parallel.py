@@ -201,3 +201,20 @@ def test_dry_run_estimates_qwen3_32b_at_tp8_cp8_and_flags_256k_without_full_reco
     assert refused.startswith("fit        NO") and "train.recompute=full" in refused, refused
     full = describe_plan(long_context(262144, 8, "full")).splitlines()[-1]
     assert full.startswith("fit        yes"), full
+
+
+def test_the_readme_128k_example_fits_2x8_npus(monkeypatch):
+    """Qwen3-8B, 128K packed SFT, TP4 x CP4 with full recompute on 16 NPUs."""
+    from mtrain.config.model import load_preset
+    from mtrain.dry_run import describe_plan
+    from mtrain.sft import SFTConfig
+
+    cfg = SFTConfig(model=load_preset("qwen3_8b"), kernels="torch_npu", device="npu")
+    cfg.model.max_position_embeddings = 131072
+    cfg.train.epochs, cfg.train.seq_length, cfg.train.global_batch_size = 1, 131072, 16
+    cfg.train.recompute, cfg.data.path, cfg.data.packing = "full", "long_chat.jsonl", True
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp = 4, 1, 4
+    cfg.parallel.sequence_parallel = cfg.parallel.distributed_optimizer = True
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    fit = describe_plan(cfg).splitlines()[-1]
+    assert fit.startswith("fit        yes: 28.") and "of 64.0 GiB" in fit, fit
