@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from mtrain.config.schema import TrainingCommandConfig, resolve_layout, validate
-from mtrain.estimates import GiB, checkpoint_bytes, memory_estimate
+from mtrain.estimates import GiB, checkpoint_bytes, device_memory, fits, memory_estimate
 from mtrain.preflight import check_outputs
 from mtrain.progress import flops_per_token
 
@@ -63,4 +63,20 @@ def describe_plan(cfg: TrainingCommandConfig) -> str:
         + (", adapters only" if cfg.finetuning_type == "lora" else "")
         + ")",
     ]
+    device_gib = device_memory(cfg)
+    if device_gib is not None:
+        lines.append(fit_line(total, device_gib, plan.cp, tr.recompute))
     return "\n".join(lines)
+
+
+def fit_line(total: float, device_gib: float, cp: int, recompute: str | None) -> str:
+    """Whether the estimate fits the device, and what to change when it does not."""
+    if fits(total, device_gib):
+        return f"fit        yes: {size(total)} of {size(device_gib)} per device"
+    hints = [f"raise parallel.cp (now {cp})"]
+    if recompute != "full":
+        hints.append("train.recompute=full")
+    return (
+        f"fit        NO: {size(total)} exceeds 90% of {size(device_gib)} per device "
+        f"(device_memory_gib); {' or '.join(hints)}, or lower train.micro_batch_size"
+    )

@@ -5,9 +5,17 @@ checks want free).
 The memory estimate is for the most loaded pipeline stage. Weights in the training precision; fp32
 gradient buffers; Adam in fp32 (master weights + two moments), divided over DP with the
 distributed optimizer. Activations per layer and micro-batch follow Korthikanti et al. (2022):
-s*b*h*(34 + 5*a*s/h) bytes without recomputation (the 5as/h term is the attention matrix, absent
-with flash attention), 34*s*b*h with selective and 2*s*b*h with full recomputation, divided by TP,
-times the micro-batches the first 1F1B stage keeps in flight (min(pp, micro-batches)).
+s*b*h*(34 + 5*a*s/h) bytes without recomputation (the 5as/h term is the attention matrix, which
+only kernels=local, or the NPU kernels with npu.flash_attn=false, materialise; the flash
+attentions of sdpa, te, torch_npu and mindspeed do not), 34*s*b*h with selective and 2*s*b*h with
+full recomputation, divided by TP, times the micro-batches the first 1F1B stage keeps in flight
+(min(pp, micro-batches)).
+
+Context parallelism (parallel.cp) divides every activation by cp: each rank holds s/cp tokens
+between the attentions, and inside Ulysses' attention the whole sequence for 1/cp of the heads
+(the attention matrix, where there is one, is a/(tp*cp) heads of s x s). Packed rows with a dense
+block-causal mask (every kernel but torch_npu's flash attention, which takes cu_seqlens) hold
+that s x s boolean mask whole on every rank.
 """
 
 from __future__ import annotations
@@ -49,6 +57,35 @@ def checkpoint_bytes(cfg: TrainingCommandConfig, spec: ModelSpec) -> float:
     return stored * (weight_bytes + optimizer_bytes)
 
 
+def attention_matrix(cfg: TrainingCommandConfig) -> bool:
+    """The attention materialises its s x s scores (megatron's unfused softmax)."""
+    if cfg.kernels == "auto":  # local on CPU; a flash attention on CUDA and NPU
+        return cfg.device == "cpu"
+    if cfg.kernels in ("torch_npu", "mindspeed"):
+        return not cfg.npu.flash_attn
+    return cfg.kernels == "local"
+
+
+def varlen_attention(cfg: TrainingCommandConfig) -> bool:
+    """Packed rows reach the attention as cu_seqlens, not as a dense mask."""
+    return cfg.kernels == "torch_npu" and cfg.npu.flash_attn
+
+
+DEVICE_MEMORY_GIB = {"auto": 64.0, "npu": 64.0, "cuda": 80.0}  # when device_memory_gib is unset
+
+
+def device_memory(cfg: TrainingCommandConfig) -> float | None:
+    """The device memory the estimate is held to; None on CPU."""
+    given = getattr(cfg, "device_memory_gib", None)
+    return given if given is not None else DEVICE_MEMORY_GIB.get(cfg.device)
+
+
+def fits(total_gib: float, device_gib: float) -> bool:
+    """The estimate leaves room for the allocator, communication buffers and the framework's
+    own memory: about a tenth of the device."""
+    return total_gib <= 0.9 * device_gib
+
+
 def memory_estimate(
     cfg: TrainingCommandConfig, plan: ParallelPlan, spec: ModelSpec | None = None
 ) -> dict[str, float]:
@@ -64,7 +101,9 @@ def memory_estimate(
     # Gradients and optimizer state exist for trained parameters only: with LoRA, the adapters.
     trained = lora_parameters(cfg, spec, tp) * layers if cfg.finetuning_type == "lora" else params
     weight_bytes, optimizer_bytes = bytes_per_parameter(tr.precision)
-    optimizer_bytes /= dp if cfg.parallel.distributed_optimizer else 1
+    # megatron shards the distributed optimizer over data x context parallel ranks (the ranks that
+    # hold the same weights).
+    optimizer_bytes /= dp * plan.cp if cfg.parallel.distributed_optimizer else 1
     # DPO: a sample is a pair (two sequences); a `model` reference of a full fine-tune is a
     # second copy of the weights (with LoRA it is the policy with its adapters off).
     dpo = getattr(cfg, "dpo", None)
@@ -72,15 +111,18 @@ def memory_estimate(
     copies = (
         2 if dpo is not None and dpo.reference == "model" and cfg.finetuning_type != "lora" else 1
     )
-    s, b, a = tr.seq_length, tr.micro_batch_size * rows, spec.num_attention_heads
+    s, b, a, cp = tr.seq_length, tr.micro_batch_size * rows, spec.num_attention_heads, plan.cp
+    scores = 5 * a * s / h if attention_matrix(cfg) else 0.0
     per_layer_act = {
-        None: s * b * h * (34 + 5 * a * s / h),
+        None: s * b * h * (34 + scores),
         "selective": 34 * s * b * h,
         "full": 2 * s * b * h,
     }[tr.recompute]
     in_flight = min(pp, plan.micro_batches)
-    activations = per_layer_act * layers / tp * in_flight
-    logits = 4 * s * b * spec.padded_vocab_size(tp) / tp * 2  # fp32 logits and their grad
+    activations = per_layer_act * layers / (tp * cp) * in_flight
+    logits = 4 * s * b * spec.padded_vocab_size(tp) / (tp * cp) * 2  # fp32 logits and their grad
+    if getattr(cfg.data, "packing", False) and not varlen_attention(cfg):
+        activations += s * s * b * in_flight  # the block-causal mask, one byte per entry
     return {
         "parameters": params,
         "trained": trained,

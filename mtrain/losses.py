@@ -97,11 +97,30 @@ def pair_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return lm_forward(model, flat)
 
 
+class _SumOverContext(torch.autograd.Function):
+    """Sum over the CP group, gradient passed through: each CP rank holds part of every
+    sequence, and the whole log-prob's gradient reaches each part through its own rank."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=parallel.cp_group())
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def sequence_logps(batch: Batch, token_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob [m, 2], response tokens [m, 2]) of each pair's chosen and rejected sequence."""
+    """(log-prob [m, 2], response tokens [m, 2]) of each pair's chosen and rejected sequence,
+    whole under context parallelism (summed over the CP ranks' chunks)."""
     mask = batch["loss_mask"].flatten(0, 1).float()
-    logps = -(token_losses.float() * mask).sum(-1)
-    return logps.view(-1, 2), mask.sum(-1).view(-1, 2)
+    sums = torch.stack([-(token_losses.float() * mask).sum(-1), mask.sum(-1)])
+    if parallel.cp_size() > 1:
+        sums = _SumOverContext.apply(sums)
+    logps, tokens = sums
+    return logps.view(-1, 2), tokens.view(-1, 2)
 
 
 def dpo_loss(
@@ -144,17 +163,22 @@ def dpo_loss(
 
 def make_dpo_loss(kind: str, beta: float, label_smoothing: float, sft_weight: float):
     """The trainer's loss function: (sum of pair losses, number of pairs, metrics); the batch
-    carries the reference log-probs as `ref_logps` [m, 2]."""
+    carries the reference log-probs as `ref_logps` [m, 2]. Under context parallelism every CP
+    rank has the whole pairs' losses (and backpropagates them into its own tokens); CP rank 0
+    alone counts the pairs and reports the metrics, as the counts are summed over CP."""
 
     def loss(batch: Batch, token_losses: torch.Tensor):
         policy, tokens = sequence_logps(batch, token_losses)
         losses, values = dpo_loss(
             policy, batch["ref_logps"].float(), tokens, kind, beta, label_smoothing, sft_weight
         )
-        pairs = torch.tensor(float(len(losses)), device=losses.device)
+        share = float(parallel.cp_size() == 1 or parallel.cp_rank() == 0)
+        pairs = torch.tensor(share * len(losses), device=losses.device)
         total = losses.sum()
-        metrics = {"loss": torch.stack([total.detach(), pairs])}
-        metrics.update({k: torch.stack([v.detach().sum(), pairs]) for k, v in values.items()})
+        metrics = {"loss": torch.stack([share * total.detach(), pairs])}
+        metrics.update(
+            {k: torch.stack([share * v.detach().sum(), pairs]) for k, v in values.items()}
+        )
         return total, pairs.int(), metrics
 
     return loss

@@ -14,7 +14,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from mtrain import accel
+from mtrain import accel, compat
 from mtrain.errors import MtrainError
 from mtrain.plan import data_parallel_size
 
@@ -31,20 +31,26 @@ def world_size() -> int:
 
 
 def init(
-    tp: int = 1, pp: int = 1, vpp: int = 1, seed: int = 1234, timeout_minutes: int = 30
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+    cp: int = 1,
 ) -> int:
-    """Join the job's process group and build megatron's TP/PP/DP groups; returns the DP size.
+    """Join the job's process group and build megatron's TP/PP/CP/DP groups; returns the DP size.
 
     Works under torchrun and as a single plain process (world size 1).
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    dp = data_parallel_size(tp, pp, world_size())
+    dp = data_parallel_size(tp, pp, world_size(), cp)
     init_process_group(timeout_minutes)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        context_parallel_size=cp,
     )
     # Seeds the default and the tensor-parallel RNG streams (different per TP rank, as megatron).
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -120,6 +126,7 @@ def destroy() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    compat.forget_position_embedding_ranks()
 
 
 def _free_port() -> int:
@@ -180,6 +187,34 @@ def dp_size() -> int:
 
 def dp_group():
     return _state().get_data_parallel_group()
+
+
+def cp_rank() -> int:
+    return _state().get_context_parallel_rank()
+
+
+def cp_size() -> int:
+    return _state().get_context_parallel_world_size()
+
+
+def cp_group():
+    return _state().get_context_parallel_group()
+
+
+# The ranks that hold the same weights (data x context parallel): megatron reduces gradients
+# and shards the distributed optimizer over them; one of them writes a checkpoint file.
+
+
+def replica_rank() -> int:
+    return _state().get_data_parallel_rank(with_context_parallel=True)
+
+
+def replica_size() -> int:
+    return _state().get_data_parallel_world_size(with_context_parallel=True)
+
+
+def replica_group():
+    return _state().get_data_parallel_group(with_context_parallel=True)
 
 
 def is_last_stage() -> bool:

@@ -17,8 +17,9 @@ def data_parallel_size(tp: int, pp: int, world_size: int, cp: int = 1) -> int:
     not fit, naming the keys. The one place this rule and its message live."""
     model_parallel = tp * pp * cp
     if world_size % model_parallel:
+        sizes = f"parallel.tp={tp} x parallel.pp={pp}" + (f" x parallel.cp={cp}" if cp > 1 else "")
         raise ConfigError(
-            f"parallel.tp={tp} x parallel.pp={pp} = {model_parallel} does not divide the "
+            f"{sizes} = {model_parallel} does not divide the "
             f"{world_size} processes started; launch a multiple of {model_parallel} processes"
         )
     return world_size // model_parallel
@@ -63,10 +64,13 @@ class ParallelPlan:
         global_batch_size: int | None = None,
         sequence_parallel: bool = False,
         distributed_optimizer: bool = False,
+        cp: int = 1,
     ) -> ParallelPlan:
         """Check the layout rules that need only the sizes (the model's own divisibility rules
         are `ModelSpec.check_parallel`)."""
-        dp = data_parallel_size(tp, pp, world_size)
+        if cp < 1:
+            raise ConfigError(f"parallel.cp={cp} must be >= 1")
+        dp = data_parallel_size(tp, pp, world_size, cp)
         check_virtual_stages(pp, vpp)
         if sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
@@ -93,12 +97,15 @@ class ParallelPlan:
             micro_batch_size=micro_batch_size,
             sequence_parallel=sequence_parallel,
             distributed_optimizer=distributed_optimizer,
+            cp=cp,
         )
 
     def describe(self) -> str:
-        """`16 devices = tp 8 x pp 2 x dp 1[, vpp 2][, sequence parallel]...`"""
+        """`16 devices = tp 8 x pp 2 [x cp 2] x dp 1[, vpp 2][, sequence parallel]...`"""
         return (
-            f"{self.world_size} devices = tp {self.tp} x pp {self.pp} x dp {self.dp}"
+            f"{self.world_size} devices = tp {self.tp} x pp {self.pp}"
+            + (f" x cp {self.cp}" if self.cp > 1 else "")
+            + f" x dp {self.dp}"
             + (f", vpp {self.vpp}" if self.vpp > 1 else "")
             + (", sequence parallel" if self.sequence_parallel else "")
             + (", distributed optimizer" if self.distributed_optimizer else "")

@@ -151,7 +151,7 @@ def precompute(run, dataset, path: Path) -> np.ndarray:
     if last_stage:
         parts = [None] * dp
         torch.distributed.all_gather_object(parts, found, group=parallel.dp_group())
-        if parallel.tp_rank() == 0 and dp_rank == 0:
+        if parallel.tp_rank() == 0 and dp_rank == 0 and parallel.cp_rank() == 0:
             table = np.zeros((n, 2), dtype=np.float64)
             for part in parts:
                 for pid, values in part.items():

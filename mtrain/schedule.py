@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from mtrain import accel, parallel
+from mtrain import accel, compat, parallel
+from mtrain.context_parallel import layout_of, shard_batch
 
 # Metrics a task may report, each as tensor([sum, weight]); a fixed order lets every rank
 # reduce them in one collective without exchanging names.
@@ -25,12 +26,13 @@ METRICS = (
 
 
 def _metric_sums(outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """[sum, weight] per METRICS entry over micro-batches and DP, on every rank (collective)."""
+    """[sum, weight] per METRICS entry over micro-batches, DP and CP ranks, on every rank
+    (collective): under CP each rank reports its own tokens' share."""
     sums = torch.zeros(len(METRICS), 2, device=accel.device())
     for out in outputs:  # only the last pipeline stage has outputs
         for name, value in out.items():
             sums[METRICS.index(name)] += value.to(sums.device).float()
-    torch.distributed.all_reduce(sums, group=parallel.dp_group())
+    torch.distributed.all_reduce(sums, group=parallel.replica_group())
     torch.distributed.all_reduce(sums, group=parallel.pp_group())
     return sums
 
@@ -51,12 +53,23 @@ def run_schedule(
 ) -> torch.Tensor:
     """`micro_batches` micro-batches through megatron's pipeline schedule; returns the metric
     sums. `micro_batch_size` counts the sequences the model sees (a DPO pair is two): the
-    schedule sizes its pipeline messages by it and `seq_length`."""
+    schedule sizes its pipeline messages by it and `seq_length` (megatron divides it by CP).
+    Under context parallelism each rank takes its chunks of every sequence (in the layout the
+    model wants, see mtrain/context_parallel.py) and its loss counts are summed over CP."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    cp, cp_rank, cp_group = parallel.cp_size(), parallel.cp_rank(), parallel.cp_group()
+    cp_layout = layout_of(get_model_config(model[0])) if cp > 1 else "balanced"
+
+    def counted(batch, out):
+        total, count, metrics = loss(batch, out)
+        return total, compat.count_loss_tokens_over_context_parallel(count, cp_group), metrics
 
     def forward_step(data_iterator, chunk):
         batch = {k: v.to(accel.device(), non_blocking=True) for k, v in next(data_iterator).items()}
-        return forward(chunk, batch), lambda out: loss(batch, out)
+        batch = shard_batch(batch, cp, cp_rank, cp_layout)
+        return forward(chunk, batch), lambda out: counted(batch, out)
 
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,

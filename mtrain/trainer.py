@@ -33,6 +33,7 @@ from mtrain.checkpoint import (
     starting_point,
 )
 from mtrain.config.schema import TrainingCommandConfig, validate
+from mtrain.context_parallel import check_context_parallel
 from mtrain.dtypes import DTYPE_NAMES, DTYPES
 from mtrain.errors import ConfigError, MtrainError
 from mtrain.freeze import apply_freeze
@@ -141,6 +142,7 @@ def _build(cfg: TrainingCommandConfig, setup: Setup, task: Task):
         vpp=plan.vpp,
         precision=tr.precision,
         sequence_parallel=plan.sequence_parallel,
+        cp=plan.cp,
         kernels=setup.kernels,
         npu=cfg.npu,
         recompute_granularity=tr.recompute,
@@ -222,7 +224,8 @@ def train(
     check_start(cfg, spec, plan)
     mlog.setup(all_ranks=cfg.log.all_ranks)
     setup = Setup(spec, plan, kernels.start(cfg, plan, spec.num_layers))
-    parallel.init(plan.tp, plan.pp, plan.vpp, seed=cfg.train.seed)
+    check_context_parallel(cfg, spec, plan.tp, setup.kernels)
+    parallel.init(plan.tp, plan.pp, plan.vpp, seed=cfg.train.seed, cp=plan.cp)
     try:
         return _run(cfg, make_task, setup)
     finally:
@@ -247,6 +250,7 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
 
     args = megatron_args(spec, plan.tp, plan.pp, plan.vpp, DTYPE_NAMES[DTYPES[tr.precision]])
     args.data_parallel_size = plan.dp
+    args.context_parallel_size = plan.cp
     args.use_distributed_optimizer = plan.distributed_optimizer
     args.ckpt_format = "torch" if cfg.checkpoint.format == "legacy" else "torch_dist"
     if adapters is not None:
@@ -266,13 +270,14 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
         start_iter=state.iteration,
     )
     log.info(
-        "training %s: %s, tp=%d pp=%d vpp=%d dp=%d, %d micro-batches of %d per step, "
+        "training %s: %s, tp=%d pp=%d vpp=%d cp=%d dp=%d, %d micro-batches of %d per step, "
         "%d iterations, kernels=%s",
         task.name,
         cfg.model.display_name,
         plan.tp,
         plan.pp,
         plan.vpp,
+        plan.cp,
         dp,
         plan.micro_batches,
         tr.micro_batch_size,

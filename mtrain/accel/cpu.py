@@ -137,6 +137,10 @@ def _cpu_factory(fn):
     def factory(*args, **kwargs):
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        # rope_utils.py get_pos_emb_on_this_cp_rank: torch.tensor(..., pin_memory=True), which
+        # needs an accelerator's pinned-memory allocator (context parallelism).
+        if kwargs.get("pin_memory") and not torch.cuda.is_available():
+            kwargs["pin_memory"] = False
         return fn(*args, **kwargs)
 
     return factory

@@ -57,7 +57,7 @@ def _rng_object(rng: list | None) -> Any:
         rng,
         (parallel.pp_size(), parallel.tp_size()),
         (parallel.pp_rank(), parallel.tp_rank()),
-        replica_id=parallel.dp_rank(),  # the list is the same on every DP rank: one copy
+        replica_id=parallel.replica_rank(),  # the same list on every DP x CP rank: one copy
     )
 
 
@@ -84,7 +84,8 @@ def load_dist(ckpt: MegatronCheckpoint, parts: Any, fill: Any) -> dict[str, Any]
     what common.pt holds."""
     args = ckpt.args
     saved = (*ckpt.saved_layout[:2], int(getattr(args, "data_parallel_size", 0) or 0))
-    here = (parallel.tp_size(), parallel.pp_size(), parallel.dp_size())
+    saved += (int(getattr(args, "context_parallel_size", 1) or 1),)
+    here = (parallel.tp_size(), parallel.pp_size(), parallel.dp_size(), parallel.cp_size())
     model = sharded_state_dicts(parts.model)
     state: dict[str, Any] = dict(model)
     compat.optimizer_state_for_dist_load(parts.optimizer)
@@ -96,10 +97,11 @@ def load_dist(ckpt: MegatronCheckpoint, parts: Any, fill: Any) -> dict[str, Any]
     compat.load_dist_optimizer_state(parts.optimizer, loaded["optimizer"])
     parts.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if saved == here:
-        set_rng_state(loaded["rng_state"][parallel.dp_rank()])
+        set_rng_state(loaded["rng_state"][parallel.replica_rank()])
     else:
         log.info(
-            "%s was saved at tp=%d pp=%d dp=%d, this run is tp=%d pp=%d dp=%d: weights and "
+            "%s was saved at tp=%d pp=%d dp=%d cp=%d, this run is tp=%d pp=%d dp=%d cp=%d: "
+            "weights and "
             "optimizer resharded; the RNG streams continue from this run's seed",
             ckpt.iter_dir,
             *saved,

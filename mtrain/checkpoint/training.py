@@ -83,9 +83,9 @@ def save_training_checkpoint(
         partial.mkdir()
     torch.distributed.barrier()
 
-    # RNG states of every DP rank, so a resumed run continues each rank's stream.
-    rng = [None] * parallel.dp_size()
-    torch.distributed.all_gather_object(rng, rng_state(), group=parallel.dp_group())
+    # RNG states of every DP (x CP) rank, so a resumed run continues each rank's stream.
+    rng = [None] * parallel.replica_size()
+    torch.distributed.all_gather_object(rng, rng_state(), group=parallel.replica_group())
     args = argparse.Namespace(
         **vars(args), iteration=state.iteration, consumed_train_samples=state.consumed_samples
     )
@@ -119,7 +119,7 @@ def _save_legacy(
     if getattr(optimizer.config, "use_distributed_optimizer", False):  # DP collective
         path.parent.mkdir(parents=True, exist_ok=True)
         optimizer.save_parameter_state(str(path.parent / DISTRIB_OPTIM_FILE))
-    if parallel.dp_rank() == 0:
+    if parallel.replica_rank() == 0:  # one writer per TP x PP rank (CP ranks hold the same)
         payload = {**common, "optimizer": optimizer.state_dict(), "rng_state": rng}
         unwrapped = [getattr(m, "module", m) for m in parts.model]
         states = [adapter_state_dict(m) if adapters_only else m.state_dict() for m in unwrapped]
@@ -216,8 +216,8 @@ def load_training_checkpoint(
         )
     parts.scheduler.load_state_dict(payload["opt_param_scheduler"])
     rng = payload.get("rng_state")
-    if rng is not None and len(rng) == parallel.dp_size():
-        set_rng_state(rng[parallel.dp_rank()])
+    if rng is not None and len(rng) == parallel.replica_size():
+        set_rng_state(rng[parallel.replica_rank()])
     args = payload["args"]
     return TrainState(
         iteration=int(payload["iteration"]),

@@ -11,6 +11,8 @@ through a few named seams: the model build (`mtrain/models/provider.py` and the 
 
 from mtrain.compat.megatron_core import (
     batch_p2p_comm,
+    count_loss_tokens_over_context_parallel,
+    forget_position_embedding_ranks,
     keep_frozen_tied_embedding_reducible,
     load_dist_optimizer_state,
     load_distributed_optimizer_state,
@@ -23,6 +25,8 @@ from mtrain.compat.megatron_core import (
 
 __all__ = [
     "batch_p2p_comm",
+    "count_loss_tokens_over_context_parallel",
+    "forget_position_embedding_ranks",
     "keep_frozen_tied_embedding_reducible",
     "load_dist_optimizer_state",
     "load_distributed_optimizer_state",

@@ -236,3 +236,34 @@ def pass_dcp_serialization_format() -> None:
 
     write_item_with_format._mtrain_format = True
     filesystem_async._write_item = write_item_with_format
+
+
+def count_loss_tokens_over_context_parallel(
+    num_tokens: torch.Tensor, cp_group: Any
+) -> torch.Tensor:
+    """A micro-batch's loss-token count summed over the context-parallel group.
+
+    Symptom (0.12.x): with `calculate_per_token_loss`, `finalize_model_grads` all-reduces the
+    token count over the data-parallel group without CP, while the gradients are summed over
+    data x context parallel: each CP rank would divide the same summed gradient by the count of
+    its own chunks only, and the CP ranks' weights would drift apart from the first step. With the
+    count summed over CP here, every rank divides by the global batch's count. Shown by
+    tests/test_context_parallel.py (CP2 gradients equal CP1's)."""
+    if torch.distributed.get_world_size(cp_group) == 1:
+        return num_tokens
+    total = num_tokens.clone()
+    torch.distributed.all_reduce(total, group=cp_group)
+    return total
+
+
+def forget_position_embedding_ranks() -> None:
+    """Clear the position-embedding ranks that `destroy_model_parallel` leaves behind.
+
+    Symptom (0.12.x): `destroy_model_parallel` resets the position-embedding group but not its
+    rank list, so after a PP=1 layout every rank still counts itself in the group; a PP=2
+    layout built next in the same processes then fails in `finalize_model_grads` on the later
+    stage ("position embedding group is not initialized"). Shown by
+    tests/test_context_parallel.py, whose worker runs PP=1 and PP=2 layouts in turn."""
+    from megatron.core import parallel_state
+
+    parallel_state._POSITION_EMBEDDING_GLOBAL_RANKS = None

@@ -17,6 +17,7 @@ from mtrain.config.data import DataConfig
 from mtrain.config.kernels import KERNELS, NpuConfig
 from mtrain.config.lora import LoraConfig
 from mtrain.config.model import ModelConfig
+from mtrain.context_parallel import check_context_parallel
 from mtrain.dtypes import parse_dtype
 from mtrain.errors import ConfigError
 from mtrain.models.spec import ModelSpec
@@ -46,6 +47,10 @@ class ParallelConfig:
     sequence_parallel: bool = False  # split activations along the sequence within TP (needs tp > 1)
     distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
     overlap_grad_reduce: bool = False  # overlap the DP gradient all-reduce with backward
+    cp: int = 1  # context-parallel size: every sequence split over cp ranks (long context)
+    # MindSpeed's CP with kernels=mindspeed: ulysses_cp_algo | megatron_cp_algo (ring); the other
+    # kernels run mtrain's Ulysses (te: megatron-core's own CP)
+    cp_algo: str = "ulysses_cp_algo"
 
 
 @dataclass
@@ -177,6 +182,9 @@ class TrainingCommandConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # adapters for finetuning_type=lora
     device: str = "auto"  # auto | cpu | cuda | npu
+    # GiB per device that dry_run checks its memory estimate against; default by device: 64
+    # (Ascend 910B, an A3 die; also for auto), 80 (cuda)
+    device_memory_gib: float | None = None
     kernels: str = "auto"  # layers: auto | local | sdpa | te | torch_npu | mindspeed
     npu: NpuConfig = field(default_factory=NpuConfig)  # Ascend fused kernels and MindSpeed flags
     load: str | None = (
@@ -283,6 +291,8 @@ def validate(
         global_batch_size=tr.global_batch_size,
         sequence_parallel=par.sequence_parallel,
         distributed_optimizer=par.distributed_optimizer,
+        cp=par.cp,
     )
     check_combinations(cfg, spec)
+    check_context_parallel(cfg, spec, tp, cfg.kernels)
     return plan

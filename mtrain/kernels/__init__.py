@@ -19,7 +19,7 @@ import torch
 from mtrain import accel
 from mtrain.config.kernels import KERNELS
 from mtrain.errors import ConfigError
-from mtrain.kernels import mindspeed, sdpa, te, torch_npu
+from mtrain.kernels import mindspeed, sdpa, te, torch_npu, ulysses
 
 log = logging.getLogger("mtrain.kernels")
 
@@ -51,6 +51,9 @@ class Kernels:
     package: str | None = None  # the package it needs, if one
     # Why this machine cannot run it; formatted with the device and whether the package is found.
     unavailable: str = ""
+    # Runs context parallelism itself (megatron-core's with TE, MindSpeed's own); else mtrain
+    # wraps its core attention in Ulysses all-to-alls (mtrain/kernels/ulysses.py).
+    own_context_parallel: bool = False
 
 
 CHOICES: dict[str, Kernels] = {
@@ -62,6 +65,7 @@ CHOICES: dict[str, Kernels] = {
         fused_rope=True,
         sequence_parallel=True,
         prepare=te.prepare,
+        own_context_parallel=True,
         device="cuda",
         package="transformer_engine",
         unavailable="kernels=te needs device=cuda with transformer_engine installed (device="
@@ -81,6 +85,7 @@ CHOICES: dict[str, Kernels] = {
         swiglu_switch=True,
         sequence_parallel=True,
         prepare=mindspeed.prepare,
+        own_context_parallel=True,
         device="npu",
         package="mindspeed",
         unavailable="kernels=mindspeed needs device=npu with MindSpeed installed (device={device}"
@@ -191,6 +196,12 @@ def block_spec(kernels: str, qk_layernorm: bool, packed: bool, ops: Any, config:
     """The layer (or block) spec for megatron's GPTModel; None means the local spec."""
     build = choice(kernels).layer_spec
     return None if build is None else build(qk_layernorm, packed, ops, config)
+
+
+def context_parallel_spec(kernels: str, spec: Any) -> Any:
+    """The layer spec under context parallelism: as it is where the kernels run CP themselves,
+    else with Ulysses around its core attention."""
+    return spec if choice(kernels).own_context_parallel else ulysses.wrap_layer_spec(spec)
 
 
 def cu_seqlens_masks(kernels: str, ops: Any) -> bool:

@@ -50,6 +50,8 @@ VALUE_FLAGS = (
     "--recompute-method",
     "--recompute-num-layers",
     "--sparse-mode",
+    "--context-parallel-size",
+    "--context-parallel-algo",
 )
 OWNED = frozenset(flag for _, flag in SWITCHES) | frozenset(VALUE_FLAGS)
 SPARSE_GIVEN_MASK = 0  # npu_fusion_attention applies the mask it is given
@@ -147,6 +149,12 @@ def check(cfg: Any, plan: Any, kernels: str) -> None:
                 "npu.mc2=true with finetuning_type=lora is not supported: MC2 replaces the "
                 "parallel linears that the adapters attach to; set npu.mc2=false"
             )
+    if kernels == "mindspeed" and plan.cp > 1 and getattr(cfg.data, "packing", False):
+        raise ConfigError(
+            "kernels=mindspeed with parallel.cp > 1 and data.packing=true is not supported: "
+            "MindSpeed's CP takes packed rows in its own mask layout; use kernels=torch_npu "
+            "(mtrain's Ulysses CP runs packed rows)"
+        )
     if npu.mindspeed_flags and kernels != "mindspeed":
         raise ConfigError(
             f"npu.mindspeed_flags={list(npu.mindspeed_flags)} needs kernels=mindspeed "
@@ -181,6 +189,9 @@ def flags(cfg: Any, plan: Any, num_layers: int, packed: bool) -> list[str]:
         "--position-embedding-type",
         "rope",
     ]
+    if plan.cp > 1:  # MindSpeed's own CP (parallel.cp, parallel.cp_algo)
+        out += ["--context-parallel-size", str(plan.cp)]
+        out += ["--context-parallel-algo", cfg.parallel.cp_algo]
     if plan.vpp > 1:
         per_stage = num_layers // (plan.pp * plan.vpp)
         out += ["--num-layers-per-virtual-pipeline-stage", str(per_stage)]

@@ -26,6 +26,7 @@ class BuildOptions:
     vpp: int = 1
     precision: str = "fp32"  # bf16 | fp16 | fp32
     sequence_parallel: bool = False
+    cp: int = 1  # context-parallel size (mtrain/context_parallel.py)
     recompute_granularity: str | None = None  # None | selective | full
     recompute_num_layers: int | None = None
     init_method_std: float = 0.02
@@ -81,6 +82,9 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         pipeline_model_parallel_size=opts.pp,
         virtual_pipeline_model_parallel_size=opts.vpp if opts.vpp > 1 else None,
         sequence_parallel=opts.sequence_parallel,
+        context_parallel_size=opts.cp,
+        # Transformer Engine's CP (kernels=te): ring attention, megatron-core's default.
+        cp_comm_type="p2p" if opts.cp > 1 else None,
         use_cpu_initialization=opts.seed_init_on_cpu,
         perform_initialization=opts.initialize,
         **kernels.megatron_fusions(opts.kernels, opts.npu),
@@ -96,7 +100,8 @@ def layer_spec(spec: ModelSpec, opts: BuildOptions, config: Any):
     """The layers for `opts.kernels`; every choice keeps the local spec's checkpoint names."""
     qk = spec.family_table.qk_layernorm
     chosen = kernels.block_spec(opts.kernels, qk, opts.explicit_attention_mask, opts.npu, config)
-    return chosen if chosen is not None else local_layer_spec(spec, opts.explicit_attention_mask)
+    chosen = chosen if chosen is not None else local_layer_spec(spec, opts.explicit_attention_mask)
+    return kernels.context_parallel_spec(opts.kernels, chosen) if opts.cp > 1 else chosen
 
 
 def local_layer_spec(spec: ModelSpec, explicit_attention_mask: bool = False):
