@@ -21,6 +21,7 @@ METRICS = (
     "rewards/accuracy",
     "logps/chosen",
     "logps/rejected",
+    "kl",
 )
 
 

@@ -19,13 +19,14 @@ ITERS = 20
 
 
 def test_dpo_loss_and_gradient_equal_plain_pytorch_on_the_hf_model_at_tp2pp2(tiny_hf, tmp_path):
-    """sigmoid (with label smoothing and an SFT term), ipo and hinge; every parameter's gradient
-    gathered into HF layout. fp32, relative tolerance 1e-5."""
+    """sigmoid (with label smoothing and an SFT term), ipo, hinge, and the relatives SimPO,
+    ORPO and KTO (tests/test_preference_losses.py checks their formulas against TRL's); every
+    parameter's gradient gathered into HF layout. fp32, relative tolerance 1e-5."""
     hf = tiny_hf(tiny_spec(tie_word_embeddings=False))
     hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(tmp_path / "c"), tp=2, pp=2))
     torchrun("dpo_parity.py", 4, tmp_path / "result.json", hf, tmp_path / "c")
     results = json.loads((tmp_path / "result.json").read_text())
-    assert set(results) == {"sigmoid", "ipo", "hinge"}
+    assert set(results) == {"sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"}
     for kind, r in results.items():
         assert r["loss"] <= 1e-5 * max(1.0, abs(r["loss_value"])), (kind, r)
         assert r["grad"] <= 1e-5 * max(1.0, r["grad_scale"]), (kind, r)
