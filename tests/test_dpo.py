@@ -101,3 +101,65 @@ def test_resumed_dpo_reuses_the_reference_cache_and_reproduces_the_curve(setup, 
     first = run_dpo(setup, "resumed", **{"train.exit_after_iters": 8})
     second = run_dpo(setup, "resumed")
     assert [h["loss"] for h in first + second] == [h["loss"] for h in precomputed]
+
+
+def split(history: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(training lines, validation lines) of a metrics file."""
+    return [h for h in history if "loss" in h], [h for h in history if "eval/loss" in h]
+
+
+VALIDATED = {  # 8 training pairs, 4 held out; the first step runs at lr 0 (warm-up)
+    "data.val_ratio": 0.34,
+    "eval.interval": 1,
+    "train.iters": 3,
+    "train.global_batch_size": 4,
+    "train.warmup_iters": 2,
+}
+
+
+def test_validation_pairs_get_their_own_reference_pass(setup):
+    """After the lr-0 first step the policy is the reference: every validation pair's margin is
+    0 and the loss log 2, which holds only if each validation pair is compared with its own
+    reference log-probs. Then the precomputed and the frozen-copy reference evaluate alike."""
+    pre_train, pre_eval = split(run_dpo(setup, "val_pre", **VALIDATED))
+    model_train, model_eval = split(
+        run_dpo(setup, "val_model", **VALIDATED, **{"dpo.reference": "model"})
+    )
+    assert [h["iteration"] for h in pre_eval] == [1, 2, 3]
+    assert pre_eval[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(pre_eval[0]["eval/rewards/margin"]) < 1e-6
+    assert pre_eval[-1]["eval/rewards/margin"] != pytest.approx(0.0, abs=1e-4)
+    for a, b in zip(pre_eval + pre_train, model_eval + model_train):
+        for key in a:
+            assert abs(a[key] - b.get(key, math.inf)) < 1e-5, (key, a, b)
+
+
+def test_reference_free_and_kto_losses_train_the_preference(setup):
+    """SimPO and ORPO run without any reference pass; KTO on the pairs split into unpaired
+    samples (chosen desirable, rejected not). Each raises the preference within 12 steps."""
+    root, _ = setup
+    kto = root / "kto.jsonl"
+    with open(kto, "w") as f:
+        for line in (root / "pairs.jsonl").read_text().splitlines():
+            pair = json.loads(line)
+            for side, label in (("chosen", True), ("rejected", False)):
+                f.write(json.dumps({"prompt": pair["prompt"], "completion": pair[side],
+                                    "label": label}) + "\n")  # fmt: skip
+    short = {"train.iters": 12, "train.lr": 3e-3}
+    for loss, extra in (("simpo", {"dpo.beta": 2.0, "dpo.gamma": 0.5}), ("orpo", {})):
+        cache = root / f"cache_{loss}"
+        history = run_dpo(
+            setup, loss, **short, **extra, **{"dpo.loss": loss, "data.cache_dir": cache}
+        )
+        assert not (cache / "dpo_reference").exists()  # no reference pass ran
+        first, last = history[0], history[-1]
+        if loss == "simpo":  # the margin is the objective
+            assert last["rewards/margin"] > first["rewards/margin"] + 0.3, history
+        else:  # mostly the chosen responses' NLL at ORPO's default weight
+            assert last["loss"] < 0.8 * first["loss"], history
+            assert last["logps/chosen"] > first["logps/chosen"] + 2.0, history
+    history = run_dpo(setup, "kto", **short, **{"dpo.loss": "kto", "data.path": kto})
+    first, last = history[0], history[-1]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert last["rewards/chosen"] - last["rewards/rejected"] > 0.1, last

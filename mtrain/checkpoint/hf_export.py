@@ -68,9 +68,9 @@ def plan_hf_tensors(
     for pp_rank in range(ckpt.pp):
         states = ckpt.load_model_states(0, pp_rank)
         for chunk, state in enumerate(states):
-            groups = list(stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk))
+            groups = list(stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, ckpt.head))
             known = {p.mcore for g in groups for p in g}
-            if spec.tie_word_embeddings:
+            if spec.tie_word_embeddings and ckpt.head == "lm":
                 known.add(family.output.mcore)  # the tied copy some tools write, or not
             path = ckpt.rank_file(0, pp_rank)
             unknown = sorted(k for k in state if k not in known and not k.endswith("._extra_state"))
@@ -150,6 +150,20 @@ def _check_hf_dir(hf_dir: str, ckpt: MegatronCheckpoint) -> None:
         )
 
 
+def _reward_model_config(path: Path, ckpt: MegatronCheckpoint) -> None:
+    """Turn a causal LM's config.json into its reward model's: the sequence-classification
+    architecture with one label, and the pad id the reward is located by."""
+    config = json.loads(path.read_text())
+    config["architectures"] = [ckpt.spec.family_table.hf_reward_architecture]
+    config["id2label"], config["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    config["num_labels"] = 1
+    pad = getattr(ckpt.args, "pad_token_id", None)
+    if pad is None:
+        raise CheckpointError(f"{ckpt.iter_dir}: a reward model whose args lack pad_token_id")
+    config["pad_token_id"] = int(pad)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export_hf(
     ckpt_dir: str | Path,
     out_dir: str | Path,
@@ -216,7 +230,7 @@ def export_hf(
                     lora_states = [
                         adapters.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)
                     ]
-                for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk):
+                for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, ckpt.head):
                     # Reopen the rank files per layer: unmapping bounds the resident memory.
                     states = [ckpt.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)]
                     for p in group:
@@ -248,6 +262,8 @@ def export_hf(
             (temp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             if tokenizer_dir is not None:
                 _copy_tokenizer(Path(tokenizer_dir), temp)
+        if ckpt.head == "score":
+            _reward_model_config(temp / "config.json", ckpt)
     log.info(
         "HF export: done in %.1fs, %d file(s), %.2f GB -> %s",
         time.perf_counter() - start,

@@ -21,6 +21,7 @@ class DPODataConfig(SFTDataConfig):
 
     column_names: ClassVar[tuple[str, ...]] = (
         *COLUMN_NAMES, "chosen", "rejected", "prompt", "conversations", "completion", "label",
+        "margin",
     )  # fmt: skip
 
     def validate(self) -> DPODataConfig:
