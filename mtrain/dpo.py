@@ -57,8 +57,8 @@ class DPOSettings:
     def validate(self) -> DPOSettings:
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta={self.beta} must be positive")
-        if self.loss not in DPO_LOSSES:
-            raise ConfigError(f"dpo.loss={self.loss} is not one of {', '.join(DPO_LOSSES)}")
+        if self.loss not in (*DPO_LOSSES, "kto"):
+            raise ConfigError(f"dpo.loss={self.loss} is not one of {', '.join(DPO_LOSSES)}, kto")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
         if self.label_smoothing and self.loss not in ("sigmoid", "simpo"):

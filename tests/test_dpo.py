@@ -10,7 +10,7 @@ import pytest
 
 from converters import hf2mcore
 from converters.hf2mcore import HF2McoreConfig
-from mtrain.models.tiny import write_preference_task
+from mtrain.models.tiny import write_kto_task, write_preference_task
 from tests.conftest import TINY, tiny_spec
 from tests.torchrun import launch, torchrun
 
@@ -134,17 +134,9 @@ def test_validation_pairs_get_their_own_reference_pass(setup):
             assert abs(a[key] - b.get(key, math.inf)) < 1e-5, (key, a, b)
 
 
-def test_reference_free_and_kto_losses_train_the_preference(setup):
-    """SimPO and ORPO run without any reference pass; KTO on the pairs split into unpaired
-    samples (chosen desirable, rejected not). Each raises the preference within 12 steps."""
+def test_reference_free_losses_train_the_preference(setup):
+    """SimPO and ORPO run without any reference pass and learn the preference in 12 steps."""
     root, _ = setup
-    kto = root / "kto.jsonl"
-    with open(kto, "w") as f:
-        for line in (root / "pairs.jsonl").read_text().splitlines():
-            pair = json.loads(line)
-            for side, label in (("chosen", True), ("rejected", False)):
-                f.write(json.dumps({"prompt": pair["prompt"], "completion": pair[side],
-                                    "label": label}) + "\n")  # fmt: skip
     short = {"train.iters": 12, "train.lr": 3e-3}
     for loss, extra in (("simpo", {"dpo.beta": 2.0, "dpo.gamma": 0.5}), ("orpo", {})):
         cache = root / f"cache_{loss}"
@@ -158,8 +150,23 @@ def test_reference_free_and_kto_losses_train_the_preference(setup):
         else:  # mostly the chosen responses' NLL at ORPO's default weight
             assert last["loss"] < 0.8 * first["loss"], history
             assert last["logps/chosen"] > first["logps/chosen"] + 2.0, history
-    history = run_dpo(setup, "kto", **short, **{"dpo.loss": "kto", "data.path": kto})
-    first, last = history[0], history[-1]
-    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
-    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
-    assert last["rewards/chosen"] - last["rewards/rejected"] > 0.1, last
+
+
+def test_kto_reference_modes_agree_and_start_at_half(setup):
+    """KTO on the pairs split into unpaired samples (chosen desirable, rejected not): at the
+    start the policy is the reference, so the KL estimate and every reward are 0 and each loss
+    1 - sigmoid(0) = 0.5; the precomputed and the frozen-copy reference (both rows of every
+    sample, the mismatched one included) give the same curve."""
+    root, _ = setup
+    kto = root / "kto_samples.jsonl"
+    write_kto_task(kto)
+    args = {"dpo.loss": "kto", "dpo.beta": 1.0, "data.path": kto, "train.iters": 4}
+    pre = run_dpo(setup, "kto_pre", **args)
+    frozen = run_dpo(setup, "kto_model", **args, **{"dpo.reference": "model"})
+    assert pre[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert pre[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert pre[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert pre[-1]["kl"] > 0.01  # the policy has moved away from the reference
+    for a, b in zip(pre, frozen):
+        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "grad_norm"):
+            assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
