@@ -135,21 +135,25 @@ def test_validation_pairs_get_their_own_reference_pass(setup):
 
 
 def test_reference_free_losses_train_the_preference(setup):
-    """SimPO and ORPO run without any reference pass and learn the preference in 12 steps."""
+    """SimPO and ORPO run without any reference pass; SimPO learns the preference in 20 steps,
+    ORPO (mostly the chosen responses' NLL at its default weight) makes them likelier in 12."""
     root, _ = setup
-    short = {"train.iters": 12, "train.lr": 3e-3}
-    for loss, extra in (("simpo", {"dpo.beta": 2.0, "dpo.gamma": 0.5}), ("orpo", {})):
+    for loss, extra in (
+        ("simpo", {"dpo.beta": 2.0, "dpo.gamma": 0.5, "train.iters": 20}),
+        ("orpo", {"train.iters": 12}),
+    ):
         cache = root / f"cache_{loss}"
         history = run_dpo(
-            setup, loss, **short, **extra, **{"dpo.loss": loss, "data.cache_dir": cache}
+            setup, loss, **extra, **{"train.lr": 3e-3, "dpo.loss": loss, "data.cache_dir": cache}
         )
         assert not (cache / "dpo_reference").exists()  # no reference pass ran
-        first, last = history[0], history[-1]
-        if loss == "simpo":  # the margin is the objective
-            assert last["rewards/margin"] > first["rewards/margin"] + 0.3, history
-        else:  # mostly the chosen responses' NLL at ORPO's default weight
-            assert last["loss"] < 0.8 * first["loss"], history
-            assert last["logps/chosen"] > first["logps/chosen"] + 2.0, history
+        first, last = history[0], history[-4:]
+        if loss == "simpo":
+            assert sum(h["rewards/margin"] for h in last) / 4 > 1.0, history
+            assert sum(h["rewards/accuracy"] for h in last) / 4 >= 0.9, history
+        else:
+            assert last[-1]["loss"] < 0.8 * first["loss"], history
+            assert last[-1]["logps/chosen"] > first["logps/chosen"] + 2.0, history
 
 
 def test_kto_reference_modes_agree_and_start_at_half(setup):
