@@ -4,6 +4,9 @@ Direct Preference Optimization on the shared loop: pairs of a prompt with a chos
 rejected response (alpaca, sharegpt or OpenAI layouts), rendered with the chat template; the
 loss compares the policy's and a reference's log-probs of both responses (mtrain/losses.py).
 The reference (`dpo.reference`) is precomputed once by default (mtrain/reference.py).
+
+The same command trains the relatives of DPO, chosen by `dpo.loss`: SimPO and ORPO need no
+reference (none is built or run), KTO reads unpaired labelled samples (mtrain/data/kto.py).
 """
 
 from __future__ import annotations
@@ -18,11 +21,18 @@ from mtrain.config.data import DataConfig
 from mtrain.config.dpo_data import DPODataConfig
 from mtrain.config.schema import TrainingCommandConfig, iters_for_epochs
 from mtrain.data.epochs import Epochs
+from mtrain.data.kto import build_kto_datasets
 from mtrain.data.pairs import build_pair_datasets
 from mtrain.data.sampler import micro_batches
 from mtrain.dry_run import describe_plan
 from mtrain.errors import ConfigError
-from mtrain.losses import DPO_LOSSES, make_dpo_loss, pair_forward
+from mtrain.losses import (
+    DPO_LOSSES,
+    REFERENCE_FREE,
+    make_dpo_loss,
+    make_kto_loss,
+    pair_forward,
+)
 from mtrain.trainer import Setup, Task, train
 
 log = logging.getLogger("mtrain.dpo")
@@ -31,9 +41,14 @@ REFERENCES = ("precompute", "model")
 
 @dataclass
 class DPOSettings:
-    beta: float = 0.1  # strength of the pull towards the reference (the KL weight)
-    loss: str = "sigmoid"  # sigmoid | ipo | hinge
-    label_smoothing: float = 0.0  # sigmoid only: assumed fraction of flipped preference labels
+    # strength of the pull towards the reference (the KL weight); ORPO: the odds-ratio weight
+    beta: float = 0.1
+    # sigmoid | ipo | hinge | simpo | orpo (both reference-free) | kto (unpaired labelled data)
+    loss: str = "sigmoid"
+    label_smoothing: float = 0.0  # sigmoid, simpo: assumed fraction of flipped preference labels
+    gamma: float = 0.5  # simpo: the target reward margin
+    desirable_weight: float = 1.0  # kto: weight of the desirable samples' losses
+    undesirable_weight: float = 1.0  # kto: weight of the undesirable samples' losses
     sft_weight: float = 0.0  # add this times the chosen response's mean token NLL
     # precompute: log-probs of the starting model, once, cached next to the data | model: a
     # frozen copy run every step (with finetuning_type=lora: the policy with adapters off)
@@ -42,12 +57,17 @@ class DPOSettings:
     def validate(self) -> DPOSettings:
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta={self.beta} must be positive")
-        if self.loss not in DPO_LOSSES:
-            raise ConfigError(f"dpo.loss={self.loss} is not one of {', '.join(DPO_LOSSES)}")
+        if self.loss not in (*DPO_LOSSES, "kto"):
+            raise ConfigError(f"dpo.loss={self.loss} is not one of {', '.join(DPO_LOSSES)}, kto")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.label_smoothing and self.loss != "sigmoid":
-            raise ConfigError(f"dpo.label_smoothing applies to dpo.loss=sigmoid, not {self.loss}")
+        if self.label_smoothing and self.loss not in ("sigmoid", "simpo"):
+            raise ConfigError(
+                f"dpo.label_smoothing applies to dpo.loss=sigmoid or simpo, not {self.loss}"
+            )
+        for key in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"dpo.{key}={getattr(self, key)} must be positive")
         if self.sft_weight < 0:
             raise ConfigError(f"dpo.sft_weight={self.sft_weight} must be >= 0")
         if self.reference not in REFERENCES:
@@ -66,7 +86,7 @@ class DPOConfig(TrainingCommandConfig):
     dpo: DPOSettings = field(default_factory=DPOSettings)
 
 
-def data_fingerprint(cfg: DPOConfig, pairs: int) -> dict:
+def data_fingerprint(cfg: DPOConfig, pairs: int, split: str = "train") -> dict:
     """What decides the pairs and their tokens: data settings, files (size and time), tokenizer,
     sequence length and order."""
     from omegaconf import OmegaConf
@@ -86,58 +106,97 @@ def data_fingerprint(cfg: DPOConfig, pairs: int) -> dict:
         "seed": cfg.train.seed,
         "pairs": pairs,
         "precision": cfg.train.precision,
+        **({} if split == "train" else {"split": split}),  # train keys stay as they were
+        **({"kto": True} if cfg.dpo.loss == "kto" else {}),
     }
 
 
 def make_dpo_task(cfg: DPOConfig, setup: Setup) -> Task:
     from mtrain import reference
 
-    settings, tr = cfg.dpo, cfg.train
+    settings, tr, data = cfg.dpo, cfg.train, cfg.data
     cfg.model.tokenizer_dir("DPO renders and tokenizes the pairs with the model's HF tokenizer")
-    if cfg.load is None:
+    needs_reference = settings.loss not in REFERENCE_FREE
+    if cfg.load is None and needs_reference:
         raise ConfigError("DPO needs load=CKPT_DIR: the starting model, also the reference")
-    data = cfg.data
-    if data.val_ratio or data.val_path is not None:
-        raise ConfigError("data.val_ratio / data.val_path: validation is not available for DPO yet")
-    train_set, _ = parallel.cluster_first(
-        lambda: build_pair_datasets(data, cfg.model.hf_dir, tr.seq_length, tr.seed)
+    kto = settings.loss == "kto"
+    if kto and tr.micro_batch_size < 2:
+        raise ConfigError(
+            "dpo.loss=kto estimates its KL term over each micro-batch's mismatched pairs; set "
+            "train.micro_batch_size >= 2"
+        )
+    if kto and data.dataset is not None:
+        raise ConfigError(
+            "dpo.loss=kto reads prompt/completion/label files from data.path; "
+            "data.dataset describes LLaMA-Factory pairs and conversations"
+        )
+    build = build_kto_datasets if kto else build_pair_datasets
+    train_set, val_set = parallel.cluster_first(
+        lambda: build(data, cfg.model.hf_dir, tr.seq_length, tr.seed)
     )
     if tr.epochs is not None:
         log.info(
-            "data: %d pairs; %g epochs = %d iterations",
+            "data: %d %s; %g epochs = %d iterations",
             len(train_set),
+            "samples" if kto else "pairs",
             tr.epochs,
             iters_for_epochs(tr, len(train_set)),
         )
-    source = {"dataset": train_set}
-    before_step, on_start = None, None
-    if settings.reference == "model":
-        before_step = reference.per_step_reference()
-    else:
+    source = {"train": train_set, "validation": val_set}
+    model_reference = reference.ModelReference() if settings.reference == "model" else None
 
-        def on_start(run) -> None:
-            key = reference.cache_key(data_fingerprint(cfg, len(train_set)), cfg.load)
-            root = DataConfig(path=data.paths(), cache_dir=data.cache_dir).cache_root()
+    def on_start(run) -> None:
+        """Reference log-probs of the training pairs (precompute) and the validation pairs (every
+        reference mode: the reference never changes, so one pass before training serves every
+        evaluation)."""
+        root = DataConfig(path=data.paths(), cache_dir=data.cache_dir).cache_root()
+        for split, dataset in (("train", train_set), ("validation", val_set)):
+            if dataset is None or (split == "train" and model_reference is not None):
+                continue
+            key = reference.cache_key(data_fingerprint(cfg, len(dataset), split), cfg.load)
             path = root / "dpo_reference" / f"{key}.npy"
-            table = reference.precompute(run, train_set, path)
-            source["dataset"] = reference.WithReference(train_set, table)
+            if model_reference is None:
+                table = reference.precompute(run, dataset, path)
+            else:
+                with model_reference.chunks(run) as chunks:
+                    table = reference.precompute(run, dataset, path, chunks)
+            source[split] = reference.WithReference(dataset, table)
 
     def batches(consumed: int, dp_rank: int, dp: int):
-        ordered = Epochs(source["dataset"], tr.iters * tr.global_batch_size, tr.seed)
+        ordered = Epochs(source["train"], tr.iters * tr.global_batch_size, tr.seed)
         return micro_batches(
             ordered, consumed, tr.micro_batch_size, tr.global_batch_size, dp_rank, dp
         )
 
+    def eval_batches(dp_rank: int, dp: int):
+        return micro_batches(
+            source["validation"], 0, tr.micro_batch_size, tr.global_batch_size, dp_rank, dp
+        )
+
+    if kto:
+        loss = make_kto_loss(settings.beta, settings.desirable_weight, settings.undesirable_weight)
+    else:
+        loss = make_dpo_loss(
+            settings.loss, settings.beta, settings.label_smoothing, settings.sft_weight,
+            settings.gamma,
+        )  # fmt: skip
+    if not needs_reference:
+        log.info(
+            "dpo.loss=%s is reference-free: no reference model, no reference pass", settings.loss
+        )
+    has_val = val_set is not None and len(val_set) > 0
     return Task(
-        name="dpo",
+        name=settings.loss if settings.loss in (*REFERENCE_FREE, "kto") else "dpo",
         batches=batches,
-        loss=make_dpo_loss(
-            settings.loss, settings.beta, settings.label_smoothing, settings.sft_weight
-        ),
+        loss=loss,
         forward=pair_forward,
+        eval_batches=eval_batches if has_val else None,
+        eval_samples=len(val_set) if has_val else 0,
+        eval_forward=pair_forward,
+        eval_loss=loss,
         rows_per_sample=2,
-        on_start=on_start,
-        before_step=before_step,
+        on_start=on_start if needs_reference else None,
+        before_step=model_reference.before_step if needs_reference and model_reference else None,
     )
 
 

@@ -35,12 +35,15 @@ import torch.nn.functional as F
 
 from mtrain.config.lora import TARGETS, LoraConfig
 from mtrain.errors import ConfigError
+from mtrain.models.score import SCORE_KEY
 
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
 
 
 def is_adapter_key(name: str) -> bool:
-    return any(marker in name for marker in ADAPTER_MARKERS)
+    """A tensor an adapter checkpoint holds: the LoRA matrices, and a reward model's score head
+    (trained in full beside them and saved with them, as PEFT's `modules_to_save`)."""
+    return any(marker in name for marker in ADAPTER_MARKERS) or name == SCORE_KEY
 
 
 class _Weight(torch.nn.Module):

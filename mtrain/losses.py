@@ -76,7 +76,7 @@ def lm_loss_and_accuracy(batch: Batch, logits: torch.Tensor):
     return total, count.int(), metrics
 
 
-# --- DPO -----------------------------------------------------------------------------------
+# --- DPO and its reference-free relatives ---------------------------------------------------
 #
 # A DPO micro-batch holds m pairs as [m, 2, S] tensors (row 0 chosen, row 1 rejected); the
 # model sees them as 2m sequences. A sequence's log-probability is the sum of its response
@@ -87,8 +87,13 @@ def lm_loss_and_accuracy(batch: Batch, logits: torch.Tensor):
 #     ipo      (h - 1 / (2 beta))^2
 #     hinge    max(0, 1 - beta h)
 # plus `sft_weight` times the chosen response's mean token NLL. Rewards are beta (pi - ref).
+# Reference-free, on the length-normalised log-probs a = pi / (response tokens):
+#     simpo    sigmoid's formula on beta (a_c - a_r) - gamma (SimPO; rewards beta a)
+#     orpo     -a_c - beta log sigmoid(log odds_c - log odds_r), log odds = a - log(1 - e^a)
+#              (ORPO: the chosen response's mean NLL plus the odds-ratio term; rewards beta a)
 
-DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 def pair_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -123,31 +128,48 @@ def sequence_logps(batch: Batch, token_losses: torch.Tensor) -> tuple[torch.Tens
     return logps.view(-1, 2), tokens.view(-1, 2)
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, accurate near 0 and far below it."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def dpo_loss(
     policy: torch.Tensor,
-    reference: torch.Tensor,
+    reference: torch.Tensor | None,
     tokens: torch.Tensor,
     kind: str,
     beta: float,
     label_smoothing: float = 0.0,
     sft_weight: float = 0.0,
+    gamma: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses [m] and per-pair metric values from [m, 2] log-probs (chosen, rejected)."""
+    """Per-pair losses [m] and per-pair metric values from [m, 2] log-probs (chosen, rejected);
+    `reference` is None for the reference-free kinds."""
     import torch.nn.functional as F
 
-    chosen_reward = beta * (policy[:, 0] - reference[:, 0])
-    rejected_reward = beta * (policy[:, 1] - reference[:, 1])
-    h = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
-    if kind == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(
-            -beta * h
-        )
-    elif kind == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    elif kind == "hinge":
-        losses = torch.relu(1 - beta * h)
+    if kind in REFERENCE_FREE:
+        mean = policy / tokens.clamp(min=1)
+        chosen_reward, rejected_reward = beta * mean[:, 0], beta * mean[:, 1]
+        if kind == "simpo":
+            z = chosen_reward - rejected_reward - gamma
+            losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+        else:
+            odds = (mean[:, 0] - mean[:, 1]) - (_log1mexp(mean[:, 0]) - _log1mexp(mean[:, 1]))
+            losses = -mean[:, 0] - beta * F.logsigmoid(odds)
     else:
-        raise ValueError(f"unknown DPO loss {kind!r}; known: {DPO_LOSSES}")
+        chosen_reward = beta * (policy[:, 0] - reference[:, 0])
+        rejected_reward = beta * (policy[:, 1] - reference[:, 1])
+        h = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
+        if kind == "sigmoid":
+            losses = -(1 - label_smoothing) * F.logsigmoid(
+                beta * h
+            ) - label_smoothing * F.logsigmoid(-beta * h)
+        elif kind == "ipo":
+            losses = (h - 1 / (2 * beta)) ** 2
+        elif kind == "hinge":
+            losses = torch.relu(1 - beta * h)
+        else:
+            raise ValueError(f"unknown DPO loss {kind!r}; known: {DPO_LOSSES}")
     if sft_weight:
         losses = losses + sft_weight * (-policy[:, 0] / tokens[:, 0].clamp(min=1))
     metrics = {
@@ -161,24 +183,93 @@ def dpo_loss(
     return losses, metrics
 
 
-def make_dpo_loss(kind: str, beta: float, label_smoothing: float, sft_weight: float):
+def _per_pair(total: torch.Tensor, pairs: torch.Tensor, values: dict[str, torch.Tensor]):
+    metrics = {"loss": torch.stack([total.detach(), pairs])}
+    metrics.update({k: torch.stack([v.detach().sum(), pairs]) for k, v in values.items()})
+    return total, *_counted_once(pairs, metrics)
+
+
+def _counted_once(count: torch.Tensor, metrics: dict[str, torch.Tensor]):
+    """(count, metrics) as CP rank 0 reports them and zeros on the other CP ranks, which hold
+    the same whole-sequence values (the trainer sums counts and metrics over DP x CP)."""
+    if parallel.cp_size() > 1 and parallel.cp_rank() != 0:
+        count = torch.zeros_like(count)
+        metrics = {k: torch.zeros_like(v) for k, v in metrics.items()}
+    return count.int(), metrics
+
+
+def make_dpo_loss(
+    kind: str, beta: float, label_smoothing: float, sft_weight: float, gamma: float = 0.0
+):
     """The trainer's loss function: (sum of pair losses, number of pairs, metrics); the batch
-    carries the reference log-probs as `ref_logps` [m, 2]. Under context parallelism every CP
-    rank has the whole pairs' losses (and backpropagates them into its own tokens); CP rank 0
-    alone counts the pairs and reports the metrics, as the counts are summed over CP."""
+    carries the reference log-probs as `ref_logps` [m, 2] unless `kind` is reference-free.
+    Under context parallelism every CP rank has the whole pairs' losses (and backpropagates
+    them into its own tokens); CP rank 0 alone counts the pairs and reports the metrics, as the
+    counts are summed over CP."""
 
     def loss(batch: Batch, token_losses: torch.Tensor):
         policy, tokens = sequence_logps(batch, token_losses)
+        reference = None if kind in REFERENCE_FREE else batch["ref_logps"].float()
         losses, values = dpo_loss(
-            policy, batch["ref_logps"].float(), tokens, kind, beta, label_smoothing, sft_weight
+            policy, reference, tokens, kind, beta, label_smoothing, sft_weight, gamma
         )
-        share = float(parallel.cp_size() == 1 or parallel.cp_rank() == 0)
-        pairs = torch.tensor(share * len(losses), device=losses.device)
-        total = losses.sum()
-        metrics = {"loss": torch.stack([share * total.detach(), pairs])}
-        metrics.update(
-            {k: torch.stack([share * v.detach().sum(), pairs]) for k, v in values.items()}
+        pairs = torch.tensor(float(len(losses)), device=losses.device)
+        return _per_pair(losses.sum(), pairs, values)
+
+    return loss
+
+
+# --- KTO ----------------------------------------------------------------------------------
+#
+# A KTO micro-batch holds m samples as [m, 2, S] tensors: row 0 the prompt with its own
+# completion, row 1 the prompt with another sample's completion (data/kto.py), whose log-ratio
+# estimates the KL term: z = clamp(mean over the micro-batch of (pi_1 - ref_1), min=0), no
+# gradient. With the log-ratio l = pi_0 - ref_0 of the sample's completion, the loss is
+#     desirable    w_d (1 - sigmoid(beta (l - z)))
+#     undesirable  w_u (1 - sigmoid(beta (z - l)))
+# averaged over samples; rewards are beta l, reported separately for the two labels.
+
+
+def kto_loss(
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-sample losses [m], rewards [m], the KL estimate) from [m, 2] log-probs
+    (completion, mismatched completion) and the desirable labels [m] (bool)."""
+    kl = (policy[:, 1] - reference[:, 1]).mean().detach().clamp(min=0)
+    ratio = policy[:, 0] - reference[:, 0]
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))),
+    )
+    return losses, beta * ratio.detach(), kl
+
+
+def make_kto_loss(beta: float, desirable_weight: float, undesirable_weight: float):
+    """The trainer's loss function for KTO batches (`label` [m], `ref_logps` [m, 2])."""
+
+    def loss(batch: Batch, token_losses: torch.Tensor):
+        policy, _ = sequence_logps(batch, token_losses)
+        good = batch["label"].bool()
+        losses, rewards, kl = kto_loss(
+            policy, batch["ref_logps"].float(), good, beta, desirable_weight, undesirable_weight
         )
-        return total, pairs.int(), metrics
+        n = torch.tensor(float(len(losses)), device=losses.device)
+        total, pos, neg = losses.sum(), good.float(), (~good).float()
+        logps = policy[:, 0].detach()
+        metrics = {
+            "loss": torch.stack([total.detach(), n]),
+            "rewards/chosen": torch.stack([(rewards * pos).sum(), pos.sum()]),
+            "rewards/rejected": torch.stack([(rewards * neg).sum(), neg.sum()]),
+            "logps/chosen": torch.stack([(logps * pos).sum(), pos.sum()]),
+            "logps/rejected": torch.stack([(logps * neg).sum(), neg.sum()]),
+            "kl": torch.stack([kl, torch.ones_like(kl)]),
+        }
+        return total, *_counted_once(n, metrics)
 
     return loss

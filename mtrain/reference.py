@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -80,21 +81,28 @@ def frozen_copy(run) -> list:
     return chunks
 
 
-def per_step_reference():
-    """`before_step` for the `model` reference (or, with LoRA, the adapters-off policy)."""
-    reference: list = []
+class ModelReference:
+    """The `model` reference: a frozen copy of the starting model, built on first use (or, with
+    LoRA, the policy itself with its adapters off). `before_step` attaches its log-probs to a
+    step's micro-batches; `chunks` lends it for other passes (the validation pairs')."""
 
-    def before_step(run, batches: list[Batch]) -> None:
+    def __init__(self):
+        self.copy: list = []
+
+    @contextlib.contextmanager
+    def chunks(self, run):
         if run.cfg.finetuning_type == "lora":
             with adapters_disabled(run.model):
-                _attach(batches, pass_logps(run.model, batches, run.cfg.train))
+                yield run.model
             return
-        if not reference:
-            reference.extend(frozen_copy(run))
+        if not self.copy:
+            self.copy.extend(frozen_copy(run))
             log.info("reference: a frozen copy of %s at the same layout", run.cfg.load)
-        _attach(batches, pass_logps(reference, batches, run.cfg.train))
+        yield self.copy
 
-    return before_step
+    def before_step(self, run, batches: list[Batch]) -> None:
+        with self.chunks(run) as chunks:
+            _attach(batches, pass_logps(chunks, batches, run.cfg.train))
 
 
 def cache_key(fingerprint: dict, load: str) -> str:
@@ -110,15 +118,16 @@ def cache_key(fingerprint: dict, load: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def precompute(run, dataset, path: Path) -> np.ndarray:
-    """Reference log-probs [pairs, 2] of `dataset` (items carry `pair`), from the model as it is
-    now (the starting weights), written to `path` once; every rank returns the array."""
+def precompute(run, dataset, path: Path, chunks: list | None = None) -> np.ndarray:
+    """Reference log-probs [pairs, 2] of `dataset` (items carry `pair`), from `chunks` (by
+    default the run's model as it is now: the starting weights), written to `path` once; every
+    rank returns the array."""
     from mtrain.data.sampler import collate
 
     if path.is_file():
         log.info("reference log-probs: reusing %s", path)
         return np.load(path)
-    if run.state.iteration > 0:
+    if chunks is None and run.state.iteration > 0:
         raise ConfigError(
             f"the reference log-prob cache {path} is gone and the run resumes at iteration "
             f"{run.state.iteration}: they must come from the starting weights; restore the "
@@ -141,7 +150,7 @@ def precompute(run, dataset, path: Path) -> np.ndarray:
             items = [dataset[(first + j) % n] for j in range(mbs)]
             pair_ids += [int(item["pair"]) for item in items]
             batches.append(collate(items))
-        logps = pass_logps(run.model, batches, tr)
+        logps = pass_logps(run.model if chunks is None else chunks, batches, tr)
         if logps:
             for pid, values in zip(pair_ids, torch.cat(logps).tolist()):
                 found[pid] = values

@@ -22,6 +22,7 @@ METRICS = (
     "rewards/accuracy",
     "logps/chosen",
     "logps/rejected",
+    "kl",
 )
 
 

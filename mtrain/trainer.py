@@ -40,6 +40,7 @@ from mtrain.freeze import apply_freeze
 from mtrain.lora import add_adapters
 from mtrain.losses import lm_forward, lm_loss_and_accuracy, logits_forward
 from mtrain.models.provider import BuildOptions, build_model_chunks
+from mtrain.models.score import train_score_head
 from mtrain.models.spec import ModelSpec
 from mtrain.optim import build_optimizer, connect_schedule, wrap_ddp
 from mtrain.plan import ParallelPlan
@@ -75,6 +76,8 @@ class Task:
     eval_forward: Callable[[torch.nn.Module, Batch], torch.Tensor] = logits_forward
     eval_loss: Callable = lm_loss_and_accuracy
     attention_mask: bool = False  # batches carry "attention_mask" (e.g. packed samples)
+    head: str = "lm"  # lm | score: the model ends in a reward model's scalar head (always trained)
+    checkpoint_args: dict | None = None  # added to every checkpoint's args (e.g. the pad id)
     rows_per_sample: int = 1  # sequences the model sees per sample (2 for a DPO pair)
     # Called once the model holds its starting weights, before the first step.
     on_start: Callable[[Run], None] | None = None
@@ -148,6 +151,7 @@ def _build(cfg: TrainingCommandConfig, setup: Setup, task: Task):
         recompute_granularity=tr.recompute,
         init_method_std=tr.init_std,
         explicit_attention_mask=task.attention_mask,
+        head=task.head,
         # A run that starts from weights (resumed, loaded or HF) overwrites every base one.
         initialize=starting_point(cfg)[0] is None,
         extra={"calculate_per_token_loss": True},
@@ -161,6 +165,8 @@ def _build(cfg: TrainingCommandConfig, setup: Setup, task: Task):
     elif cfg.finetuning_type == "lora":
         trainable, total = add_adapters(chunks, cfg.lora, tr.seed)
         what = f"lora (r={cfg.lora.r}, alpha={cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)})"
+    if task.head == "score" and cfg.finetuning_type != "full":
+        trainable += train_score_head(chunks)
     if cfg.finetuning_type != "full":
         log.info(
             "%s: this rank trains %d of %d parameters (%.2f%%)",
@@ -255,6 +261,7 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
     args.ckpt_format = "torch" if cfg.checkpoint.format == "legacy" else "torch_dist"
     if adapters is not None:
         vars(args).update(adapters.to_args())
+    vars(args).update(task.checkpoint_args or {})
     tokens_per_iter = tr.global_batch_size * tr.seq_length * task.rows_per_sample
     progress = Progress(
         total_iters=tr.iters,

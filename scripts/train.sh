@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch an mtrain training stage under torchrun: on one node, or as one node of many.
 #
-#   scripts/train.sh [--dry-run] STAGE [hydra overrides...]     STAGE: pt, sft or dpo
+#   scripts/train.sh [--dry-run] STAGE [hydra overrides...]     STAGE: pt, sft, dpo or rm
 #   scripts/train.sh --print-nproc     print the NPROC_PER_NODE this node would use, and exit
 #
 # One node, every visible NPU or GPU:
@@ -29,7 +29,7 @@
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
-USAGE="usage: scripts/train.sh [--dry-run] pt|sft|dpo [hydra overrides...], or --print-nproc"
+USAGE="usage: scripts/train.sh [--dry-run] pt|sft|dpo|rm [hydra overrides...], or --print-nproc"
 
 die() {
     echo "train.sh: $*" >&2
@@ -74,7 +74,7 @@ case "${1:-}" in
     -h | --help) echo "$USAGE"; exit 0 ;;
 esac
 stage=${1:-}
-[[ "$stage" =~ ^(pt|sft|dpo)$ ]] || die "stage must be pt, sft or dpo, not '$stage'; $USAGE"
+[[ "$stage" =~ ^(pt|sft|dpo|rm)$ ]] || die "stage must be pt, sft, dpo or rm, not '$stage'; $USAGE"
 shift
 
 nnodes=${NNODES:-1}

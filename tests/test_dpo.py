@@ -10,7 +10,7 @@ import pytest
 
 from converters import hf2mcore
 from converters.hf2mcore import HF2McoreConfig
-from mtrain.models.tiny import write_preference_task
+from mtrain.models.tiny import write_kto_task, write_preference_task
 from tests.conftest import TINY, tiny_spec
 from tests.torchrun import launch, torchrun
 
@@ -19,13 +19,14 @@ ITERS = 20
 
 
 def test_dpo_loss_and_gradient_equal_plain_pytorch_on_the_hf_model_at_tp2pp2(tiny_hf, tmp_path):
-    """sigmoid (with label smoothing and an SFT term), ipo and hinge; every parameter's gradient
-    gathered into HF layout. fp32, relative tolerance 1e-5."""
+    """sigmoid (with label smoothing and an SFT term), ipo, hinge, and the relatives SimPO,
+    ORPO and KTO (tests/test_preference_losses.py checks their formulas against TRL's); every
+    parameter's gradient gathered into HF layout. fp32, relative tolerance 1e-5."""
     hf = tiny_hf(tiny_spec(tie_word_embeddings=False))
     hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(tmp_path / "c"), tp=2, pp=2))
     torchrun("dpo_parity.py", 4, tmp_path / "result.json", hf, tmp_path / "c")
     results = json.loads((tmp_path / "result.json").read_text())
-    assert set(results) == {"sigmoid", "ipo", "hinge"}
+    assert set(results) == {"sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"}
     for kind, r in results.items():
         assert r["loss"] <= 1e-5 * max(1.0, abs(r["loss_value"])), (kind, r)
         assert r["grad"] <= 1e-5 * max(1.0, r["grad_scale"]), (kind, r)
@@ -100,3 +101,76 @@ def test_resumed_dpo_reuses_the_reference_cache_and_reproduces_the_curve(setup, 
     first = run_dpo(setup, "resumed", **{"train.exit_after_iters": 8})
     second = run_dpo(setup, "resumed")
     assert [h["loss"] for h in first + second] == [h["loss"] for h in precomputed]
+
+
+def split(history: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(training lines, validation lines) of a metrics file."""
+    return [h for h in history if "loss" in h], [h for h in history if "eval/loss" in h]
+
+
+VALIDATED = {  # 8 training pairs, 4 held out; the first step runs at lr 0 (warm-up)
+    "data.val_ratio": 0.34,
+    "eval.interval": 1,
+    "train.iters": 3,
+    "train.global_batch_size": 4,
+    "train.warmup_iters": 2,
+}
+
+
+def test_validation_pairs_get_their_own_reference_pass(setup):
+    """After the lr-0 first step the policy is the reference: every validation pair's margin is
+    0 and the loss log 2, which holds only if each validation pair is compared with its own
+    reference log-probs. Then the precomputed and the frozen-copy reference evaluate alike."""
+    pre_train, pre_eval = split(run_dpo(setup, "val_pre", **VALIDATED))
+    model_train, model_eval = split(
+        run_dpo(setup, "val_model", **VALIDATED, **{"dpo.reference": "model"})
+    )
+    assert [h["iteration"] for h in pre_eval] == [1, 2, 3]
+    assert pre_eval[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(pre_eval[0]["eval/rewards/margin"]) < 1e-6
+    assert pre_eval[-1]["eval/rewards/margin"] != pytest.approx(0.0, abs=1e-4)
+    for a, b in zip(pre_eval + pre_train, model_eval + model_train):
+        for key in a:
+            assert abs(a[key] - b.get(key, math.inf)) < 1e-5, (key, a, b)
+
+
+def test_reference_free_losses_train_the_preference(setup):
+    """SimPO and ORPO run without any reference pass; SimPO learns the preference in 20 steps,
+    ORPO (mostly the chosen responses' NLL at its default weight) makes them likelier in 12."""
+    root, _ = setup
+    for loss, extra in (
+        ("simpo", {"dpo.beta": 2.0, "dpo.gamma": 0.5, "train.iters": 20}),
+        ("orpo", {"train.iters": 12}),
+    ):
+        cache = root / f"cache_{loss}"
+        history = run_dpo(
+            setup, loss, **extra, **{"train.lr": 3e-3, "dpo.loss": loss, "data.cache_dir": cache}
+        )
+        assert not (cache / "dpo_reference").exists()  # no reference pass ran
+        first, last = history[0], history[-4:]
+        if loss == "simpo":
+            assert sum(h["rewards/margin"] for h in last) / 4 > 1.0, history
+            assert sum(h["rewards/accuracy"] for h in last) / 4 >= 0.9, history
+        else:
+            assert last[-1]["loss"] < 0.8 * first["loss"], history
+            assert last[-1]["logps/chosen"] > first["logps/chosen"] + 2.0, history
+
+
+def test_kto_reference_modes_agree_and_start_at_half(setup):
+    """KTO on the pairs split into unpaired samples (chosen desirable, rejected not): at the
+    start the policy is the reference, so the KL estimate and every reward are 0 and each loss
+    1 - sigmoid(0) = 0.5; the precomputed and the frozen-copy reference (both rows of every
+    sample, the mismatched one included) give the same curve."""
+    root, _ = setup
+    kto = root / "kto_samples.jsonl"
+    write_kto_task(kto)
+    args = {"dpo.loss": "kto", "dpo.beta": 1.0, "data.path": kto, "train.iters": 4}
+    pre = run_dpo(setup, "kto_pre", **args)
+    frozen = run_dpo(setup, "kto_model", **args, **{"dpo.reference": "model"})
+    assert pre[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert pre[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert pre[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert pre[-1]["kl"] > 0.01  # the policy has moved away from the reference
+    for a, b in zip(pre, frozen):
+        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "grad_norm"):
+            assert abs(a[key] - b[key]) < 1e-5, (key, a, b)

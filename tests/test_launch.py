@@ -66,8 +66,8 @@ def executable(path: Path, body: str) -> Path:
 @pytest.mark.parametrize(
     "args, env, message",
     [
-        (["train"], {}, "stage must be pt, sft or dpo, not 'train'"),
-        ([], {}, "stage must be pt, sft or dpo"),
+        (["train"], {}, "stage must be pt, sft, dpo or rm, not 'train'"),
+        ([], {}, "stage must be pt, sft, dpo or rm"),
         (["--dry-run", "sft"], {"NPROC_PER_NODE": "0"}, "must be at least 1"),
         (
             ["sft"],
@@ -264,7 +264,7 @@ def test_batch_script_refuses_a_bad_stage_before_starting_any_node(tmp_path):
     executable(tmp_path / "srun", f"touch {recorded}\n")
     path = f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
     proc = run(SBATCH, "finetune", path=path, **SLURM_JOB, NPROC_PER_NODE="8")
-    assert proc.returncode == 2 and "stage must be pt, sft or dpo" in proc.stderr
+    assert proc.returncode == 2 and "stage must be pt, sft, dpo or rm" in proc.stderr
     assert not recorded.exists()
 
 

@@ -56,22 +56,27 @@ _TOKENIZER_FILES = (
 
 
 def plan_hf_tensors(
-    ckpt: MegatronCheckpoint, dims: Dims, dtype: torch.dtype | None
+    ckpt: MegatronCheckpoint,
+    dims: Dims,
+    dtype: torch.dtype | None,
+    adapters: MegatronCheckpoint | None = None,
 ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(HF name, dtype, shape) of every output tensor, in the order they will be produced.
 
     Checks on the way that each stage holds exactly the tensors its args imply. Only the TP-rank-0
-    files are opened, and only their metadata is touched.
+    files are opened, and only their metadata is touched. With `adapters` of a reward model, its
+    score head comes from them and the base's LM head is left out.
     """
     spec, family = ckpt.spec, ckpt.spec.family_table
+    head = (adapters or ckpt).head
     plan = []
     for pp_rank in range(ckpt.pp):
         states = ckpt.load_model_states(0, pp_rank)
         for chunk, state in enumerate(states):
-            groups = list(stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk))
+            groups = list(stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, head))
             known = {p.mcore for g in groups for p in g}
-            if spec.tie_word_embeddings:
-                known.add(family.output.mcore)  # the tied copy some tools write, or not
+            if (spec.tie_word_embeddings and head == "lm") or head != ckpt.head:
+                known.add(family.output.mcore)  # a tied copy some tools write, or not; a base's
             path = ckpt.rank_file(0, pp_rank)
             unknown = sorted(k for k in state if k not in known and not k.endswith("._extra_state"))
             if unknown:
@@ -83,6 +88,8 @@ def plan_hf_tensors(
                 for p in group:
                     if p.entry is family.output and spec.tie_word_embeddings:
                         continue
+                    if p.entry is family.score and head != ckpt.head:
+                        state = adapters.load_model_states(0, pp_rank)[chunk]
                     if p.mcore not in state:
                         raise CheckpointError(f"{path}: tensor {p.mcore} is missing")
                     dtype_of = getattr(state, "dtype_of", None)  # torch_dist: without reading
@@ -150,6 +157,20 @@ def _check_hf_dir(hf_dir: str, ckpt: MegatronCheckpoint) -> None:
         )
 
 
+def _reward_model_config(path: Path, ckpt: MegatronCheckpoint) -> None:
+    """Turn a causal LM's config.json into its reward model's: the sequence-classification
+    architecture with one label, and the pad id the reward is located by."""
+    config = json.loads(path.read_text())
+    config["architectures"] = [ckpt.spec.family_table.hf_reward_architecture]
+    config["id2label"], config["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    config["num_labels"] = 1
+    pad = getattr(ckpt.args, "pad_token_id", None)
+    if pad is None:
+        raise CheckpointError(f"{ckpt.iter_dir}: a reward model whose args lack pad_token_id")
+    config["pad_token_id"] = int(pad)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export_hf(
     ckpt_dir: str | Path,
     out_dir: str | Path,
@@ -176,6 +197,11 @@ def export_hf(
     if ckpt.lora is not None:
         check_adapter_states(ckpt)
         if not merge_lora:
+            if ckpt.head == "score":
+                raise ConfigError(
+                    f"{ckpt.iter_dir} holds a reward model's adapters and score head, which "
+                    "PEFT cannot hold as an adapter; export it merged (lora.merge=true)"
+                )
             write_peft_adapter(ckpt, out_dir, hf_dir, force, dtype, into_checkpoint)
             return out_dir
         adapters, ckpt = ckpt, _open_base(ckpt, base_dir)
@@ -205,7 +231,8 @@ def export_hf(
         f" + LoRA {adapters.iter_dir} merged" if adapters else "",
         out_dir,
     )
-    plan = plan_hf_tensors(ckpt, dims, dtype)
+    plan = plan_hf_tensors(ckpt, dims, dtype, adapters)
+    head = (adapters or ckpt).head
     targets = set(adapter_targets(adapters)) if adapters is not None else set()
     with atomic_output_dir(out_dir, force, inputs) as temp:
         writer = HFShardedWriter(temp, plan, max_shard_bytes)
@@ -216,13 +243,16 @@ def export_hf(
                     lora_states = [
                         adapters.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)
                     ]
-                for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk):
+                for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, head):
                     # Reopen the rank files per layer: unmapping bounds the resident memory.
                     states = [ckpt.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)]
                     for p in group:
                         if p.entry is spec.family_table.output and spec.tie_word_embeddings:
                             continue  # the tied copy on the last stage; the embedding is the truth
-                        shards = [s[p.mcore] for s in states]
+                        source = states
+                        if p.entry is spec.family_table.score and head != ckpt.head:
+                            source = lora_states  # trained beside the adapters, saved with them
+                        shards = [s[p.mcore] for s in source]
                         want = shard_shape(p.entry, dims)
                         for t, s in enumerate(shards):
                             if tuple(s.shape) != want:
@@ -248,6 +278,8 @@ def export_hf(
             (temp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             if tokenizer_dir is not None:
                 _copy_tokenizer(Path(tokenizer_dir), temp)
+        if head == "score":
+            _reward_model_config(temp / "config.json", adapters or ckpt)
     log.info(
         "HF export: done in %.1fs, %d file(s), %.2f GB -> %s",
         time.perf_counter() - start,

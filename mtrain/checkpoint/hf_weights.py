@@ -17,6 +17,7 @@ from mtrain.checkpoint.hf_io import HFReader
 from mtrain.checkpoint.layout import TRACKER
 from mtrain.checkpoint.weights import check_complete
 from mtrain.errors import CheckpointError
+from mtrain.models.score import SCORE_KEY
 from mtrain.models.sharding import Dims, shard_into, shard_shape
 from mtrain.models.spec import ModelSpec
 from mtrain.models.stages import all_hf_tensors, stage_groups
@@ -31,9 +32,14 @@ def is_hf_dir(path: str | Path) -> bool:
     return (path / "config.json").is_file() and not (path / TRACKER).is_file()
 
 
+def hf_head(reader: HFReader) -> str:
+    """`score` for an HF reward model (*ForSequenceClassification), else `lm`."""
+    return "score" if SCORE_KEY in reader.weight_map else "lm"
+
+
 def check_hf_tensors(reader: HFReader, spec: ModelSpec, dims: Dims) -> None:
     """Every tensor the config implies exists with the right shape, and nothing else is there."""
-    expected = all_hf_tensors(spec)
+    expected = all_hf_tensors(spec, hf_head(reader))
     with reader.session():
         for name, (entry, pos) in expected.items():
             want = dims.hf_shapes(entry)[pos]
@@ -69,10 +75,15 @@ def load_hf_weights(
     for index, chunk in enumerate(chunks):
         model = getattr(chunk, "module", chunk)  # unwrap DDP
         params = model.state_dict(keep_vars=True)  # the parameters themselves, by name
-        planned = [p for group in stage_groups(spec, pp, vpp, pp_rank, index) for p in group]
+        head = hf_head(reader)
+        planned = [p for group in stage_groups(spec, pp, vpp, pp_rank, index, head) for p in group]
+        fresh: tuple[str, ...] = ()
+        if SCORE_KEY in params and head == "lm":  # a language model starting a reward model
+            planned = [p for p in planned if p.entry is not spec.family_table.output]
+            fresh = (SCORE_KEY,)
         names = {p.mcore for p in planned}
         missing = [k for k in params if k not in names]
-        check_complete(missing, [n for n in names if n not in params], where, spec)
+        check_complete(missing, [n for n in names if n not in params], where, spec, fresh=fresh)
         with reader.session():
             for p in planned:
                 param = params.get(p.mcore)

@@ -205,6 +205,11 @@ class MegatronCheckpoint:
             reader,
         )  # fmt: skip
 
+    @property
+    def head(self) -> str:
+        """`score` for a reward model (its args say `model_head`), else `lm`."""
+        return getattr(self.args, "model_head", None) or "lm"
+
     def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
         """The file of one rank (torch_dist: the directory, which all ranks share)."""
         if self._reader is not None:

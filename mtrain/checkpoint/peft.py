@@ -94,6 +94,9 @@ def check_adapter_states(ckpt: MegatronCheckpoint) -> None:
                         rows, cols = shard_shape(entry, dims)
                         a_name, b_name = adapter_names(prefix + entry.mcore)
                         expected[a_name], expected[b_name] = (r, cols), (rows, r)
+                if ckpt.head == "score" and (pp_rank, chunk) == (ckpt.pp - 1, ckpt.vpp - 1):
+                    score = ckpt.spec.family_table.score
+                    expected[score.mcore] = shard_shape(score, dims)
                 for name, shape in expected.items():
                     if name not in state:
                         raise CheckpointError(f"{path}: adapter tensor {name} is missing")

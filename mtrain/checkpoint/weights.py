@@ -12,6 +12,7 @@ from mtrain.checkpoint.dist_training import load_dist_weights
 from mtrain.checkpoint.layout import MegatronCheckpoint
 from mtrain.errors import CheckpointError
 from mtrain.lora import is_adapter_key
+from mtrain.models.score import SCORE_KEY
 from mtrain.models.spec import ModelSpec
 
 log = logging.getLogger("mtrain.checkpoint")
@@ -54,18 +55,33 @@ def fill(
                 f"{where} holds LoRA adapters but the model has none: train with "
                 "finetuning_type=lora, or merge them first (converters.mcore2hf lora.merge=true)"
             )
+        fresh = ()
+        if not adapters and SCORE_KEY in model.state_dict() and SCORE_KEY not in state:
+            # A language model starting a reward model: its LM head goes, the score head
+            # keeps its init (on the last stage; other stages have neither).
+            state = {k: v for k, v in state.items() if not k.startswith("output_layer.")}
+            fresh = (SCORE_KEY,)
+            log.info("%s: a language model; the reward head starts from its init", where)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        check_complete(missing, unexpected, where, spec, adapters)
+        check_complete(missing, unexpected, where, spec, adapters, fresh)
 
 
 def check_complete(
-    missing: list[str], unexpected: list[str], where: str, spec: ModelSpec, adapters: bool = False
+    missing: list[str],
+    unexpected: list[str],
+    where: str,
+    spec: ModelSpec,
+    adapters: bool = False,
+    fresh: tuple[str, ...] = (),
 ) -> None:
     """Refuse a load that leaves out a base parameter (or, with `adapters`, an adapter) of the
-    model or brings a tensor it lacks: a model built without initialisation relies on it."""
+    model or brings a tensor it lacks: a model built without initialisation relies on it.
+    `fresh` names parameters that may keep their init (a reward head on a language model)."""
     tied_copy = spec.family_table.output.mcore if spec.tie_word_embeddings else None
     missing = [
-        k for k in missing if not k.endswith("._extra_state") and is_adapter_key(k) == adapters
+        k
+        for k in missing
+        if not k.endswith("._extra_state") and is_adapter_key(k) == adapters and k not in fresh
     ]
     unexpected = [k for k in unexpected if k != tied_copy]
     if missing or unexpected:

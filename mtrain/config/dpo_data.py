@@ -13,14 +13,16 @@ from mtrain.errors import ConfigError
 @dataclass
 class DPODataConfig(SFTDataConfig):
     """SFT's keys; `format` names the pair layouts of the same names (pairs.py), `columns` may
-    also rename chosen, rejected, prompt and conversations. Each pair is two padded sequences,
+    also rename chosen, rejected, prompt and conversations (and, for KTO's unpaired records,
+    completion and label: mtrain/data/kto.py). Each pair is two padded sequences,
     so packing is off, and the loss is on the final response, so train_on stays `last`."""
 
     train_on: str = "last"  # fixed: DPO compares the final responses only
 
     ranking: ClassVar[bool] = True
     column_names: ClassVar[tuple[str, ...]] = (
-        *COLUMN_NAMES, "chosen", "rejected", "prompt", "conversations",
+        *COLUMN_NAMES, "chosen", "rejected", "prompt", "conversations", "completion", "label",
+        "margin",
     )  # fmt: skip
 
     def validate(self) -> DPODataConfig:

@@ -43,7 +43,10 @@ from mtrain.data.sft import build_datasets
 from mtrain.data.sft_cache import Kind, TokenizedFile
 from mtrain.errors import ConfigError, DataError
 
-__all__ = ["Pair", "PairDataset", "PairFile", "build_pair_datasets", "read_pairs"]
+__all__ = [
+    "Pair", "PairDataset", "PairFile", "WithMargins", "build_pair_datasets", "read_margins",
+    "read_pairs",
+]  # fmt: skip
 
 SIDES = ("chosen", "rejected")
 ITEM_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -275,3 +278,55 @@ def build_pair_datasets(
         return PairDataset(files, picks, seq_length, pad_id, cfg.truncation, seed)
 
     return build_datasets(cfg, tokenizer_dir, seq_length, seed, PAIRS, make)
+
+
+def read_margins(entry: PairFile, cfg: SFTDataConfig) -> np.ndarray | None:
+    """The `margin` column (`data.columns.margin` renames it) of an entry's pairs, read from its
+    source file again (a JSON pass, no tokenizing): a reward model's per-pair margin. None when
+    no record has one; every record must have one otherwise."""
+    source = Path(entry.meta["source"])
+    cfg = cfg.for_file(source)
+    key = (cfg.columns or {}).get("margin", "margin")
+    names = {f: formats.columns_for(f, cfg.columns, COLUMNS) for f in COLUMNS}
+
+    def parse(record: Any, fmt: str) -> float | None:
+        to_pair(record, fmt, names[fmt])  # the same records as the cache entry holds
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise DataError(f"field {key!r} must be a number, got {value!r}")
+        return value
+
+    stats = formats.ReadStats(cfg.skip_bad)
+    values = [
+        v for _, v in formats.parsed(source, cfg.format, stats, lambda r: _layout(r, names), parse)
+    ]
+    if len(values) != len(entry):
+        raise DataError(
+            f"{source}: {len(values)} readable pairs but {len(entry)} tokenized ones (the "
+            "tokenizer refused a pair that data.skip_bad skipped); fix or remove that record"
+        )
+    given = [v is not None for v in values]
+    if not any(given):
+        return None
+    if not all(given):
+        raise DataError(
+            f"{source}: record {given.index(False) + 1} has no {key!r} while others do; give "
+            "every pair a margin or none"
+        )
+    return np.asarray(values, dtype=np.float32)
+
+
+class WithMargins(torch.utils.data.Dataset):
+    """A pair dataset whose items also carry their pair's `margin` (per file, by pair)."""
+
+    def __init__(self, dataset: PairDataset, margins: list[np.ndarray]):
+        self.dataset, self.margins = dataset, margins
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = dict(self.dataset[i])
+        f, p = self.dataset.refs[int(item["pair"])]
+        item["margin"] = torch.tensor(float(self.margins[f][p]))
+        return item

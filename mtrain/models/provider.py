@@ -38,6 +38,7 @@ class BuildOptions:
     # Batches carry their own attention mask (packed samples): the layers must apply it rather
     # than the implicit causal one (megatron's fused causal softmax ignores a given mask).
     explicit_attention_mask: bool = False
+    head: str = "lm"  # lm | score: a reward model's scalar head (mtrain/models/score.py)
     kernels: str = "local"  # resolved `kernels` (mtrain/config/kernels.py): which layers to build
     npu: NpuConfig = field(default_factory=NpuConfig)  # fused-kernel switches (torch_npu/mindspeed)
     extra: dict[str, Any] = field(default_factory=dict)  # more TransformerConfig fields
@@ -140,7 +141,7 @@ def build_model_chunks(spec: ModelSpec, opts: BuildOptions) -> list[torch.nn.Mod
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
             parallel_output=True,
-            share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            share_embeddings_and_output_weights=spec.tie_word_embeddings and opts.head == "lm",
             position_embedding_type="rope",
             rotary_base=spec.rope_theta,
             rope_scaling=spec.rope_scaling_factor is not None,
@@ -149,7 +150,11 @@ def build_model_chunks(spec: ModelSpec, opts: BuildOptions) -> list[torch.nn.Mod
         kernels.prepare(model, opts.kernels, opts.npu, opts.explicit_attention_mask)
         if not opts.initialize:
             compat.mark_tensor_parallel_weights([model])
-        if model.post_process:
+        if model.post_process and opts.head == "score":
+            from mtrain.models.score import attach_score_head
+
+            attach_score_head(model, opts.init_method_std)
+        elif model.post_process:
             mask_padded_vocabulary(model, spec, opts.tp)
         chunks.append(model)
     if opts.vpp > 1:

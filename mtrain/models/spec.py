@@ -108,6 +108,7 @@ class ModelSpec:
             "q": self.num_attention_heads * d,
             "kv": self.num_query_groups * d,
             "head": d,
+            "labels": 1,
         }
 
     def layer_parameters(self) -> int:

@@ -30,10 +30,11 @@ def piece_layers(spec: ModelSpec, pp: int, vpp: int, pp_rank: int, chunk: int) -
 
 
 def stage_groups(
-    spec: ModelSpec, pp: int, vpp: int, pp_rank: int, chunk: int
+    spec: ModelSpec, pp: int, vpp: int, pp_rank: int, chunk: int, head: str = "lm"
 ) -> Iterator[list[Planned]]:
     """The tensors of one piece, grouped so that each group is one layer (or the embedding, or
-    the head): a converter that holds one group at a time holds one layer at a time."""
+    the head): a converter that holds one group at a time holds one layer at a time. `head` is
+    `lm` (the output layer) or `score` (a reward model's scalar head, never tied)."""
     family = spec.family_table
     first = pp_rank == 0 and chunk == 0
     last = pp_rank == pp - 1 and chunk == vpp - 1
@@ -44,18 +45,20 @@ def stage_groups(
         h_prefix = HF_LAYER_PREFIX.format(i=layer)
         yield [Planned(m_prefix + e.mcore, [h_prefix + n for n in e.hf], e) for e in family.layer]
     if last:
-        head = [Planned(family.final_norm.mcore, list(family.final_norm.hf), family.final_norm)]
-        if not spec.tie_word_embeddings:
-            head.append(Planned(family.output.mcore, list(family.output.hf), family.output))
+        group = [Planned(family.final_norm.mcore, list(family.final_norm.hf), family.final_norm)]
+        if head == "score":
+            group.append(Planned(family.score.mcore, list(family.score.hf), family.score))
+        elif not spec.tie_word_embeddings:
+            group.append(Planned(family.output.mcore, list(family.output.hf), family.output))
         elif not first:
-            head.append(Planned(family.output.mcore, list(family.embedding.hf), family.output))
-        yield head
+            group.append(Planned(family.output.mcore, list(family.embedding.hf), family.output))
+        yield group
 
 
-def all_hf_tensors(spec: ModelSpec) -> dict[str, tuple[Entry, int]]:
+def all_hf_tensors(spec: ModelSpec, head: str = "lm") -> dict[str, tuple[Entry, int]]:
     """Every HF tensor the model has: name -> (entry, position in entry.hf)."""
     out: dict[str, tuple[Entry, int]] = {}
-    for group in stage_groups(spec, 1, 1, 0, 0):
+    for group in stage_groups(spec, 1, 1, 0, 0, head):
         for planned in group:
             for pos, name in enumerate(planned.hf):
                 out[name] = (planned.entry, pos)

@@ -108,6 +108,33 @@ def write_preference_task(path: str | Path, letters: str = "abcd", length: int =
     )
 
 
+def write_kto_task(path: str | Path, letters: str = "abcd", length: int = 2) -> None:
+    """The preference pairs split into KTO's unpaired samples (`{"prompt", "completion",
+    "label"}`): the reversal is desirable, the unchanged string not."""
+    rows = []
+    for s in _strings(letters, length):
+        if s != s[::-1]:
+            rows.append({"prompt": f"reverse: {s}", "completion": s[::-1], "label": True})
+            rows.append({"prompt": f"reverse: {s}", "completion": s, "label": False})
+    _write_jsonl(path, rows)
+
+
+def write_reward_task(path: str | Path, seed: int = 0, letters: str = "abcd", length: int = 3):
+    """Pairs a reward model can learn from and generalise: every string of `length` over
+    `letters` as the prompt; chosen is a shuffle of it with the marker letter `z` put in at a
+    seeded place, rejected the same shuffle without it."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for s in _strings(letters, length):
+        answer = "".join(rng.sample(s, len(s)))
+        at = rng.randrange(len(answer) + 1)
+        chosen = answer[:at] + "z" + answer[at:]
+        rows.append({"prompt": f"rate: {s}", "chosen": chosen, "rejected": answer})
+    _write_jsonl(path, rows)
+
+
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 512):
     """Train a byte-level BPE tokenizer and save it as an HF fast tokenizer in `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -182,6 +209,7 @@ class TinyConfig:
     corpus_lines: int = 2000  # documents in that corpus
     chat_file: str | None = None  # also write a small SFT task here (OpenAI messages JSONL)
     pairs_file: str | None = None  # also write the task's preference pairs here (DPO, JSONL)
+    kto_file: str | None = None  # also write them as unpaired labelled samples here (KTO, JSONL)
 
 
 @hydra_command("tiny", TinyConfig)
@@ -205,6 +233,9 @@ def main(cfg: TinyConfig) -> None:
     if cfg.pairs_file:
         write_preference_task(cfg.pairs_file)
         log.info("tiny: string-reversal preference pairs -> %s", cfg.pairs_file)
+    if cfg.kto_file:
+        write_kto_task(cfg.kto_file)
+        log.info("tiny: string-reversal KTO samples -> %s", cfg.kto_file)
     if cfg.corpus_file:
         write_corpus(cfg.corpus_file, cfg.corpus_lines, cfg.seed)
         log.info("tiny: %d-document JSONL corpus -> %s", cfg.corpus_lines, cfg.corpus_file)

@@ -1,4 +1,5 @@
-"""Worker: the DPO loss and its gradient in megatron-core vs plain PyTorch on the HF model.
+"""Worker: the DPO-family losses and their gradients in megatron-core vs plain PyTorch on the
+HF model (DPO's sigmoid / ipo / hinge, SimPO, ORPO and KTO in one launch).
 
     torchrun --nproc_per_node 4 tests/dist/dpo_parity.py RESULT.json HF_DIR CKPT
 
@@ -15,11 +16,15 @@ import torch
 import torch.nn.functional as F
 
 PAIRS, SEQ, PROMPT = 4, 24, 10
-KINDS = {  # name: (loss, beta, label_smoothing, sft_weight)
-    "sigmoid": ("sigmoid", 0.5, 0.1, 0.3),
-    "ipo": ("ipo", 0.5, 0.0, 0.0),
-    "hinge": ("hinge", 0.5, 0.0, 0.0),
+KINDS = {  # name: (loss, beta, label_smoothing, sft_weight, gamma)
+    "sigmoid": ("sigmoid", 0.5, 0.1, 0.3, 0.0),
+    "ipo": ("ipo", 0.5, 0.0, 0.0, 0.0),
+    "hinge": ("hinge", 0.5, 0.0, 0.0, 0.0),
+    "simpo": ("simpo", 2.0, 0.1, 0.0, 0.6),
+    "orpo": ("orpo", 0.3, 0.0, 0.0, 0.0),
+    "kto": ("kto", 0.4, 1.3, 0.7, 0.0),  # for kto: (beta, desirable_weight, undesirable_weight)
 }
+MICRO = 2  # pairs per micro-batch (KTO's KL estimate is per micro-batch)
 
 
 def fixed_batch(vocab: int) -> dict[str, torch.Tensor]:
@@ -38,16 +43,38 @@ def fixed_batch(vocab: int) -> dict[str, torch.Tensor]:
         "loss_mask": mask,
         "position_ids": torch.arange(SEQ).expand(PAIRS, 2, SEQ).contiguous(),
         "ref_logps": -40.0 + 5.0 * torch.randn(PAIRS, 2, generator=g),
+        "label": torch.tensor([1.0, 0.0, 0.0, 1.0]),  # KTO: row 0 desirable or not
     }
 
 
-def reference_loss(model, batch, kind, beta, smoothing, sft_weight) -> torch.Tensor:
-    """DPO written out on the HF model's full logits."""
+def reference_loss(model, batch, kind, beta, smoothing, sft_weight, gamma) -> torch.Tensor:
+    """The losses written out on the HF model's full logits."""
     logits = model(batch["tokens"].view(-1, SEQ)).logits.float()
     token_logps = torch.log_softmax(logits, -1).gather(-1, batch["labels"].view(-1, SEQ, 1))
     mask = batch["loss_mask"].view(-1, SEQ)
     logps = (token_logps.squeeze(-1) * mask).sum(-1).view(PAIRS, 2)
+    lengths = mask.view(PAIRS, 2, SEQ).sum(-1)
     ref = batch["ref_logps"]
+    if kind == "kto":  # (beta, desirable_weight, undesirable_weight) = (beta, smoothing, sft)
+        losses = []
+        for i in range(0, PAIRS, MICRO):
+            at = slice(i, i + MICRO)
+            kl = (logps[at, 1] - ref[at, 1]).mean().detach().clamp(min=0)
+            ratio = logps[at, 0] - ref[at, 0]
+            good = batch["label"][at] > 0
+            losses.append(torch.where(
+                good, smoothing * (1 - torch.sigmoid(beta * (ratio - kl))),
+                sft_weight * (1 - torch.sigmoid(beta * (kl - ratio))),
+            ))  # fmt: skip
+        return torch.cat(losses).mean()
+    avg = logps / lengths
+    if kind == "simpo":
+        z = beta * (avg[:, 0] - avg[:, 1]) - gamma
+        return (-(1 - smoothing) * F.logsigmoid(z) - smoothing * F.logsigmoid(-z)).mean()
+    if kind == "orpo":
+        p = avg.exp()
+        odds = (avg[:, 0] - avg[:, 1]) - (torch.log1p(-p[:, 0]) - torch.log1p(-p[:, 1]))
+        return (-avg[:, 0] - beta * F.logsigmoid(odds)).mean()
     h = (logps[:, 0] - ref[:, 0]) - (logps[:, 1] - ref[:, 1])
     if kind == "sigmoid":
         loss = -(1 - smoothing) * F.logsigmoid(beta * h) - smoothing * F.logsigmoid(-beta * h)
@@ -55,8 +82,16 @@ def reference_loss(model, batch, kind, beta, smoothing, sft_weight) -> torch.Ten
         loss = (h - 1 / (2 * beta)) ** 2
     else:
         loss = torch.clamp(1 - beta * h, min=0)
-    loss = loss - sft_weight * logps[:, 0] / mask.view(PAIRS, 2, SEQ)[:, 0].sum(-1)
+    loss = loss - sft_weight * logps[:, 0] / lengths[:, 0]
     return loss.mean()
+
+
+def megatron_loss(kind, beta, smoothing, sft_weight, gamma):
+    from mtrain.losses import make_dpo_loss, make_kto_loss
+
+    if kind == "kto":
+        return make_kto_loss(beta, smoothing, sft_weight)
+    return make_dpo_loss(kind, beta, smoothing, sft_weight, gamma)
 
 
 def hf_reference(hf_dir: str, batch) -> dict:
@@ -87,7 +122,7 @@ def main() -> None:
     from mtrain.checkpoint import MegatronCheckpoint, load_model_weights
     from mtrain.config.model import load_preset
     from mtrain.config.schema import TrainingCommandConfig
-    from mtrain.losses import make_dpo_loss, pair_forward
+    from mtrain.losses import pair_forward
     from mtrain.plan import ParallelPlan
     from mtrain.schedule import run_schedule
     from mtrain.trainer import Setup, Task, _build
@@ -99,7 +134,7 @@ def main() -> None:
     for key, value in vars(ckpt.spec).items():
         setattr(model_cfg, key, value)
     cfg = TrainingCommandConfig(model=model_cfg)
-    cfg.train.precision, cfg.train.seq_length, cfg.train.micro_batch_size = "fp32", SEQ, 2
+    cfg.train.precision, cfg.train.seq_length, cfg.train.micro_batch_size = "fp32", SEQ, MICRO
     cfg.train.global_batch_size, cfg.train.iters = PAIRS, 1
     dp = torch.distributed.get_world_size() // (ckpt.tp * ckpt.pp)
     plan = ParallelPlan.build(ckpt.tp, ckpt.pp, dp * ckpt.tp * ckpt.pp, micro_batch_size=2,
@@ -115,8 +150,8 @@ def main() -> None:
         for m in model:
             m.zero_grad_buffer()
         sums = run_schedule(
-            model, [iter(mine)], pair_forward, make_dpo_loss(*args), plan.micro_batches, SEQ,
-            2 * 2, forward_only=False,
+            model, [iter(mine)], pair_forward, megatron_loss(*args), plan.micro_batches, SEQ,
+            2 * MICRO, forward_only=False,
         )  # fmt: skip
         loss = sums[0, 0] / sums[0, 1]
         params = dict(model[0].module.named_parameters())

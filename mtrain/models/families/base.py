@@ -8,7 +8,7 @@ derived from the tables' symbolic shapes, so a new family states its tensors onc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -46,7 +46,8 @@ class Entry:
     hf: tuple[str, ...]
     kind: Kind
     # Shape of each HF tensor in symbols of `ModelSpec.shape_symbols()`: hidden, ffn, vocab,
-    # q (= heads * head_dim), kv (= kv groups * head_dim), head (= head_dim).
+    # q (= heads * head_dim), kv (= kv groups * head_dim), head (= head_dim), labels (= 1, a
+    # reward model's outputs).
     shapes: tuple[tuple[str, ...], ...]
 
     def numel(self, symbols: dict[str, int]) -> int:
@@ -81,6 +82,13 @@ class Family:
     embedding: Entry  # first pipeline stage
     final_norm: Entry  # last pipeline stage
     output: Entry  # last pipeline stage; with tied embeddings it is a copy of `embedding`
+    # last pipeline stage of a reward model, in place of `output` (HF *ForSequenceClassification)
+    score: Entry = field(default_factory=lambda: SCORE)
+
+    @property
+    def hf_reward_architecture(self) -> str:
+        """config.json `architectures` of the family's reward model (a scalar `score` head)."""
+        return self.hf_architecture.replace("ForCausalLM", "ForSequenceClassification")
 
     def transformer_switches(self) -> dict[str, Any]:
         """The megatron-core TransformerConfig fields this family fixes (the sizes come from
@@ -163,3 +171,6 @@ FINAL_NORM = Entry(
     "decoder.final_layernorm.weight", ("model.norm.weight",), Kind.REPLICATED, (("hidden",),)
 )
 OUTPUT = Entry("output_layer.weight", ("lm_head.weight",), Kind.VOCAB, (("vocab", "hidden"),))
+# A reward model's scalar head: one output, so every TP rank holds all of it (the hidden
+# states it reads are whole on every rank); HF's sequence-classification name.
+SCORE = Entry("score.weight", ("score.weight",), Kind.REPLICATED, (("labels", "hidden"),))
