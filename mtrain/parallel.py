@@ -31,9 +31,17 @@ def world_size() -> int:
 
 
 def init(
-    tp: int = 1, pp: int = 1, vpp: int = 1, seed: int = 1234, timeout_minutes: int = 30
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> int:
-    """Join the job's process group and build megatron's TP/PP/DP groups; returns the DP size.
+    """Join the job's process group and build megatron's TP/PP/DP groups (and, for MoE, the
+    expert groups: `ep` expert-parallel ranks of `etp`-way tensor-parallel experts, default
+    `tp`); returns the DP size.
 
     Works under torchrun and as a single plain process (world size 1).
     """
@@ -45,6 +53,8 @@ def init(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
     # Seeds the default and the tensor-parallel RNG streams (different per TP rank, as megatron).
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -180,6 +190,14 @@ def dp_size() -> int:
 
 def dp_group():
     return _state().get_data_parallel_group()
+
+
+def ep_rank() -> int:
+    return _state().get_expert_model_parallel_rank()
+
+
+def ep_size() -> int:
+    return _state().get_expert_model_parallel_world_size()
 
 
 def is_last_stage() -> bool:

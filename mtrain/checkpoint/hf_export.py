@@ -66,30 +66,35 @@ def plan_hf_tensors(
     spec, family = ckpt.spec, ckpt.spec.family_table
     plan = []
     for pp_rank in range(ckpt.pp):
-        states = ckpt.load_model_states(0, pp_rank)
-        for chunk, state in enumerate(states):
-            groups = list(stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk))
-            known = {p.mcore for g in groups for p in g}
-            if spec.tie_word_embeddings:
-                known.add(family.output.mcore)  # the tied copy some tools write, or not
-            path = ckpt.rank_file(0, pp_rank)
-            unknown = sorted(k for k in state if k not in known and not k.endswith("._extra_state"))
-            if unknown:
-                raise CheckpointError(
-                    f"{path}: tensor {unknown[0]} (and {len(unknown) - 1} more) is not part of a "
-                    f"{spec.family} model as the checkpoint args describe it"
+        per_ep = [ckpt.load_model_states(0, pp_rank, r) for r in range(ckpt.ep)]
+        for chunk in range(len(per_ep[0])):
+            for ep_rank, states in enumerate(per_ep):
+                groups = stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, ckpt.ep, ep_rank)
+                known = {p.mcore for g in groups for p in g}
+                if spec.tie_word_embeddings:
+                    known.add(family.output.mcore)  # the tied copy some tools write, or not
+                path = ckpt.rank_file(0, pp_rank, ep_rank)
+                unknown = sorted(
+                    k for k in states[chunk] if k not in known and not k.endswith("._extra_state")
                 )
-            for group in groups:
+                if unknown:
+                    raise CheckpointError(
+                        f"{path}: tensor {unknown[0]} (and {len(unknown) - 1} more) is not part "
+                        f"of a {spec.family} model as the checkpoint args describe it"
+                    )
+            for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, ckpt.ep, None):
                 for p in group:
                     if p.entry is family.output and spec.tie_word_embeddings:
                         continue
+                    state = per_ep[p.ep_rank or 0][chunk]
                     if p.mcore not in state:
+                        path = ckpt.rank_file(0, pp_rank, p.ep_rank or 0)
                         raise CheckpointError(f"{path}: tensor {p.mcore} is missing")
                     dtype_of = getattr(state, "dtype_of", None)  # torch_dist: without reading
                     found = dtype_of(p.mcore) if dtype_of else state[p.mcore].dtype
                     for name, shape in zip(p.hf, dims.hf_shapes(p.entry)):
                         plan.append((name, dtype or found, shape))
-        del states
+        del per_ep
     return plan
 
 
@@ -213,21 +218,28 @@ def export_hf(
             for chunk in range(ckpt.vpp):
                 lora_states = None  # small: read once per piece
                 if adapters is not None:
-                    lora_states = [
-                        adapters.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)
-                    ]
-                for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk):
+                    lora_states = {
+                        (t, r): adapters.load_model_states(t, pp_rank, r)[chunk]
+                        for t in range(ckpt.tp)
+                        for r in range(ckpt.ep)
+                    }
+                for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, ckpt.ep, None):
                     # Reopen the rank files per layer: unmapping bounds the resident memory.
-                    states = [ckpt.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)]
+                    states: dict[int, list] = {}
                     for p in group:
                         if p.entry is spec.family_table.output and spec.tie_word_embeddings:
                             continue  # the tied copy on the last stage; the embedding is the truth
-                        shards = [s[p.mcore] for s in states]
+                        r = p.ep_rank or 0
+                        if r not in states:
+                            states[r] = [
+                                ckpt.load_model_states(t, pp_rank, r)[chunk] for t in range(ckpt.tp)
+                            ]
+                        shards = [s[p.mcore] for s in states[r]]
                         want = shard_shape(p.entry, dims)
                         for t, s in enumerate(shards):
                             if tuple(s.shape) != want:
                                 raise CheckpointError(
-                                    f"{ckpt.rank_file(t, pp_rank)}: {p.mcore} has shape "
+                                    f"{ckpt.rank_file(t, pp_rank, r)}: {p.mcore} has shape "
                                     f"{list(s.shape)} but the checkpoint args imply {list(want)}"
                                 )
                         if p.entry in targets:
@@ -235,7 +247,9 @@ def export_hf(
                             scaling = adapters.lora.config.scaling
                             shards = [
                                 merged_weight(w, ls[a_name], ls[b_name], scaling)
-                                for w, ls in zip(shards, lora_states)
+                                for w, ls in zip(
+                                    shards, (lora_states[t, r] for t in range(ckpt.tp))
+                                )
                             ]
                         for name, tensor in zip(p.hf, merge(p.entry, shards, dims)):
                             writer.add(name, tensor if dtype is None else tensor.to(dtype))

@@ -31,6 +31,22 @@ def is_hf_dir(path: str | Path) -> bool:
     return (path / "config.json").is_file() and not (path / TRACKER).is_file()
 
 
+def open_hf_reader(hf_dir: str | Path, spec: ModelSpec) -> HFReader:
+    """A reader of an HF model directory; experts stacked into 3-D tensors per layer (as
+    transformers 5 holds them in memory) are read as the one-tensor-per-expert checkpoints that
+    `save_pretrained` and the hub have them."""
+    from mtrain.models.families.base import HF_EXPERT_PREFIX, HF_LAYER_PREFIX
+
+    reader = HFReader(hf_dir)
+    for layer in range(spec.num_layers) if spec.is_moe else ():
+        prefix = HF_LAYER_PREFIX.format(i=layer)
+        for stacked, names in spec.family_table.stacked_experts:
+            if prefix + stacked in reader.tensors:
+                experts = [prefix + HF_EXPERT_PREFIX.format(e=e) for e in range(spec.num_experts)]
+                reader.unstack(prefix + stacked, [[e + n for n in names] for e in experts])
+    return reader
+
+
 def check_hf_tensors(reader: HFReader, spec: ModelSpec, dims: Dims) -> None:
     """Every tensor the config implies exists with the right shape, and nothing else is there."""
     expected = all_hf_tensors(spec)
@@ -57,19 +73,27 @@ def check_hf_tensors(reader: HFReader, spec: ModelSpec, dims: Dims) -> None:
 
 
 def load_hf_weights(
-    chunks: list[torch.nn.Module], hf_dir: str | Path, spec: ModelSpec, tp: int, pp: int, vpp: int
+    chunks: list[torch.nn.Module],
+    hf_dir: str | Path,
+    spec: ModelSpec,
+    tp: int,
+    pp: int,
+    vpp: int,
+    ep: int = 1,
 ) -> None:
     """Fill this rank's chunks from the HF safetensors, strictly (every parameter, nothing
-    else), reading only this rank's slices."""
-    reader = HFReader(hf_dir)
+    else), reading only this rank's slices (its experts' with expert parallelism)."""
+    reader = open_hf_reader(hf_dir, spec)
     dims = Dims.of(spec, tp)
     check_hf_tensors(reader, spec, dims)
     tp_rank, pp_rank = parallel.tp_rank(), parallel.pp_rank()
-    where = f"{hf_dir} (tp rank {tp_rank}, pp rank {pp_rank})"
+    ep_rank = parallel.ep_rank() if ep > 1 else 0
+    where = f"{hf_dir} (tp rank {tp_rank}, pp rank {pp_rank}, ep rank {ep_rank})"
     for index, chunk in enumerate(chunks):
         model = getattr(chunk, "module", chunk)  # unwrap DDP
         params = model.state_dict(keep_vars=True)  # the parameters themselves, by name
-        planned = [p for group in stage_groups(spec, pp, vpp, pp_rank, index) for p in group]
+        groups = stage_groups(spec, pp, vpp, pp_rank, index, ep, ep_rank)
+        planned = [p for group in groups for p in group]
         names = {p.mcore for p in planned}
         missing = [k for k in params if k not in names]
         check_complete(missing, [n for n in names if n not in params], where, spec)

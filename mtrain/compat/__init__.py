@@ -10,6 +10,7 @@ through a few named seams: the model build (`mtrain/models/provider.py` and the 
 """
 
 from mtrain.compat.megatron_core import (
+    SequenceParallelRMSNorm,
     batch_p2p_comm,
     keep_frozen_tied_embedding_reducible,
     load_dist_optimizer_state,
@@ -22,6 +23,7 @@ from mtrain.compat.megatron_core import (
 )
 
 __all__ = [
+    "SequenceParallelRMSNorm",
     "batch_p2p_comm",
     "keep_frozen_tied_embedding_reducible",
     "load_dist_optimizer_state",

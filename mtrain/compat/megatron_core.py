@@ -236,3 +236,19 @@ def pass_dcp_serialization_format() -> None:
 
     write_item_with_format._mtrain_format = True
     filesystem_async._write_item = write_item_with_format
+
+
+class SequenceParallelRMSNorm(torch.nn.Module):
+    """RMSNorm for the local spec under sequence parallelism. Symptom: megatron-core 0.12's torch
+    norm (WrappedTorchNorm) asserts `not config.sequence_parallel`, yet its MoE refuses expert
+    parallelism with TP unless SP is on. Same parameter name (`weight`) and numbers as
+    torch.nn.RMSNorm; the weight is marked so megatron all-reduces its gradient over TP."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

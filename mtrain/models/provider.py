@@ -13,7 +13,9 @@ import torch
 
 from mtrain import compat, kernels
 from mtrain.config.kernels import NpuConfig
+from mtrain.config.moe import MoeConfig
 from mtrain.dtypes import DTYPES
+from mtrain.models.moe import moe_block_spec, moe_transformer_fields
 from mtrain.models.spec import ModelSpec
 
 
@@ -24,6 +26,9 @@ class BuildOptions:
     tp: int = 1
     pp: int = 1
     vpp: int = 1
+    ep: int = 1  # expert-parallel size (MoE)
+    etp: int | None = None  # expert tensor-parallel size (MoE); None = tp, megatron's default
+    moe: MoeConfig = field(default_factory=MoeConfig)  # routing and balancing (MoE)
     precision: str = "fp32"  # bf16 | fp16 | fp32
     sequence_parallel: bool = False
     recompute_granularity: str | None = None  # None | selective | full
@@ -80,7 +85,8 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         tensor_model_parallel_size=opts.tp,
         pipeline_model_parallel_size=opts.pp,
         virtual_pipeline_model_parallel_size=opts.vpp if opts.vpp > 1 else None,
-        sequence_parallel=opts.sequence_parallel,
+        # MoE with TP: megatron-core needs SP for EP, and its aux loss counts tokens as SP splits
+        sequence_parallel=opts.sequence_parallel or (spec.is_moe and opts.tp > 1),
         use_cpu_initialization=opts.seed_init_on_cpu,
         perform_initialization=opts.initialize,
         **kernels.megatron_fusions(opts.kernels, opts.npu),
@@ -88,6 +94,7 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         persist_layer_norm=False,
         batch_p2p_comm=compat.batch_p2p_comm(opts.pp),
         **recompute,
+        **moe_transformer_fields(spec, opts.ep, opts.etp, opts.tp, opts.moe),
         **opts.extra,
     )
 
@@ -96,7 +103,8 @@ def layer_spec(spec: ModelSpec, opts: BuildOptions, config: Any):
     """The layers for `opts.kernels`; every choice keeps the local spec's checkpoint names."""
     qk = spec.family_table.qk_layernorm
     chosen = kernels.block_spec(opts.kernels, qk, opts.explicit_attention_mask, opts.npu, config)
-    return chosen if chosen is not None else local_layer_spec(spec, opts.explicit_attention_mask)
+    layer = chosen if chosen is not None else local_layer_spec(spec, opts.explicit_attention_mask)
+    return moe_block_spec(spec, layer, config) if spec.is_moe else layer
 
 
 def local_layer_spec(spec: ModelSpec, explicit_attention_mask: bool = False):

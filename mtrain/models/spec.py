@@ -34,10 +34,38 @@ class ModelSpec:
     norm_epsilon: float  # RMSNorm epsilon (HF rms_norm_eps)
     tie_word_embeddings: bool  # output layer shares the embedding matrix
     rope_scaling_factor: float | None = None  # Llama 3.1-style ("llama3") RoPE scaling
+    # Mixture of experts (family qwen3_moe); None for dense models.
+    num_experts: int | None = None  # routed experts per MoE layer (HF num_experts)
+    moe_router_topk: int | None = None  # experts each token goes to (HF num_experts_per_tok)
+    moe_ffn_hidden_size: int | None = None  # one expert's MLP width (HF moe_intermediate_size)
+    moe_norm_topk_prob: bool | None = None  # renormalise the top-k router probabilities
+    moe_dense_layers: tuple[int, ...] | None = None  # layers with a dense MLP (HF mlp_only_layers)
+
+    def __post_init__(self):
+        if self.moe_dense_layers is not None:  # from YAML or JSON it comes as a list
+            self.moe_dense_layers = tuple(self.moe_dense_layers)
+        if self.num_experts is not None:  # what an MoE model without these keys means
+            self.moe_norm_topk_prob = True if self.moe_norm_topk_prob is None else bool(
+                self.moe_norm_topk_prob
+            )
+            self.moe_dense_layers = self.moe_dense_layers or ()
 
     @property
     def family_table(self) -> Family:
         return FAMILIES[self.family]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` (global, from 0) has routed experts."""
+        return self.is_moe and layer not in (self.moe_dense_layers or ())
+
+    def moe_layer_pattern(self) -> list[int]:
+        """1 for an MoE layer, 0 for a dense one: megatron-core's `moe_layer_freq` as a list
+        (its integer form counts from layer 0, HF's decoder_sparse_step from layer 1)."""
+        return [int(self.is_moe_layer(i)) for i in range(self.num_layers)]
 
     @property
     def heads_per_group(self) -> int:
@@ -65,7 +93,57 @@ class ModelSpec:
                 f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_query_groups={self.num_query_groups}"
             )
+        self._validate_moe(source)
         return self
+
+    def _validate_moe(self, source: str) -> None:
+        moe = {k: getattr(self, k) for k in MOE_FIELDS}
+        if self.family_table.expert and not self.is_moe:
+            raise ConfigError(
+                f"{source}: family={self.family} is a mixture of experts; give num_experts, "
+                "moe_router_topk and moe_ffn_hidden_size"
+            )
+        if not self.family_table.expert and any(v is not None for v in moe.values()):
+            given = next(k for k, v in moe.items() if v is not None)
+            raise ConfigError(
+                f"{source}: {given} is for mixture-of-experts families (qwen3_moe), not "
+                f"family={self.family}"
+            )
+        if not self.is_moe:
+            return
+        for name in ("num_experts", "moe_router_topk", "moe_ffn_hidden_size"):
+            value = moe[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{source}: {name}={value!r} must be a positive integer")
+        if self.moe_router_topk > self.num_experts:
+            raise ConfigError(
+                f"{source}: moe_router_topk={self.moe_router_topk} must be <= "
+                f"num_experts={self.num_experts}"
+            )
+        bad = [i for i in self.moe_dense_layers or () if not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(
+                f"{source}: moe_dense_layers has {bad[0]}, not a layer of 0..{self.num_layers - 1}"
+            )
+
+    def check_experts(self, ep: int, etp: int, source: str = "") -> None:
+        """Refuse an expert-parallel layout this model cannot be split into."""
+        source = f"{source}: " if source else ""
+        if ep < 1 or etp < 1:
+            raise ConfigError(f"{source}ep={ep} and etp={etp} must be >= 1")
+        if not self.is_moe:
+            if ep > 1:
+                raise ConfigError(f"{source}ep={ep} needs a mixture-of-experts model; use ep=1")
+            return
+        if self.num_experts % ep:
+            ok = [e for e in range(1, self.num_experts + 1) if self.num_experts % e == 0]
+            raise ConfigError(
+                f"{source}ep={ep} must divide num_experts={self.num_experts}; try ep in {ok}"
+            )
+        if self.moe_ffn_hidden_size % etp:
+            raise ConfigError(
+                f"{source}etp={etp} must divide moe_ffn_hidden_size={self.moe_ffn_hidden_size}"
+            )
 
     def check_parallel(self, tp: int, pp: int, vpp: int = 1, source: str = "") -> None:
         """Refuse a TP/PP layout this model cannot be split into, naming a layout that works."""
@@ -101,7 +179,7 @@ class ModelSpec:
     def shape_symbols(self) -> dict[str, int]:
         """Values of the symbols the family tables write tensor shapes in."""
         d = self.kv_channels
-        return {
+        symbols = {
             "hidden": self.hidden_size,
             "ffn": self.ffn_hidden_size,
             "vocab": self.vocab_size,
@@ -109,18 +187,35 @@ class ModelSpec:
             "kv": self.num_query_groups * d,
             "head": d,
         }
+        if self.is_moe:
+            symbols.update(experts=self.num_experts, moe_ffn=self.moe_ffn_hidden_size)
+        return symbols
 
-    def layer_parameters(self) -> int:
-        """Parameters of one decoder layer, from the family table."""
-        return self.family_table.layer_parameters(self.shape_symbols())
+    def layer_parameters(self, layer: int = 0) -> int:
+        """Parameters of decoder layer `layer`, from the family table."""
+        moe = self.is_moe_layer(layer)
+        return self.family_table.layer_parameters(self.shape_symbols(), moe)
 
-    def num_parameters(self) -> int:
-        """Parameter count of the HF model (embedding counted once when tied)."""
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count of the HF model (embedding counted once when tied); with `active`,
+        those one token goes through (MoE: the router's top-k experts of each layer)."""
         family, symbols = self.family_table, self.shape_symbols()
         heads = [family.embedding, family.final_norm]
         if not self.tie_word_embeddings:
             heads.append(family.output)
-        return self.num_layers * self.layer_parameters() + sum(e.numel(symbols) for e in heads)
+        experts = self.moe_router_topk if active else None
+        layers = sum(
+            family.layer_parameters(symbols, self.is_moe_layer(i), experts)
+            for i in range(self.num_layers)
+        )
+        return layers + sum(e.numel(symbols) for e in heads)
+
+
+MOE_FIELDS = (
+    "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob",
+    "moe_dense_layers",
+)  # fmt: skip
+OPTIONAL_FIELDS = ("rope_scaling_factor", *MOE_FIELDS)  # not needed for a dense preset
 
 
 # --- HF config.json --------------------------------------------------------------------------
@@ -238,9 +333,10 @@ def spec_from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> Mod
             f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
             "and head_dim is not given"
         )
+    layers = read.integer("num_hidden_layers")
     return ModelSpec(
         family=family.name,
-        num_layers=read.integer("num_hidden_layers"),
+        num_layers=layers,
         hidden_size=hidden,
         ffn_hidden_size=read.integer("intermediate_size"),
         num_attention_heads=heads,
@@ -252,7 +348,28 @@ def spec_from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> Mod
         norm_epsilon=read.number("rms_norm_eps", 1e-6),
         tie_word_embeddings=read.boolean("tie_word_embeddings", False),
         rope_scaling_factor=factor,
+        **(_moe_from_hf(read, layers) if family.expert else {}),
     ).validate(source)
+
+
+def _moe_from_hf(read: _Fields, layers: int) -> dict[str, Any]:
+    """The MoE keys of a Qwen3-MoE config.json. A layer is sparse unless listed in
+    `mlp_only_layers` or skipped by `decoder_sparse_step` (sparse when (i + 1) % step == 0)."""
+    cfg, source = read.cfg, read.source
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ConfigError(f"{source}: shared experts are not supported (Qwen3-MoE has none)")
+    experts = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
+    step = read.integer("decoder_sparse_step", 1)
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+        raise read.fail("mlp_only_layers", "a list of layer numbers")
+    return dict(
+        num_experts=read.integer(experts),
+        moe_router_topk=read.integer("num_experts_per_tok"),
+        moe_ffn_hidden_size=read.integer("moe_intermediate_size"),
+        moe_norm_topk_prob=read.boolean("norm_topk_prob", False),  # transformers' default
+        moe_dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step),
+    )
 
 
 def load_hf_config(hf_dir: str | Path) -> tuple[ModelSpec, dict[str, Any]]:
@@ -296,6 +413,15 @@ def hf_config_from_spec(spec: ModelSpec, dtype: str = "bfloat16") -> dict[str, A
             "factor": spec.rope_scaling_factor,
             **_LLAMA3_FIXED,
         }
+    if spec.is_moe:
+        kwargs.update(
+            num_experts=spec.num_experts,
+            num_experts_per_tok=spec.moe_router_topk,
+            moe_intermediate_size=spec.moe_ffn_hidden_size,
+            norm_topk_prob=spec.moe_norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(spec.moe_dense_layers),
+        )
     config = CONFIG_MAPPING[family.hf_model_types[0]](**kwargs)
     config.architectures = [family.hf_architecture]
     out = config.to_dict()
@@ -306,7 +432,7 @@ def hf_config_from_spec(spec: ModelSpec, dtype: str = "bfloat16") -> dict[str, A
 def spec_from_mapping(values: dict[str, Any], source: str) -> ModelSpec:
     """Build a spec from a preset or config mapping that has (at least) the spec's fields."""
     names = [f.name for f in fields(ModelSpec)]
-    missing = [n for n in names if n not in values and n != "rope_scaling_factor"]
+    missing = [n for n in names if n not in values and n not in OPTIONAL_FIELDS]
     if missing:
         raise ConfigError(f"{source}: missing model keys {missing}")
     return ModelSpec(**{n: values[n] for n in names if n in values}).validate(source)
