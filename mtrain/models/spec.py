@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mtrain.errors import CheckpointError, ConfigError
+from mtrain.models import moe_spec
 from mtrain.models.families import FAMILIES, Family, family_for_model_type
+from mtrain.models.moe_spec import MOE_FIELDS
 
 
 @dataclass
@@ -45,8 +47,8 @@ class ModelSpec:
         if self.moe_dense_layers is not None:  # from YAML or JSON it comes as a list
             self.moe_dense_layers = tuple(self.moe_dense_layers)
         if self.num_experts is not None:  # what an MoE model without these keys means
-            self.moe_norm_topk_prob = True if self.moe_norm_topk_prob is None else bool(
-                self.moe_norm_topk_prob
+            self.moe_norm_topk_prob = (
+                True if self.moe_norm_topk_prob is None else bool(self.moe_norm_topk_prob)
             )
             self.moe_dense_layers = self.moe_dense_layers or ()
 
@@ -97,53 +99,11 @@ class ModelSpec:
         return self
 
     def _validate_moe(self, source: str) -> None:
-        moe = {k: getattr(self, k) for k in MOE_FIELDS}
-        if self.family_table.expert and not self.is_moe:
-            raise ConfigError(
-                f"{source}: family={self.family} is a mixture of experts; give num_experts, "
-                "moe_router_topk and moe_ffn_hidden_size"
-            )
-        if not self.family_table.expert and any(v is not None for v in moe.values()):
-            given = next(k for k, v in moe.items() if v is not None)
-            raise ConfigError(
-                f"{source}: {given} is for mixture-of-experts families (qwen3_moe), not "
-                f"family={self.family}"
-            )
-        if not self.is_moe:
-            return
-        for name in ("num_experts", "moe_router_topk", "moe_ffn_hidden_size"):
-            value = moe[name]
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{source}: {name}={value!r} must be a positive integer")
-        if self.moe_router_topk > self.num_experts:
-            raise ConfigError(
-                f"{source}: moe_router_topk={self.moe_router_topk} must be <= "
-                f"num_experts={self.num_experts}"
-            )
-        bad = [i for i in self.moe_dense_layers or () if not 0 <= i < self.num_layers]
-        if bad:
-            raise ConfigError(
-                f"{source}: moe_dense_layers has {bad[0]}, not a layer of 0..{self.num_layers - 1}"
-            )
+        moe_spec.validate(self, source)
 
     def check_experts(self, ep: int, etp: int, source: str = "") -> None:
         """Refuse an expert-parallel layout this model cannot be split into."""
-        source = f"{source}: " if source else ""
-        if ep < 1 or etp < 1:
-            raise ConfigError(f"{source}ep={ep} and etp={etp} must be >= 1")
-        if not self.is_moe:
-            if ep > 1:
-                raise ConfigError(f"{source}ep={ep} needs a mixture-of-experts model; use ep=1")
-            return
-        if self.num_experts % ep:
-            ok = [e for e in range(1, self.num_experts + 1) if self.num_experts % e == 0]
-            raise ConfigError(
-                f"{source}ep={ep} must divide num_experts={self.num_experts}; try ep in {ok}"
-            )
-        if self.moe_ffn_hidden_size % etp:
-            raise ConfigError(
-                f"{source}etp={etp} must divide moe_ffn_hidden_size={self.moe_ffn_hidden_size}"
-            )
+        moe_spec.check_experts(self, ep, etp, source)
 
     def check_parallel(self, tp: int, pp: int, vpp: int = 1, source: str = "") -> None:
         """Refuse a TP/PP layout this model cannot be split into, naming a layout that works."""
@@ -211,10 +171,6 @@ class ModelSpec:
         return layers + sum(e.numel(symbols) for e in heads)
 
 
-MOE_FIELDS = (
-    "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob",
-    "moe_dense_layers",
-)  # fmt: skip
 OPTIONAL_FIELDS = ("rope_scaling_factor", *MOE_FIELDS)  # not needed for a dense preset
 
 
@@ -348,28 +304,8 @@ def spec_from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> Mod
         norm_epsilon=read.number("rms_norm_eps", 1e-6),
         tie_word_embeddings=read.boolean("tie_word_embeddings", False),
         rope_scaling_factor=factor,
-        **(_moe_from_hf(read, layers) if family.expert else {}),
+        **(moe_spec.from_hf(read, layers) if family.expert else {}),
     ).validate(source)
-
-
-def _moe_from_hf(read: _Fields, layers: int) -> dict[str, Any]:
-    """The MoE keys of a Qwen3-MoE config.json. A layer is sparse unless listed in
-    `mlp_only_layers` or skipped by `decoder_sparse_step` (sparse when (i + 1) % step == 0)."""
-    cfg, source = read.cfg, read.source
-    if cfg.get("shared_expert_intermediate_size"):
-        raise ConfigError(f"{source}: shared experts are not supported (Qwen3-MoE has none)")
-    experts = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
-    step = read.integer("decoder_sparse_step", 1)
-    only = cfg.get("mlp_only_layers") or []
-    if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
-        raise read.fail("mlp_only_layers", "a list of layer numbers")
-    return dict(
-        num_experts=read.integer(experts),
-        moe_router_topk=read.integer("num_experts_per_tok"),
-        moe_ffn_hidden_size=read.integer("moe_intermediate_size"),
-        moe_norm_topk_prob=read.boolean("norm_topk_prob", False),  # transformers' default
-        moe_dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step),
-    )
 
 
 def load_hf_config(hf_dir: str | Path) -> tuple[ModelSpec, dict[str, Any]]:
@@ -413,15 +349,7 @@ def hf_config_from_spec(spec: ModelSpec, dtype: str = "bfloat16") -> dict[str, A
             "factor": spec.rope_scaling_factor,
             **_LLAMA3_FIXED,
         }
-    if spec.is_moe:
-        kwargs.update(
-            num_experts=spec.num_experts,
-            num_experts_per_tok=spec.moe_router_topk,
-            moe_intermediate_size=spec.moe_ffn_hidden_size,
-            norm_topk_prob=spec.moe_norm_topk_prob,
-            decoder_sparse_step=1,
-            mlp_only_layers=list(spec.moe_dense_layers),
-        )
+    kwargs.update(moe_spec.hf_kwargs(spec))
     config = CONFIG_MAPPING[family.hf_model_types[0]](**kwargs)
     config.architectures = [family.hf_architecture]
     out = config.to_dict()
