@@ -129,7 +129,10 @@ def destroy() -> None:
     """Drop megatron's groups (the torch.distributed group stays, for another layout)."""
     from megatron.core import parallel_state
 
+    from mtrain import compat
+
     parallel_state.destroy_model_parallel()
+    compat.forget_embedding_ranks()
 
 
 def _free_port() -> int:
@@ -198,6 +201,11 @@ def ep_rank() -> int:
 
 def ep_size() -> int:
     return _state().get_expert_model_parallel_world_size()
+
+
+def expert_dp_rank() -> int:
+    """Rank among the processes that hold the same experts (megatron's expert DP group)."""
+    return _state().get_expert_data_parallel_rank()
 
 
 def is_last_stage() -> bool:

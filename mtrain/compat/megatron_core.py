@@ -252,3 +252,27 @@ class SequenceParallelRMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def forget_embedding_ranks() -> None:
+    """After `destroy_model_parallel`, megatron-core 0.12 keeps the global rank lists of the
+    (position) embedding groups, while the next `initialize_model_parallel` sets them only on
+    ranks in the new groups. Symptom: a process that trains at PP=1 and then at PP=2 asserts
+    "position embedding group is not initialized" in finalize_model_grads on the last stage
+    (tests/test_moe_training.py runs several layouts in one torchrun)."""
+    from megatron.core import parallel_state
+
+    parallel_state._EMBEDDING_GLOBAL_RANKS = None
+    parallel_state._POSITION_EMBEDDING_GLOBAL_RANKS = None
+
+
+def per_token_router_loss_coeff(coeff: float, tp: int) -> float:
+    """The `moe_aux_loss_coeff` / `moe_z_loss_coeff` that give the router losses their intended
+    weight. megatron-core 0.12 with `calculate_per_token_loss` scales each rank's router loss by
+    its own token count, but under sequence parallelism that loss is a share of one taken over
+    the tokens of all TP ranks (the aux loss normalises by them; the z-loss divides its
+    coefficient by TP), so the router-loss gradients come out 1/TP of TP=1's. Symptom: training
+    curves with moe.aux_loss_coef or moe.z_loss_coef > 0 differ between TP=2 and TP=1 from the
+    first step's gradient norm (tests/test_moe_training.py). The logged values divide the
+    coefficients out, so they are unaffected. (With context parallelism: TP x CP.)"""
+    return coeff * tp

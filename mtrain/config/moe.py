@@ -12,9 +12,11 @@ from mtrain.errors import ConfigError
 class MoeConfig:
     aux_loss_coef: float = 0.0  # load-balancing (switch) aux loss weight; 0 = off; see README MoE
     z_loss_coef: float = 0.0  # router z-loss weight (mean squared logsumexp of the logits); 0 = off
-    capacity_factor: float | None = None  # tokens an expert takes, x the even share; null = dropless
+    capacity_factor: float | None = (
+        None  # tokens an expert takes, x the even share; null = dropless
+    )
 
-    def __post_init__(self):
+    def validate(self) -> MoeConfig:
         for key in ("aux_loss_coef", "z_loss_coef"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"moe.{key}={getattr(self, key)} must be >= 0")
@@ -22,3 +24,4 @@ class MoeConfig:
             raise ConfigError(
                 f"moe.capacity_factor={self.capacity_factor} must be positive, or null (dropless)"
             )
+        return self

@@ -17,6 +17,7 @@ from mtrain.config.data import DataConfig
 from mtrain.config.kernels import KERNELS, NpuConfig
 from mtrain.config.lora import LoraConfig
 from mtrain.config.model import ModelConfig
+from mtrain.config.moe import MoeConfig
 from mtrain.dtypes import parse_dtype
 from mtrain.errors import ConfigError
 from mtrain.models.spec import ModelSpec
@@ -46,6 +47,12 @@ class ParallelConfig:
     sequence_parallel: bool = False  # split activations along the sequence within TP (needs tp > 1)
     distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
     overlap_grad_reduce: bool = False  # overlap the DP gradient all-reduce with backward
+    ep: int | None = (
+        None  # MoE: expert-parallel size (splits the experts over DP ranks); default: recommended_ep
+    )
+    etp: int | None = (
+        None  # MoE: tensor-parallel size of the experts; default: tp (megatron-core's)
+    )
 
 
 @dataclass
@@ -179,6 +186,7 @@ class TrainingCommandConfig:
     device: str = "auto"  # auto | cpu | cuda | npu
     kernels: str = "auto"  # layers: auto | local | sdpa | te | torch_npu | mindspeed
     npu: NpuConfig = field(default_factory=NpuConfig)  # Ascend fused kernels and MindSpeed flags
+    moe: MoeConfig = field(default_factory=MoeConfig)  # MoE routing and balancing in training
     load: str | None = (
         None  # checkpoint to start from (Megatron legacy format); default: resume `save`
     )
@@ -270,10 +278,17 @@ def validate(
     spec = cfg.model.spec() if spec is None else spec
     tp, pp = resolve_layout(cfg)
     par, tr = cfg.parallel, cfg.train
+    ep = par.ep if par.ep is not None else (cfg.model.recommended_ep if spec.is_moe else 1)
     try:
         spec.check_parallel(tp, pp, par.vpp)
+        spec.check_experts(ep, par.etp or tp)
     except ConfigError as err:
         raise ConfigError(f"parallel: {err}") from None
+    if spec.is_moe and tp > 1 and tr.seq_length % tp:
+        raise ConfigError(
+            f"train.seq_length={tr.seq_length} must be a multiple of parallel.tp={tp}: an MoE "
+            "model with TP runs sequence-parallel (megatron-core needs it for its experts)"
+        )
     plan = ParallelPlan.build(
         tp,
         pp,
@@ -283,6 +298,8 @@ def validate(
         global_batch_size=tr.global_batch_size,
         sequence_parallel=par.sequence_parallel,
         distributed_optimizer=par.distributed_optimizer,
+        ep=ep,
+        etp=par.etp,
     )
     check_combinations(cfg, spec)
     return plan

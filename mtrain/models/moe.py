@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from mtrain import compat
 from mtrain.config.moe import MoeConfig
 from mtrain.models.spec import ModelSpec
 
@@ -32,8 +33,8 @@ def moe_transformer_fields(
         moe_layer_freq=spec.moe_layer_pattern(),
         moe_token_dispatcher_type="alltoall",
         moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coef > 0 else "none",
-        moe_aux_loss_coeff=moe.aux_loss_coef,
-        moe_z_loss_coeff=moe.z_loss_coef or None,
+        moe_aux_loss_coeff=compat.per_token_router_loss_coeff(moe.aux_loss_coef, tp),
+        moe_z_loss_coeff=compat.per_token_router_loss_coeff(moe.z_loss_coef, tp) or None,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_router_dtype="fp32",  # HF computes the router softmax in fp32 too
         moe_grouped_gemm=False,
