@@ -9,11 +9,13 @@ import json
 import pytest
 import torch
 
-from converters import hf2mcore
+from converters import hf2mcore, mcore2hf
 from converters.hf2mcore import HF2McoreConfig
+from converters.mcore2hf import LoraExportConfig, McoreToHFConfig
 from mtrain.config.model import load_preset
+from mtrain.errors import CheckpointError
 from mtrain.models.tiny import write_chat_task, write_corpus
-from tests.torchrun import DIST_DIR, launch
+from tests.torchrun import DIST_DIR, launch, torchrun
 
 pytestmark = pytest.mark.slow
 ITERS = 6
@@ -62,6 +64,9 @@ def runs(tiny_hf, tmp_path_factory):
         plan[f"sft-aux-{layout}"] = ["sft", _overrides(root, hf, layout, **sft, **AUX)]
     plan["sft-tp1ep1"] = ["sft", _overrides(root, hf, "tp1ep1", **sft)]
     plan["sft-tp2ep2"] = ["sft", _overrides(root, hf, "tp2ep2", **sft)]
+    lora = {**sft, "finetuning_type": "lora", "lora.r": 4, "lora.alpha": 8}
+    plan["lora-tp1ep1"] = ["sft", _overrides(root, hf, "tp1ep1", **lora)]
+    plan["lora-tp2ep2"] = ["sft", _overrides(root, hf, "tp2ep2", **lora, save=root / "lora")]
     save = {"save": root / "resumed", "checkpoint.save_interval": 2, **pt, **AUX}
     plan["part1"] = ["pt", _overrides(root, hf, "tp2ep2", **save, **{"train.exit_after_iters": 3})]
     plan["part2"] = ["pt", _overrides(root, hf, "tp2ep2", **save)]
@@ -121,6 +126,41 @@ def test_first_loss_is_the_hf_models_cross_entropy(runs):
         logits = model(tokens).logits
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
     assert results["pt-tp1ep1"][0]["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_lora_on_attention_and_every_expert_trains_the_same_at_tp2_ep2(runs):
+    ref, got = runs[0]["lora-tp1ep1"], runs[0]["lora-tp2ep2"]
+    for key in ("loss", "grad_norm"):
+        diffs = [abs(a - b) for a, b in zip(curve(ref, key), curve(got, key))]
+        assert len(diffs) == ITERS and max(diffs) < 1e-4, (key, diffs)
+    assert curve(ref)[-1] < curve(ref)[0] - 0.1
+
+
+def test_lora_merged_export_reproduces_the_trained_models_logits(runs, tmp_path):
+    _, root, _ = runs
+    merged = tmp_path / "merged"
+    mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(root / "lora"), out_dir=str(merged)))
+    state = torch.load(
+        root / "lora" / "iter_0000006" / "mp_rank_01_001" / "model_optim_rng.pt",
+        weights_only=False,
+    )["model"]
+    expert_b = state["decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.lora_B.weight"]
+    assert expert_b.abs().max() > 0  # the experts' adapters trained
+    # The adapter checkpoint (base + adapters at TP2 EP2) against HF's forward of the export.
+    torchrun("parity.py", 4, tmp_path / "result.json", merged, root / "lora")
+    diff = json.loads((tmp_path / "result.json").read_text())[str(root / "lora")]
+    assert diff < 1e-5, diff
+
+
+def test_peft_export_of_expert_adapters_is_refused_by_name(runs, tmp_path):
+    with pytest.raises(CheckpointError, match="cannot carry LoRA on linear_fc1, linear_fc2"):
+        mcore2hf.convert(
+            McoreToHFConfig(
+                ckpt_dir=str(runs[1] / "lora"),
+                out_dir=str(tmp_path / "peft"),
+                lora=LoraExportConfig(merge=False),
+            )
+        )
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(runs):

@@ -31,8 +31,8 @@ from mtrain.checkpoint.hf_weights import is_hf_dir
 from mtrain.checkpoint.layout import MegatronCheckpoint
 from mtrain.checkpoint.peft import (
     adapter_names,
-    adapter_targets,
     check_adapter_states,
+    is_adapted,
     write_peft_adapter,
 )
 from mtrain.dtypes import DTYPE_NAMES, parse_dtype
@@ -211,7 +211,7 @@ def export_hf(
         out_dir,
     )
     plan = plan_hf_tensors(ckpt, dims, dtype)
-    targets = set(adapter_targets(adapters)) if adapters is not None else set()
+    targets = set(adapters.lora.config.target_modules) if adapters is not None else set()
     with atomic_output_dir(out_dir, force, inputs) as temp:
         writer = HFShardedWriter(temp, plan, max_shard_bytes)
         for pp_rank in range(ckpt.pp):
@@ -242,7 +242,7 @@ def export_hf(
                                     f"{ckpt.rank_file(t, pp_rank, r)}: {p.mcore} has shape "
                                     f"{list(s.shape)} but the checkpoint args imply {list(want)}"
                                 )
-                        if p.entry in targets:
+                        if is_adapted(p.mcore, targets):
                             a_name, b_name = adapter_names(p.mcore)
                             scaling = adapters.lora.config.scaling
                             shards = [

@@ -284,6 +284,17 @@ def validate(
         spec.check_experts(ep, par.etp or tp)
     except ConfigError as err:
         raise ConfigError(f"parallel: {err}") from None
+    if spec.is_moe and par.etp not in (None, tp) and (cfg.load or cfg.save):
+        raise ConfigError(
+            f"parallel.etp={par.etp} with parallel.tp={tp}: checkpoints and HF weights are "
+            "read and written with the experts split like the rest of the model (etp = tp, "
+            "megatron-core 0.12's default); leave parallel.etp unset to load= or save="
+        )
+    if spec.is_moe and cfg.checkpoint.format == "torch_dist":
+        raise ConfigError(
+            "checkpoint.format=torch_dist is not supported for MoE models yet; use the legacy "
+            "format (one file per TP x PP x EP rank, as Megatron-LM writes it)"
+        )
     if spec.is_moe and tp > 1 and tr.seq_length % tp:
         raise ConfigError(
             f"train.seq_length={tr.seq_length} must be a multiple of parallel.tp={tp}: an MoE "
