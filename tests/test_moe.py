@@ -165,3 +165,28 @@ def test_logits_match_hf_at_tp2_ep2_ep2_pp2_and_tp1_ep1(moe_hf, tmp_path):
     raw = json.loads((tmp_path / "result.json").read_text())
     diffs = {name: raw[str(path)] for name, path in ckpts.items()}
     assert all(d < 1e-5 for d in diffs.values()), diffs
+
+
+def test_dry_run_counts_total_and_active_parameters_and_experts_per_ep_rank(monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    import mtrain.sft  # noqa: F401 (registers the sft schema)
+    from mtrain.cli import to_schema
+    from mtrain.config import CONF_DIR
+    from mtrain.config.schema import validate
+    from mtrain.dry_run import describe_plan
+    from mtrain.estimates import memory_estimate
+
+    monkeypatch.setenv("WORLD_SIZE", "16")  # 2 x 8 devices: the preset's PP2 EP8
+    overrides = ["+model=qwen3_30b_a3b", "data.path=x.jsonl", "train.iters=10",
+                 "train.seq_length=4096", "train.global_batch_size=64", "train.recompute=full",
+                 "parallel.distributed_optimizer=true"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = to_schema(compose("sft", overrides))
+    text = describe_plan(cfg)
+    assert "30.53 B parameters (3.35 B active per token)" in text
+    assert "16 per EP rank (ep 8, etp 1)" in text and "tp 1 x pp 2 x dp 8, ep 8" in text
+    mem = memory_estimate(cfg, validate(cfg, 16))
+    # 24 layers per stage x 16 experts x (gate, up, down) 3 x 2048 x 768
+    assert mem["experts"] == 24 * 16 * 3 * 2048 * 768
+    assert 40 < sum(mem[k] for k in ("weights", "gradients", "optimizer", "activations")) < 80
