@@ -4,6 +4,7 @@ expert layouts, both HF expert layouts) bit-exact both ways, and logits equal to
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,19 @@ def test_dry_run_counts_total_and_active_parameters_and_experts_per_ep_rank(monk
     # 24 layers per stage x 16 experts x (gate, up, down) 3 x 2048 x 768
     assert mem["experts"] == 24 * 16 * 3 * 2048 * 768
     assert 40 < sum(mem[k] for k in ("weights", "gradients", "optimizer", "activations")) < 80
+
+
+def test_megatron_config_routes_like_hf_and_keeps_dense_layers():
+    from mtrain.config.moe import MoeConfig
+    from mtrain.models.moe import moe_transformer_fields
+
+    spec = load_preset("qwen3_moe_tiny").spec()
+    fields = moe_transformer_fields(spec, 2, None, 2, MoeConfig(capacity_factor=1.5))
+    assert fields["moe_layer_freq"] == [1, 0, 1, 1]  # layer 1 is dense (mlp_only_layers)
+    assert fields["moe_router_pre_softmax"] is False  # softmax over the top-k = renormalised
+    assert fields["moe_token_dispatcher_type"] == "alltoall"
+    assert fields["moe_expert_capacity_factor"] == 1.5
+    assert fields["expert_tensor_parallel_size"] == 2  # megatron-core 0.12's default: tp
+    assert fields["moe_router_load_balancing_type"] == "none"  # aux loss off by default
+    unnormalised = replace(spec, moe_norm_topk_prob=False)
+    assert moe_transformer_fields(unnormalised, 1, None, 1, MoeConfig())["moe_router_pre_softmax"]
