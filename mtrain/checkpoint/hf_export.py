@@ -132,14 +132,16 @@ def _open_base(adapters: MegatronCheckpoint, base_dir: str | None) -> MegatronCh
             "instead (lora.merge=false), or merge against the base converted with "
             "converters.hf2mcore at that layout (base_dir=)"
         )
-    if base.spec != adapters.spec or (base.tp, base.pp, base.vpp) != (
+    if base.spec != adapters.spec or (base.tp, base.pp, base.vpp, base.ep) != (
         adapters.tp,
         adapters.pp,
         adapters.vpp,
+        adapters.ep,
     ):
         raise ConfigError(
-            f"base_dir={path} (tp={base.tp} pp={base.pp}) is not the model the adapters in "
-            f"{adapters.iter_dir} (tp={adapters.tp} pp={adapters.pp}) were trained on"
+            f"base_dir={path} (tp={base.tp} pp={base.pp} ep={base.ep}) is not the model the "
+            f"adapters in {adapters.iter_dir} (tp={adapters.tp} pp={adapters.pp} "
+            f"ep={adapters.ep}) were trained on"
         )
     return base
 
