@@ -34,10 +34,12 @@ def describe_plan(cfg: TrainingCommandConfig) -> str:
     check_outputs(cfg, spec)
     tr = cfg.train
     mem = memory_estimate(cfg, plan, spec)
-    total = sum(v for k, v in mem.items() if k not in ("parameters", "trained"))
+    total = sum(mem[k] for k in ("weights", "gradients", "optimizer", "activations"))
     tokens = tr.global_batch_size * tr.seq_length
     lines = [
-        f"model      {cfg.model.display_name}: {count(spec.num_parameters())} parameters, "
+        f"model      {cfg.model.display_name}: {count(spec.num_parameters())} parameters"
+        + (f" ({count(spec.num_parameters(active=True))} active per token)" if spec.is_moe else "")
+        + ", "
         f"{spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_attention_heads}"
         f"/{spec.num_query_groups}, vocab {spec.vocab_size}",
         f"layout     {plan.describe()}",
@@ -59,6 +61,7 @@ def describe_plan(cfg: TrainingCommandConfig) -> str:
             else ""
         )
         + ")",
+        *_moe_lines(spec, plan, mem),
         f"checkpoint {size(checkpoint_bytes(cfg, spec) / GiB)} per save (weights + optimizer"
         + (", adapters only" if cfg.finetuning_type == "lora" else "")
         + ")",
@@ -80,3 +83,14 @@ def fit_line(total: float, device_gib: float, cp: int, recompute: str | None) ->
         f"fit        NO: {size(total)} exceeds 90% of {size(device_gib)} per device "
         f"(device_memory_gib); {' or '.join(hints)}, or lower train.micro_batch_size"
     )
+def _moe_lines(spec, plan, mem: dict) -> list[str]:
+    """The experts' line of an MoE model's plan."""
+    if not spec.is_moe:
+        return []
+    etp = plan.etp or plan.tp
+    return [
+        f"experts    {spec.num_experts} per MoE layer, top-{spec.moe_router_topk}; "
+        f"{spec.num_experts // plan.ep} per EP rank (ep {plan.ep}, etp {etp}): "
+        f"{count(mem['experts'])} expert parameters per device; all-to-all buffers "
+        f"{size(mem['dispatcher'])} per layer in flight"
+    ]

@@ -16,6 +16,13 @@ between the attentions, and inside Ulysses' attention the whole sequence for 1/c
 (the attention matrix, where there is one, is a/(tp*cp) heads of s x s). Packed rows with a dense
 block-causal mask (every kernel but torch_npu's flash attention, which takes cu_seqlens) hold
 that s x s boolean mask whole on every rank.
+
+Mixture of experts: a device holds the non-expert weights split over TP and E/EP experts split
+over ETP; expert gradients and Adam state divide over the expert data-parallel ranks
+(world / (ETP x EP x PP)) with the distributed optimizer. An MoE layer keeps, per micro-batch,
+the k routed copies of each token at the expert input plus the fc1 and activation outputs
+(k*s*b*(h + 3F/ETP) values); the all-to-all dispatcher holds the k*s*b/TP*h tokens it sends and
+receives back (two buffers) while a layer runs.
 """
 
 from __future__ import annotations
@@ -92,8 +99,12 @@ def memory_estimate(
     spec = cfg.model.spec() if spec is None else spec
     tp, pp, dp, tr = plan.tp, plan.pp, plan.dp, cfg.train
     h = spec.hidden_size
-    per_layer = spec.layer_parameters()
     layers = spec.num_layers // pp
+    moe = moe_estimate(cfg, plan, spec)
+    # On one device: the layers' TP shards, experts as this EP rank holds them (mean over layers)
+    per_layer = (
+        sum(spec.layer_parameters(i) for i in range(spec.num_layers)) - moe["model_experts"]
+    ) / spec.num_layers + moe["experts_per_layer"] * tp
     vocab = spec.padded_vocab_size(tp) * h
     first = layers * per_layer / tp + vocab / tp
     last = layers * per_layer / tp + (vocab / tp if (not spec.tie_word_embeddings or pp > 1) else 0)
@@ -101,9 +112,14 @@ def memory_estimate(
     # Gradients and optimizer state exist for trained parameters only: with LoRA, the adapters.
     trained = lora_parameters(cfg, spec, tp) * layers if cfg.finetuning_type == "lora" else params
     weight_bytes, optimizer_bytes = bytes_per_parameter(tr.precision)
-    # megatron shards the distributed optimizer over data x context parallel ranks (the ranks that
-    # hold the same weights).
-    optimizer_bytes /= dp * plan.cp if cfg.parallel.distributed_optimizer else 1
+    experts = moe["experts_per_layer"] * layers if cfg.finetuning_type != "lora" else 0.0
+    optimizer = trained * optimizer_bytes
+    if cfg.parallel.distributed_optimizer:
+        # megatron shards the distributed optimizer over the ranks that hold the same weights:
+        # data x context parallel for the dense ones, the expert data-parallel ranks for experts.
+        optimizer = (trained - experts) * optimizer_bytes / (dp * plan.cp) + (
+            experts * optimizer_bytes / moe["expert_dp"]
+        )
     # DPO: a sample is a pair (two sequences); a `model` reference of a full fine-tune is a
     # second copy of the weights (with LoRA it is the policy with its adapters off).
     dpo = getattr(cfg, "dpo", None)
@@ -119,7 +135,12 @@ def memory_estimate(
         "full": 2 * s * b * h,
     }[tr.recompute]
     in_flight = min(pp, plan.micro_batches)
-    activations = per_layer_act * layers / (tp * cp) * in_flight
+    # full recompute keeps only each layer's input, counted above
+    moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.num_layers)) / pp
+    moe_layers *= tr.recompute != "full"
+    activations = (
+        per_layer_act * layers / (tp * cp) + moe["activation_bytes"] * moe_layers
+    ) * in_flight
     logits = 4 * s * b * spec.padded_vocab_size(tp) / (tp * cp) * 2  # fp32 logits and their grad
     if getattr(cfg.data, "packing", False) and not varlen_attention(cfg):
         activations += s * s * b * in_flight  # the block-causal mask, one byte per entry
@@ -130,6 +151,35 @@ def memory_estimate(
         * weight_bytes
         / GiB,
         "gradients": trained * 4 / GiB,
-        "optimizer": trained * optimizer_bytes / GiB,
-        "activations": (activations + logits) / GiB,
+        "optimizer": optimizer / GiB,
+        "activations": (activations + logits + moe["dispatcher_bytes"]) / GiB,
+        "experts": experts,  # expert parameters on the device
+        "dispatcher": moe["dispatcher_bytes"] / GiB,
     }
+
+
+def moe_estimate(cfg: TrainingCommandConfig, plan: ParallelPlan, spec: ModelSpec) -> dict:
+    """The MoE terms of `memory_estimate` (zeros for a dense model)."""
+    zero = dict(model_experts=0.0, experts_per_layer=0.0, expert_dp=1, activation_bytes=0.0)
+    if not spec.is_moe:
+        return {**zero, "dispatcher_bytes": 0.0}
+    family, symbols = spec.family_table, spec.shape_symbols()
+    etp = plan.etp or plan.tp
+    one_expert = sum(e.numel(symbols) for e in family.expert)
+    moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.num_layers))
+    s, b, k = cfg.train.seq_length, cfg.train.micro_batch_size, spec.moe_router_topk
+    value_bytes = 4 if cfg.train.precision == "fp32" else 2
+    h, f = spec.hidden_size, spec.moe_ffn_hidden_size
+    return dict(
+        model_experts=moe_layers * spec.num_experts * one_expert,
+        # mean over layers, per device: E/EP experts cut ETP ways
+        experts_per_layer=moe_layers
+        / spec.num_layers
+        * spec.num_experts
+        / plan.ep
+        * one_expert
+        / etp,
+        expert_dp=max(1, plan.world_size // (etp * plan.ep * plan.pp)),
+        activation_bytes=k * s * b * (h + 3 * f / etp) * value_bytes,
+        dispatcher_bytes=2 * k * s * b / plan.tp * h * value_bytes,
+    )

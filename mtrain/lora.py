@@ -19,6 +19,12 @@ Forward communication (small: r features per token):
 - row: u_t = A_t x_t is a partial sum, all-reduced (reduce-scattered along the sequence with
   sequence parallelism, where B's gradient is then all-reduced like a norm weight).
 
+Routed experts (MoE): the token dispatcher already gathers each expert's tokens over the expert
+TP ranks and sums the outputs back, so an expert's linears do no communication, and neither do
+their adapters; the replicated matrix's gradient is partial per rank and is all-reduced over TP
+like a sequence-parallel weight; expert adapters are expert parameters (reduced over the
+expert data-parallel group). Every expert of a layer gets its own adapter.
+
 Adapters are child modules `lora_A` / `lora_B` of the linear they adapt, so their state-dict
 names are the base's plus `.lora_A.weight` / `.lora_B.weight`; base names are unchanged.
 """
@@ -62,6 +68,7 @@ class _Adapter:
     scaling: float
     dropout: float
     sequence_parallel: bool
+    expert: bool = False  # a routed expert's linear: no communication (see the docstring)
     enabled: bool = True
 
 
@@ -100,6 +107,9 @@ def _forward_hook(module: torch.nn.Module, args: tuple, output: tuple):
     out, bias = output
     x, a, b = args[0], module.lora_A.weight, module.lora_B.weight
     sp = adapter.sequence_parallel
+    if adapter.expert:
+        x = _dropout(x, adapter.dropout, per_rank=adapter.mode == "row", training=module.training)
+        return out + F.linear(F.linear(x, a), b) * adapter.scaling, bias
     if adapter.mode == "column":
         x = _dropout(x, adapter.dropout, per_rank=sp, training=module.training)
         u = F.linear(x, a)  # the same on every rank (for its own tokens with SP)
@@ -133,7 +143,14 @@ def attach_adapter(
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
+    expert = getattr(base, "is_expert", False)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    if expert:
+        tp, tp_rank = (
+            ps.get_expert_tensor_parallel_world_size(),
+            ps.get_expert_tensor_parallel_rank(),
+        )
+        sequence_parallel = False
     mode = _parallel_mode(base)
     rows, cols = base.weight.shape  # this rank's shard
     dtype, device = base.weight.dtype, base.weight.device
@@ -149,10 +166,14 @@ def attach_adapter(
     tensor_parallel.set_tensor_model_parallel_attributes(
         split, is_parallel=True, dim=0 if mode == "column" else 1, stride=1
     )
-    if sequence_parallel:
-        # Its gradient comes from this rank's tokens only: megatron all-reduces it over TP.
+    if sequence_parallel or (expert and tp > 1):
+        # Its gradient comes from this rank's tokens (or its shard) only: megatron all-reduces
+        # it over TP.
         replicated.sequence_parallel = True
-    base.lora = _Adapter(mode, cfg.scaling, cfg.dropout, sequence_parallel)
+    if expert:
+        for param in (base.lora_A.weight, base.lora_B.weight):
+            param.allreduce = False  # megatron's mark of an expert-parallel parameter
+    base.lora = _Adapter(mode, cfg.scaling, cfg.dropout, sequence_parallel, expert)
     base.register_forward_hook(_forward_hook)
 
 
@@ -168,17 +189,34 @@ def add_adapters(chunks: list[torch.nn.Module], cfg: LoraConfig, seed: int) -> t
             param.requires_grad_(False)
         for layer in chunk.decoder.layers:
             global_layer = layer.layer_number - 1
-            paths = {name.rsplit(".", 1)[-1]: name for name, _ in layer.named_modules()}
-            for target in cfg.target_modules:
+            for name, module in layer.named_modules():
+                target = name.rsplit(".", 1)[-1]
+                if target not in cfg.target_modules:
+                    continue
                 attach_adapter(
-                    layer.get_submodule(paths[target]),
+                    module,
                     cfg,
-                    seed=seed * 1_000_003 + global_layer * 16 + TARGETS.index(target),
+                    seed=seed * 1_000_003
+                    + global_layer * 16
+                    + TARGETS.index(target)
+                    + 100_003 * (_global_expert(name, chunk.config) + 1),
                     sequence_parallel=chunk.config.sequence_parallel,
                 )
     total = sum(p.numel() for c in chunks for p in c.parameters())
     trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     return trainable, total
+
+
+def _global_expert(module_name: str, config) -> int:
+    """The model-wide number of the routed expert `module_name` belongs to; -1 for the rest. An
+    expert's adapters draw from its own seed, the same at every expert-parallel layout."""
+    if ".local_experts." not in module_name:
+        return -1
+    from megatron.core import parallel_state as ps
+
+    local = int(module_name.split(".local_experts.")[1].split(".")[0])
+    per_rank = config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+    return ps.get_expert_model_parallel_rank() * per_rank + local
 
 
 def _adapters(chunks: list[torch.nn.Module]) -> Iterator[_Adapter]:

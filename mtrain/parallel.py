@@ -37,8 +37,12 @@ def init(
     seed: int = 1234,
     timeout_minutes: int = 30,
     cp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> int:
-    """Join the job's process group and build megatron's TP/PP/CP/DP groups; returns the DP size.
+    """Join the job's process group and build megatron's TP/PP/CP/DP groups (and, for MoE, the
+    expert groups: `ep` expert-parallel ranks of `etp`-way tensor-parallel experts, default
+    `tp`); returns the DP size.
 
     Works under torchrun and as a single plain process (world size 1).
     """
@@ -51,6 +55,8 @@ def init(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
     # Seeds the default and the tensor-parallel RNG streams (different per TP rank, as megatron).
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -125,8 +131,10 @@ def destroy() -> None:
     """Drop megatron's groups (the torch.distributed group stays, for another layout)."""
     from megatron.core import parallel_state
 
+    from mtrain import compat
+
     parallel_state.destroy_model_parallel()
-    compat.forget_position_embedding_ranks()
+    compat.forget_embedding_ranks()
 
 
 def _free_port() -> int:
@@ -215,6 +223,17 @@ def replica_size() -> int:
 
 def replica_group():
     return _state().get_data_parallel_group(with_context_parallel=True)
+def ep_rank() -> int:
+    return _state().get_expert_model_parallel_rank()
+
+
+def ep_size() -> int:
+    return _state().get_expert_model_parallel_world_size()
+
+
+def expert_dp_rank() -> int:
+    """Rank among the processes that hold the same experts (megatron's expert DP group)."""
+    return _state().get_expert_data_parallel_rank()
 
 
 def is_last_stage() -> bool:

@@ -36,6 +36,20 @@ def check_virtual_stages(pp: int, vpp: int, prefix: str = "parallel.") -> None:
         )
 
 
+def check_experts_layout(tp: int, pp: int, dp: int, ep: int, etp: int | None) -> None:
+    """megatron-core lays the experts out as etp x ep x pp x (expert DP) over the same processes
+    as tp x pp x dp: EP takes its ranks from DP (and, with etp < tp, from TP)."""
+    etp = tp if etp is None else etp
+    if ep < 1 or etp < 1:
+        raise ConfigError(f"parallel.ep={ep} and parallel.etp={etp} must be >= 1")
+    if (tp * dp) % (etp * ep):
+        raise ConfigError(
+            f"parallel.ep={ep} x parallel.etp={etp} must divide parallel.tp={tp} x the "
+            f"data-parallel size {dp}: expert parallelism splits the experts over data-parallel "
+            "ranks; launch more processes or lower parallel.ep"
+        )
+
+
 @dataclass(frozen=True)
 class ParallelPlan:
     """The layout of one run. `dp` = world_size / (tp * pp * cp); expert parallelism (`ep`)
@@ -51,6 +65,7 @@ class ParallelPlan:
     sequence_parallel: bool = False  # activations split along the sequence within TP
     distributed_optimizer: bool = False  # optimizer state sharded over DP
     ep: int = 1  # expert-parallel size (MoE); 1 for dense models
+    etp: int | None = None  # tensor-parallel size of the experts (MoE); None = tp
     cp: int = 1  # context-parallel size (long sequences)
 
     @classmethod
@@ -65,6 +80,8 @@ class ParallelPlan:
         sequence_parallel: bool = False,
         distributed_optimizer: bool = False,
         cp: int = 1,
+        ep: int = 1,
+        etp: int | None = None,
     ) -> ParallelPlan:
         """Check the layout rules that need only the sizes (the model's own divisibility rules
         are `ModelSpec.check_parallel`)."""
@@ -74,6 +91,7 @@ class ParallelPlan:
         check_virtual_stages(pp, vpp)
         if sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+        check_experts_layout(tp, pp, dp, ep, etp)
         global_batch_size = global_batch_size or micro_batch_size * dp
         if global_batch_size % (micro_batch_size * dp):
             raise ConfigError(
@@ -98,6 +116,8 @@ class ParallelPlan:
             sequence_parallel=sequence_parallel,
             distributed_optimizer=distributed_optimizer,
             cp=cp,
+            ep=ep,
+            etp=etp,
         )
 
     def describe(self) -> str:
@@ -107,6 +127,8 @@ class ParallelPlan:
             + (f" x cp {self.cp}" if self.cp > 1 else "")
             + f" x dp {self.dp}"
             + (f", vpp {self.vpp}" if self.vpp > 1 else "")
+            + (f", ep {self.ep}" if self.ep > 1 else "")
+            + (f", etp {self.etp}" if self.etp not in (None, self.tp) else "")
             + (", sequence parallel" if self.sequence_parallel else "")
             + (", distributed optimizer" if self.distributed_optimizer else "")
         )

@@ -21,9 +21,13 @@ log = logging.getLogger("mtrain.train")
 
 
 def flops_per_token(spec: ModelSpec, seq_length: int) -> float:
+    """(MoE: the matmuls a token goes through, its router's top-k experts.)"""
     family, symbols = spec.family_table, spec.shape_symbols()
-    per_layer = family.layer_matmul_parameters(symbols)
-    matmul_params = spec.num_layers * per_layer + family.output.numel(symbols)
+    layers = sum(
+        family.layer_matmul_parameters(symbols, spec.is_moe_layer(i), spec.moe_router_topk)
+        for i in range(spec.num_layers)
+    )
+    matmul_params = layers + family.output.numel(symbols)
     return 6 * matmul_params + 12 * spec.num_layers * seq_length * symbols["q"]
 
 

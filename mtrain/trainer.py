@@ -42,6 +42,7 @@ from mtrain.losses import lm_forward, lm_loss_and_accuracy, logits_forward
 from mtrain.models.provider import BuildOptions, build_model_chunks
 from mtrain.models.score import train_score_head
 from mtrain.models.spec import ModelSpec
+from mtrain.moe_metrics import MoeMetrics
 from mtrain.optim import build_optimizer, connect_schedule, wrap_ddp
 from mtrain.plan import ParallelPlan
 from mtrain.preflight import check_outputs
@@ -143,6 +144,9 @@ def _build(cfg: TrainingCommandConfig, setup: Setup, task: Task):
         tp=plan.tp,
         pp=plan.pp,
         vpp=plan.vpp,
+        ep=plan.ep,
+        etp=plan.etp,
+        moe=cfg.moe,
         precision=tr.precision,
         sequence_parallel=plan.sequence_parallel,
         cp=plan.cp,
@@ -231,7 +235,9 @@ def train(
     mlog.setup(all_ranks=cfg.log.all_ranks)
     setup = Setup(spec, plan, kernels.start(cfg, plan, spec.num_layers))
     check_context_parallel(cfg, spec, plan.tp, setup.kernels)
-    parallel.init(plan.tp, plan.pp, plan.vpp, seed=cfg.train.seed, cp=plan.cp)
+    parallel.init(
+        plan.tp, plan.pp, plan.vpp, seed=cfg.train.seed, cp=plan.cp, ep=plan.ep, etp=plan.etp
+    )
     try:
         return _run(cfg, make_task, setup)
     finally:
@@ -254,7 +260,8 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
     # One iterator per model chunk: with interleaving, every chunk draws each micro-batch.
     iterators = [task.batches(state.consumed_samples, dp_rank, dp) for _ in model]
 
-    args = megatron_args(spec, plan.tp, plan.pp, plan.vpp, DTYPE_NAMES[DTYPES[tr.precision]])
+    dtype_name = DTYPE_NAMES[DTYPES[tr.precision]]
+    args = megatron_args(spec, plan.tp, plan.pp, plan.vpp, dtype_name, plan.ep)
     args.data_parallel_size = plan.dp
     args.context_parallel_size = plan.cp
     args.use_distributed_optimizer = plan.distributed_optimizer
@@ -277,7 +284,7 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
         start_iter=state.iteration,
     )
     log.info(
-        "training %s: %s, tp=%d pp=%d vpp=%d cp=%d dp=%d, %d micro-batches of %d per step, "
+        "training %s: %s, tp=%d pp=%d vpp=%d cp=%d dp=%d%s, %d micro-batches of %d per step, "
         "%d iterations, kernels=%s",
         task.name,
         cfg.model.display_name,
@@ -286,11 +293,13 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
         plan.vpp,
         plan.cp,
         dp,
+        f" ep={plan.ep}" if spec.is_moe else "",
         plan.micro_batches,
         tr.micro_batch_size,
         tr.iters,
         kernels.describe(setup.kernels),
     )
+    moe = MoeMetrics(model, spec, accel.device()) if spec.is_moe else None
     preemption = _Preemption()
     try:
         while state.iteration < tr.iters:
@@ -314,6 +323,8 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
                     forward_only=False,
                 )
             )
+            if moe is not None:
+                metrics.update(moe.collect(plan.micro_batches))
             metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate this step uses
             loss = metrics.get("loss", float("nan"))
             skipped = False

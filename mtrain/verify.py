@@ -107,15 +107,15 @@ def checkpoint_max_diff(
     """Max |logits - reference| of a checkpoint at its own layout, known on every rank. An
     adapter (LoRA) checkpoint runs on its base (`base_dir`, default the recorded one)."""
     ckpt = MegatronCheckpoint.open(Path(ckpt_dir))
-    parallel.init(ckpt.tp, ckpt.pp, ckpt.vpp)
+    parallel.init(ckpt.tp, ckpt.pp, ckpt.vpp, ep=ckpt.ep)
     try:
-        opts = BuildOptions(tp=ckpt.tp, pp=ckpt.pp, vpp=ckpt.vpp, initialize=False)
+        opts = BuildOptions(tp=ckpt.tp, pp=ckpt.pp, vpp=ckpt.vpp, ep=ckpt.ep, initialize=False)
         chunks = build_model_chunks(ckpt.spec, opts)
         chunks = [c.to(accel.device()) for c in chunks]
         if ckpt.lora is not None:
             add_adapters(chunks, ckpt.lora.config, seed=0)  # values come from the checkpoint
         load_model_weights(
-            chunks, ckpt_dir, ckpt.spec, ckpt.tp, ckpt.pp, ckpt.vpp, base_dir=base_dir
+            chunks, ckpt_dir, ckpt.spec, ckpt.tp, ckpt.pp, ckpt.vpp, base_dir=base_dir, ep=ckpt.ep
         )
         logits = megatron_logits(chunks, tokens.to(accel.device()), ckpt.spec.vocab_size)
         diff = torch.tensor([-1.0], device=accel.device())
@@ -139,10 +139,11 @@ def main(cfg: VerifyConfig) -> None:
     diff = checkpoint_max_diff(cfg.ckpt_dir, tokens, box[0], cfg.base_dir)
     ok = diff <= cfg.tolerance
     log.info(
-        "verify: %s at tp=%d pp=%d: max |logits - HF| = %.3g (tolerance %.0e) -> %s",
+        "verify: %s at tp=%d pp=%d ep=%d: max |logits - HF| = %.3g (tolerance %.0e) -> %s",
         cfg.ckpt_dir,
         ckpt.tp,
         ckpt.pp,
+        ckpt.ep,
         diff,
         cfg.tolerance,
         "OK" if ok else "MISMATCH",

@@ -59,6 +59,8 @@ from typing import Any
 
 import torch
 
+from mtrain.accel import cpu_moe
+
 NAME = "cpu"
 DIST_BACKEND = "gloo"
 
@@ -113,6 +115,7 @@ def install_shim(before_megatron: Callable[[], None] | None = None) -> None:
         before_megatron()
         _rewrap_type()
     _patch_megatron_rng()
+    cpu_moe.patch_megatron_moe()
     _INSTALLED = True
 
 
@@ -193,6 +196,9 @@ def _patch_tensor_methods() -> None:
 
     torch.Tensor.to = to
     torch.Tensor.cuda = cuda
+    # MoE all-to-all, tensor_parallel/mappings.py: input.new_empty(device=current_device()).
+    for name in ("new_empty", "new_zeros", "new_ones", "new_full"):
+        setattr(torch.Tensor, name, _cpu_factory(getattr(torch.Tensor, name)))
     torch.Tensor.type = _cuda_type_for_megatron(torch.Tensor.type)
 
 

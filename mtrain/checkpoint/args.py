@@ -14,9 +14,20 @@ from mtrain.errors import CheckpointError
 from mtrain.models.families import FAMILIES
 from mtrain.models.spec import ModelSpec
 
+# How a checkpoint stores the routed experts of an MoE layer (recorded as `moe_grouped_gemm`):
+# one module per expert (megatron-core's SequentialMLP), or all of an EP rank's experts in two
+# tensors (GroupedMLP's weight1/weight2, what grouped-GEMM kernels train on).
+EXPERT_LAYOUTS = ("sequential", "grouped")
+
 
 def megatron_args(
-    spec: ModelSpec, tp: int, pp: int, vpp: int, params_dtype: str
+    spec: ModelSpec,
+    tp: int,
+    pp: int,
+    vpp: int,
+    params_dtype: str,
+    ep: int = 1,
+    expert_layout: str = "sequential",
 ) -> argparse.Namespace:
     """The `args` stored in every rank file of a checkpoint of `spec` at this layout."""
     family = spec.family_table
@@ -24,7 +35,7 @@ def megatron_args(
         model_type_hf=spec.family,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=1,  # dense models; MindSpeed-LLM's mg2hf needs the key
+        expert_model_parallel_size=ep,  # 1 for dense models; MindSpeed-LLM's mg2hf needs the key
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -56,7 +67,43 @@ def megatron_args(
     )
     if vpp > 1:
         args.num_layers_per_virtual_pipeline_stage = spec.num_layers // (pp * vpp)
+    if spec.is_moe:
+        vars(args).update(
+            num_experts=spec.num_experts,
+            moe_router_topk=spec.moe_router_topk,
+            moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
+            moe_router_pre_softmax=not spec.moe_norm_topk_prob,
+            norm_topk_prob=spec.moe_norm_topk_prob,  # MindSpeed-LLM's name
+            moe_layer_freq=spec.moe_layer_pattern(),
+            expert_tensor_parallel_size=tp,
+            moe_grouped_gemm=expert_layout == "grouped",
+        )
     return args
+
+
+def expert_layout_of(args: argparse.Namespace) -> str:
+    return "grouped" if getattr(args, "moe_grouped_gemm", False) else "sequential"
+
+
+def _moe_from_args(a: dict[str, Any], layers: int, source: str) -> dict[str, Any]:
+    """The MoE fields of a spec, from Megatron-LM's (or MindSpeed-LLM's) argument names."""
+    if not a.get("num_experts"):
+        return {}
+    freq = a.get("moe_layer_freq", 1)
+    if isinstance(freq, str):  # Megatron-LM's command line takes "[1,0,...]" too
+        freq = [int(x) for x in freq.strip("[]").split(",") if x.strip()]
+    pattern = freq if isinstance(freq, list) else [int(i % int(freq) == 0) for i in range(layers)]
+    first_dense = int(a.get("first_k_dense_replace") or 0)  # MindSpeed-LLM's
+    if len(pattern) != layers:
+        raise CheckpointError(f"{source}: moe_layer_freq has {len(pattern)} layers, not {layers}")
+    norm = a.get("norm_topk_prob")
+    return dict(
+        num_experts=int(a["num_experts"]),
+        moe_router_topk=int(a.get("moe_router_topk") or 2),
+        moe_ffn_hidden_size=int(a.get("moe_ffn_hidden_size") or a["ffn_hidden_size"]),
+        moe_norm_topk_prob=bool(norm) if norm is not None else not a.get("moe_router_pre_softmax"),
+        moe_dense_layers=tuple(i for i, m in enumerate(pattern) if not m or i < first_dense),
+    )
 
 
 def spec_from_megatron_args(args: argparse.Namespace, source: str) -> ModelSpec:
@@ -76,6 +123,8 @@ def spec_from_megatron_args(args: argparse.Namespace, source: str) -> ModelSpec:
     family = a.get("model_type_hf")
     if family not in FAMILIES:  # a foreign checkpoint: infer the family from its switches
         family = "qwen3" if a.get("qk_layernorm") else "qwen2" if a.get("add_qkv_bias") else "llama"
+        family = "qwen3_moe" if family == "qwen3" and a.get("num_experts") else family
+    layers = int(need("num_layers"))
     heads = int(need("num_attention_heads"))
     hidden = int(need("hidden_size"))
     # MindSpeed-LLM's hf2mg writes group_query_attention=False for GQA models too
@@ -83,7 +132,7 @@ def spec_from_megatron_args(args: argparse.Namespace, source: str) -> ModelSpec:
     groups = get("num_query_groups") if gqa else get("num_key_value_heads")
     return ModelSpec(
         family=family,
-        num_layers=int(need("num_layers")),
+        num_layers=layers,
         hidden_size=hidden,
         ffn_hidden_size=int(need("ffn_hidden_size", "intermediate_size")),
         num_attention_heads=heads,
@@ -95,4 +144,5 @@ def spec_from_megatron_args(args: argparse.Namespace, source: str) -> ModelSpec:
         norm_epsilon=float(a.get("norm_epsilon") or 1e-6),
         tie_word_embeddings=not a.get("untie_embeddings_and_output_weights", True),
         rope_scaling_factor=a.get("rope_scaling_factor") if a.get("use_rope_scaling") else None,
+        **_moe_from_args(a, layers, source),
     ).validate(source)

@@ -31,8 +31,8 @@ from mtrain.checkpoint.hf_weights import is_hf_dir
 from mtrain.checkpoint.layout import MegatronCheckpoint
 from mtrain.checkpoint.peft import (
     adapter_names,
-    adapter_targets,
     check_adapter_states,
+    is_adapted,
     write_peft_adapter,
 )
 from mtrain.dtypes import DTYPE_NAMES, parse_dtype
@@ -71,32 +71,41 @@ def plan_hf_tensors(
     head = (adapters or ckpt).head
     plan = []
     for pp_rank in range(ckpt.pp):
-        states = ckpt.load_model_states(0, pp_rank)
-        for chunk, state in enumerate(states):
-            groups = list(stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, head))
-            known = {p.mcore for g in groups for p in g}
-            if (spec.tie_word_embeddings and head == "lm") or head != ckpt.head:
-                known.add(family.output.mcore)  # a tied copy some tools write, or not; a base's
-            path = ckpt.rank_file(0, pp_rank)
-            unknown = sorted(k for k in state if k not in known and not k.endswith("._extra_state"))
-            if unknown:
-                raise CheckpointError(
-                    f"{path}: tensor {unknown[0]} (and {len(unknown) - 1} more) is not part of a "
-                    f"{spec.family} model as the checkpoint args describe it"
+        per_ep = [ckpt.load_model_states(0, pp_rank, r) for r in range(ckpt.ep)]
+        for chunk in range(len(per_ep[0])):
+            for ep_rank, states in enumerate(per_ep):
+                groups = stage_groups(
+                    spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, ckpt.ep, ep_rank, head=head
                 )
-            for group in groups:
+                known = {p.mcore for g in groups for p in g}
+                if (spec.tie_word_embeddings and head == "lm") or head != ckpt.head:
+                    known.add(family.output.mcore)  # a tied copy some tools write, or not; a base's
+                path = ckpt.rank_file(0, pp_rank, ep_rank)
+                unknown = sorted(
+                    k for k in states[chunk] if k not in known and not k.endswith("._extra_state")
+                )
+                if unknown:
+                    raise CheckpointError(
+                        f"{path}: tensor {unknown[0]} (and {len(unknown) - 1} more) is not part "
+                        f"of a {spec.family} model as the checkpoint args describe it"
+                    )
+            for group in stage_groups(
+                spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, ckpt.ep, None, head=head
+            ):
                 for p in group:
                     if p.entry is family.output and spec.tie_word_embeddings:
                         continue
+                    state = per_ep[p.ep_rank or 0][chunk]
                     if p.entry is family.score and head != ckpt.head:
                         state = adapters.load_model_states(0, pp_rank)[chunk]
                     if p.mcore not in state:
+                        path = ckpt.rank_file(0, pp_rank, p.ep_rank or 0)
                         raise CheckpointError(f"{path}: tensor {p.mcore} is missing")
                     dtype_of = getattr(state, "dtype_of", None)  # torch_dist: without reading
                     found = dtype_of(p.mcore) if dtype_of else state[p.mcore].dtype
                     for name, shape in zip(p.hf, dims.hf_shapes(p.entry)):
                         plan.append((name, dtype or found, shape))
-        del states
+        del per_ep
     return plan
 
 
@@ -134,14 +143,16 @@ def _open_base(adapters: MegatronCheckpoint, base_dir: str | None) -> MegatronCh
             "instead (lora.merge=false), or merge against the base converted with "
             "converters.hf2mcore at that layout (base_dir=)"
         )
-    if base.spec != adapters.spec or (base.tp, base.pp, base.vpp) != (
+    if base.spec != adapters.spec or (base.tp, base.pp, base.vpp, base.ep) != (
         adapters.tp,
         adapters.pp,
         adapters.vpp,
+        adapters.ep,
     ):
         raise ConfigError(
-            f"base_dir={path} (tp={base.tp} pp={base.pp}) is not the model the adapters in "
-            f"{adapters.iter_dir} (tp={adapters.tp} pp={adapters.pp}) were trained on"
+            f"base_dir={path} (tp={base.tp} pp={base.pp} ep={base.ep}) is not the model the "
+            f"adapters in {adapters.iter_dir} (tp={adapters.tp} pp={adapters.pp} "
+            f"ep={adapters.ep}) were trained on"
         )
     return base
 
@@ -233,39 +244,52 @@ def export_hf(
     )
     plan = plan_hf_tensors(ckpt, dims, dtype, adapters)
     head = (adapters or ckpt).head
-    targets = set(adapter_targets(adapters)) if adapters is not None else set()
+    targets = set(adapters.lora.config.target_modules) if adapters is not None else set()
     with atomic_output_dir(out_dir, force, inputs) as temp:
         writer = HFShardedWriter(temp, plan, max_shard_bytes)
         for pp_rank in range(ckpt.pp):
             for chunk in range(ckpt.vpp):
                 lora_states = None  # small: read once per piece
                 if adapters is not None:
-                    lora_states = [
-                        adapters.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)
-                    ]
-                for group in stage_groups(spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, head):
+                    lora_states = {
+                        (t, r): adapters.load_model_states(t, pp_rank, r)[chunk]
+                        for t in range(ckpt.tp)
+                        for r in range(ckpt.ep)
+                    }
+                for group in stage_groups(
+                    spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, ckpt.ep, None, head=head
+                ):
                     # Reopen the rank files per layer: unmapping bounds the resident memory.
-                    states = [ckpt.load_model_states(t, pp_rank)[chunk] for t in range(ckpt.tp)]
+                    states: dict[int, list] = {}
                     for p in group:
                         if p.entry is spec.family_table.output and spec.tie_word_embeddings:
                             continue  # the tied copy on the last stage; the embedding is the truth
-                        source = states
+                        r = p.ep_rank or 0
                         if p.entry is spec.family_table.score and head != ckpt.head:
-                            source = lora_states  # trained beside the adapters, saved with them
-                        shards = [s[p.mcore] for s in source]
+                            # trained beside the adapters, saved with them
+                            shards = [lora_states[t, 0][p.mcore] for t in range(ckpt.tp)]
+                        else:
+                            if r not in states:
+                                states[r] = [
+                                    ckpt.load_model_states(t, pp_rank, r)[chunk]
+                                    for t in range(ckpt.tp)
+                                ]
+                            shards = [s[p.mcore] for s in states[r]]
                         want = shard_shape(p.entry, dims)
                         for t, s in enumerate(shards):
                             if tuple(s.shape) != want:
                                 raise CheckpointError(
-                                    f"{ckpt.rank_file(t, pp_rank)}: {p.mcore} has shape "
+                                    f"{ckpt.rank_file(t, pp_rank, r)}: {p.mcore} has shape "
                                     f"{list(s.shape)} but the checkpoint args imply {list(want)}"
                                 )
-                        if p.entry in targets:
+                        if is_adapted(p.mcore, targets):
                             a_name, b_name = adapter_names(p.mcore)
                             scaling = adapters.lora.config.scaling
                             shards = [
                                 merged_weight(w, ls[a_name], ls[b_name], scaling)
-                                for w, ls in zip(shards, lora_states)
+                                for w, ls in zip(
+                                    shards, (lora_states[t, r] for t in range(ckpt.tp))
+                                )
                             ]
                         for name, tensor in zip(p.hf, merge(p.entry, shards, dims)):
                             writer.add(name, tensor if dtype is None else tensor.to(dtype))

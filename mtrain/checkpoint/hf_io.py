@@ -132,6 +132,23 @@ class HFReader:
             "checkpoints are supported (save with `save_pretrained(..., safe_serialization=True)`)"
         )
 
+    def unstack(self, name: str, parts: list[list[str]]) -> None:
+        """Present the 3-D tensor `name` [n, rows, cols] as 2-D tensors: the rows of slab i split
+        evenly into the tensors `parts[i]` (slices of the same bytes; nothing is read)."""
+        info = self.tensors.pop(name)
+        n, rows, cols = info.shape
+        k = len(parts[0])
+        if len(parts) != n or rows % k:
+            raise CheckpointError(
+                f"{self.dir}: tensor {name} has shape {list(info.shape)}, not {len(parts)} "
+                f"stacked experts of {k} equal parts"
+            )
+        row_bytes = cols * info.dtype.itemsize
+        for i, names in enumerate(parts):
+            for j, part in enumerate(names):
+                offset = info.offset + (i * rows + j * rows // k) * row_bytes
+                self.tensors[part] = TensorInfo(info.file, info.dtype, (rows // k, cols), offset)
+
     @contextmanager
     def session(self) -> Iterator[HFReader]:
         """Keep file descriptors open for a batch of reads."""

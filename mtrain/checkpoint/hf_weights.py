@@ -37,6 +37,22 @@ def hf_head(reader: HFReader) -> str:
     return "score" if SCORE_KEY in reader.weight_map else "lm"
 
 
+def open_hf_reader(hf_dir: str | Path, spec: ModelSpec) -> HFReader:
+    """A reader of an HF model directory; experts stacked into 3-D tensors per layer (as
+    transformers 5 holds them in memory) are read as the one-tensor-per-expert checkpoints that
+    `save_pretrained` and the hub have them."""
+    from mtrain.models.families.base import HF_EXPERT_PREFIX, HF_LAYER_PREFIX
+
+    reader = HFReader(hf_dir)
+    for layer in range(spec.num_layers) if spec.is_moe else ():
+        prefix = HF_LAYER_PREFIX.format(i=layer)
+        for stacked, names in spec.family_table.stacked_experts:
+            if prefix + stacked in reader.tensors:
+                experts = [prefix + HF_EXPERT_PREFIX.format(e=e) for e in range(spec.num_experts)]
+                reader.unstack(prefix + stacked, [[e + n for n in names] for e in experts])
+    return reader
+
+
 def check_hf_tensors(reader: HFReader, spec: ModelSpec, dims: Dims) -> None:
     """Every tensor the config implies exists with the right shape, and nothing else is there."""
     expected = all_hf_tensors(spec, hf_head(reader))
@@ -63,20 +79,28 @@ def check_hf_tensors(reader: HFReader, spec: ModelSpec, dims: Dims) -> None:
 
 
 def load_hf_weights(
-    chunks: list[torch.nn.Module], hf_dir: str | Path, spec: ModelSpec, tp: int, pp: int, vpp: int
+    chunks: list[torch.nn.Module],
+    hf_dir: str | Path,
+    spec: ModelSpec,
+    tp: int,
+    pp: int,
+    vpp: int,
+    ep: int = 1,
 ) -> None:
     """Fill this rank's chunks from the HF safetensors, strictly (every parameter, nothing
-    else), reading only this rank's slices."""
-    reader = HFReader(hf_dir)
+    else), reading only this rank's slices (its experts' with expert parallelism)."""
+    reader = open_hf_reader(hf_dir, spec)
     dims = Dims.of(spec, tp)
     check_hf_tensors(reader, spec, dims)
     tp_rank, pp_rank = parallel.tp_rank(), parallel.pp_rank()
-    where = f"{hf_dir} (tp rank {tp_rank}, pp rank {pp_rank})"
+    ep_rank = parallel.ep_rank() if ep > 1 else 0
+    where = f"{hf_dir} (tp rank {tp_rank}, pp rank {pp_rank}, ep rank {ep_rank})"
     for index, chunk in enumerate(chunks):
         model = getattr(chunk, "module", chunk)  # unwrap DDP
         params = model.state_dict(keep_vars=True)  # the parameters themselves, by name
         head = hf_head(reader)
-        planned = [p for group in stage_groups(spec, pp, vpp, pp_rank, index, head) for p in group]
+        groups = stage_groups(spec, pp, vpp, pp_rank, index, ep, ep_rank, head=head)
+        planned = [p for group in groups for p in group]
         fresh: tuple[str, ...] = ()
         if SCORE_KEY in params and head == "lm":  # a language model starting a reward model
             planned = [p for p in planned if p.entry is not spec.family_table.output]

@@ -4,6 +4,9 @@
     <dir>/release/ or <dir>/iter_0000100/
         mp_rank_{tp:02d}/model_optim_rng.pt          when PP == 1
         mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt when PP > 1
+        ..._{ep:03d} appended with expert parallelism (EP > 1), as Megatron-LM names them:
+        mp_rank_{tp:02d}_{ep:03d} (PP == 1), mp_rank_{tp:02d}_{pp:03d}_{ep:03d} (PP > 1); each
+        EP rank's file holds its experts and a copy of every other tensor
 
 Each file is a `torch.save`d dict with `args` (argparse.Namespace, Megatron-LM argument names,
 see mtrain.checkpoint.args), `checkpoint_version`, `iteration` and `model` (the rank's state
@@ -27,11 +30,12 @@ from typing import Any
 import torch
 
 from mtrain.checkpoint.adapters import AdapterCheckpointInfo
-from mtrain.checkpoint.args import spec_from_megatron_args
+from mtrain.checkpoint.args import expert_layout_of, spec_from_megatron_args
 from mtrain.checkpoint.atomic import atomic_write
 from mtrain.checkpoint.dist_format import COMMON, DistModelState, DistReader, is_dist_checkpoint
 from mtrain.checkpoint.unpickle import load_restricted
 from mtrain.errors import CheckpointError
+from mtrain.models.experts import SequentialExperts
 from mtrain.models.spec import ModelSpec
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -47,12 +51,17 @@ def iteration_dir_name(iteration: int | str) -> str:
     return RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(
+    tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1
+) -> str:
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
 
 
-def rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
-    return iter_dir / rank_dir_name(tp_rank, pp_rank, pp_size) / RANK_FILE
+def rank_file(
+    iter_dir: Path, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1
+) -> Path:
+    return iter_dir / rank_dir_name(tp_rank, pp_rank, pp_size, ep_rank, ep_size) / RANK_FILE
 
 
 def read_tracker(ckpt_dir: Path) -> int | str:
@@ -152,6 +161,8 @@ class MegatronCheckpoint:
     format: str = "legacy"  # or "torch_dist": then tp = pp = vpp = 1 (the global tensors)
     saved_layout: tuple[int, int, int] | None = None  # torch_dist: the (tp, pp, vpp) that wrote it
     args: argparse.Namespace | None = field(default=None, repr=False, compare=False)
+    ep: int = 1  # expert-parallel size (MoE)
+    expert_layout: str = "sequential"  # or "grouped" (see mtrain/models/experts.py)
     _reader: DistReader | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -166,27 +177,33 @@ class MegatronCheckpoint:
             raise CheckpointError(f"{iter_dir} not found (iteration {it} of {ckpt_dir})")
         if is_dist_checkpoint(iter_dir):
             return cls._open_dist(iter_dir)
-        pp_hint = 1 if (iter_dir / "mp_rank_00").is_dir() else 2
-        first = rank_file(iter_dir, 0, 0, pp_hint)
+        # mp_rank_00_000 is PP > 1 or EP > 1: the args of the first file found tell which
+        names = ("mp_rank_00", "mp_rank_00_000", "mp_rank_00_000_000")
+        found = [iter_dir / n / RANK_FILE for n in names if (iter_dir / n).is_dir()]
+        first = found[0] if found else rank_file(iter_dir, 0, 0, 1)
         payload = load_rank_file(first)
         args = payload["args"]
         spec = spec_from_megatron_args(args, str(first))
         tp = int(args.tensor_model_parallel_size)
         pp = int(args.pipeline_model_parallel_size)
         vpp = int(getattr(args, "virtual_pipeline_model_parallel_size", None) or 1)
+        ep = int(getattr(args, "expert_model_parallel_size", None) or 1)
         spec.check_parallel(tp, pp, vpp, source=f"{first} args")
+        spec.check_experts(ep, tp, source=f"{first} args")
         for pp_rank in range(pp):
             for tp_rank in range(tp):
-                path = rank_file(iter_dir, tp_rank, pp_rank, pp)
-                if not path.is_file():
-                    raise CheckpointError(
-                        f"{path} not found: args say tp={tp} pp={pp}, so the "
-                        "checkpoint is incomplete"
-                    )
+                for ep_rank in range(ep):
+                    path = rank_file(iter_dir, tp_rank, pp_rank, pp, ep_rank, ep)
+                    if not path.is_file():
+                        raise CheckpointError(
+                            f"{path} not found: args say tp={tp} pp={pp} ep={ep}, so the "
+                            "checkpoint is incomplete"
+                        )
         lora = AdapterCheckpointInfo.from_args(args, str(first))
         return cls(
-            iter_dir, spec, tp, pp, vpp, lora, has_optimizer="optimizer" in payload, args=args
-        )
+            iter_dir, spec, tp, pp, vpp, lora, has_optimizer="optimizer" in payload, args=args,
+            ep=ep, expert_layout=expert_layout_of(args),
+        )  # fmt: skip
 
     @classmethod
     def _open_dist(cls, iter_dir: Path) -> MegatronCheckpoint:
@@ -210,21 +227,24 @@ class MegatronCheckpoint:
         """`score` for a reward model (its args say `model_head`), else `lm`."""
         return getattr(self.args, "model_head", None) or "lm"
 
-    def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
+    def rank_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> Path:
         """The file of one rank (torch_dist: the directory, which all ranks share)."""
         if self._reader is not None:
             return self.iter_dir
-        return rank_file(self.iter_dir, tp_rank, pp_rank, self.pp)
+        return rank_file(self.iter_dir, tp_rank, pp_rank, self.pp, ep_rank, self.ep)
 
-    def load_model_states(self, tp_rank: int, pp_rank: int) -> list[dict[str, Any]]:
+    def load_model_states(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> list[Any]:
         """The state dict of each virtual chunk of one rank (memory-mapped; torch_dist: read on
-        access)."""
+        access). Experts are presented under the sequential names whatever the layout."""
         if self._reader is not None:
             return [DistModelState(self._reader, self.spec)]
-        path = self.rank_file(tp_rank, pp_rank)
+        path = self.rank_file(tp_rank, pp_rank, ep_rank)
         payload = load_rank_file(path)
         keys = ["model"] if self.vpp == 1 else [f"model{c}" for c in range(self.vpp)]
         missing = [k for k in keys if k not in payload]
         if missing:
             raise CheckpointError(f"{path} has no {missing[0]!r} entry; is vpp right in its args?")
+        if self.expert_layout == "grouped":
+            local = self.spec.num_experts // self.ep
+            return [SequentialExperts(payload[k], local) for k in keys]
         return [payload[k] for k in keys]

@@ -24,7 +24,7 @@ from mtrain.checkpoint.layout import MegatronCheckpoint
 from mtrain.errors import CheckpointError
 from mtrain.models.families.base import HF_LAYER_PREFIX, MCORE_LAYER_PREFIX, Entry, Kind
 from mtrain.models.sharding import Dims, merge, shard_shape
-from mtrain.models.stages import piece_layers
+from mtrain.models.stages import piece_layers, stage_groups
 
 log = logging.getLogger("mtrain.checkpoint")
 
@@ -80,36 +80,54 @@ def _piece_prefixes(ckpt: MegatronCheckpoint, pp_rank: int, chunk: int) -> list[
     return [(layer, MCORE_LAYER_PREFIX.format(i=local)) for local, layer in enumerate(layers)]
 
 
+def is_adapted(mcore_name: str, targets: set[str] | list[str]) -> bool:
+    """Whether a LoRA run with `target_modules=targets` adapts the Megatron weight `mcore_name`
+    (every routed expert's linears included)."""
+    return mcore_name.endswith(".weight") and mcore_name[: -len(".weight")].rsplit(".", 1)[-1] in (
+        targets
+    )
+
+
 def check_adapter_states(ckpt: MegatronCheckpoint) -> None:
     """Every rank file of an adapter checkpoint holds exactly the adapters its args imply, with
     A of shape (r, base columns) and B of shape (base rows, r) on each rank."""
-    dims, r, targets = Dims.of(ckpt.spec, ckpt.tp), ckpt.lora.config.r, adapter_targets(ckpt)
+    dims, r, targets = (
+        Dims.of(ckpt.spec, ckpt.tp),
+        ckpt.lora.config.r,
+        ckpt.lora.config.target_modules,
+    )
     for pp_rank in range(ckpt.pp):
         for tp_rank in range(ckpt.tp):
-            path = ckpt.rank_file(tp_rank, pp_rank)
-            for chunk, state in enumerate(ckpt.load_model_states(tp_rank, pp_rank)):
-                expected = {}
-                for _, prefix in _piece_prefixes(ckpt, pp_rank, chunk):
-                    for entry in targets:
-                        rows, cols = shard_shape(entry, dims)
-                        a_name, b_name = adapter_names(prefix + entry.mcore)
-                        expected[a_name], expected[b_name] = (r, cols), (rows, r)
-                if ckpt.head == "score" and (pp_rank, chunk) == (ckpt.pp - 1, ckpt.vpp - 1):
-                    score = ckpt.spec.family_table.score
-                    expected[score.mcore] = shard_shape(score, dims)
-                for name, shape in expected.items():
-                    if name not in state:
-                        raise CheckpointError(f"{path}: adapter tensor {name} is missing")
-                    if tuple(state[name].shape) != shape:
-                        raise CheckpointError(
-                            f"{path}: {name} has shape {list(state[name].shape)} but the "
-                            f"checkpoint args imply {list(shape)}"
-                        )
-                extra = sorted(k for k in state if k not in expected)
-                if extra:
-                    raise CheckpointError(
-                        f"{path}: {extra[0]} is not an adapter the checkpoint args describe"
+            for ep_rank in range(ckpt.ep):
+                path = ckpt.rank_file(tp_rank, pp_rank, ep_rank)
+                states = ckpt.load_model_states(tp_rank, pp_rank, ep_rank)
+                for chunk, state in enumerate(states):
+                    expected = {}
+                    groups = stage_groups(
+                        ckpt.spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, ckpt.ep, ep_rank
                     )
+                    for p in (p for g in groups for p in g if is_adapted(p.mcore, targets)):
+                        rows, cols = shard_shape(p.entry, dims)
+                        a_name, b_name = adapter_names(p.mcore)
+                        expected[a_name], expected[b_name] = (r, cols), (rows, r)
+                    if ckpt.head == "score" and (pp_rank, chunk) == (ckpt.pp - 1, ckpt.vpp - 1):
+                        score = ckpt.spec.family_table.score  # trained beside the adapters
+                        expected[score.mcore] = shard_shape(score, dims)
+                    _check_names(path, state, expected)
+
+
+def _check_names(path: Path, state, expected: dict[str, tuple[int, int]]) -> None:
+    for name, shape in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{path}: adapter tensor {name} is missing")
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {list(state[name].shape)} but the "
+                f"checkpoint args imply {list(shape)}"
+            )
+    extra = sorted(k for k in state if k not in expected)
+    if extra:
+        raise CheckpointError(f"{path}: {extra[0]} is not an adapter the checkpoint args describe")
 
 
 def peft_config(ckpt: MegatronCheckpoint, base_model: str) -> dict:
@@ -146,6 +164,15 @@ def write_peft_adapter(
     inside the checkpoint only with `into_checkpoint`, see hf_export.export_hf)."""
     from safetensors.torch import save_file
 
+    mlp = sorted({"linear_fc1", "linear_fc2"} & set(ckpt.lora.config.target_modules))
+    if ckpt.spec.is_moe and mlp:
+        raise CheckpointError(
+            f"{ckpt.iter_dir}: a PEFT adapter cannot carry LoRA on {', '.join(mlp)} of an MoE "
+            "model: transformers holds each layer's experts as 3-D tensors, not linears, so "
+            "peft cannot load adapters on them; export the merged model instead "
+            "(lora.merge=true / checkpoint.save_hf_lora=merged), or train LoRA on "
+            "linear_qkv and linear_proj only"
+        )
     start = time.perf_counter()
     dims, targets = Dims.of(ckpt.spec, ckpt.tp), adapter_targets(ckpt)
     tensors: dict[str, torch.Tensor] = {}

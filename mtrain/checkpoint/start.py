@@ -43,7 +43,7 @@ def check_start(cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan)
     if not resuming and is_hf_dir(source):
         check_hf_start(cfg, spec, source)
         return
-    ckpt = open_matching(source, None, spec, plan.tp, plan.pp, plan.vpp)
+    ckpt = open_matching(source, None, spec, plan.tp, plan.pp, plan.vpp, plan.ep)
     ck = cfg.checkpoint
     if (
         cfg.finetuning_type == "lora"
@@ -103,9 +103,9 @@ def load_start_weights(chunks: list, source: str, spec: ModelSpec, plan: Paralle
     """The weights a run (or DPO's frozen reference) starts from: an HF directory's or a
     Megatron checkpoint's (an adapter checkpoint on its base)."""
     if is_hf_dir(source):
-        load_hf_weights(chunks, source, spec, plan.tp, plan.pp, plan.vpp)
+        load_hf_weights(chunks, source, spec, plan.tp, plan.pp, plan.vpp, plan.ep)
     else:
-        load_model_weights(chunks, source, spec, plan.tp, plan.pp, plan.vpp)
+        load_model_weights(chunks, source, spec, plan.tp, plan.pp, plan.vpp, ep=plan.ep)
 
 
 def resume(
@@ -127,7 +127,7 @@ def resume(
             "save=%s already holds a checkpoint: resuming it (load= only starts a run)", cfg.save
         )
     if not resuming and is_hf_dir(source):
-        load_hf_weights(parts.model, source, spec, plan.tp, plan.pp, plan.vpp)
+        load_hf_weights(parts.model, source, spec, plan.tp, plan.pp, plan.vpp, plan.ep)
         parts.optimizer.reload_model_params()  # see the weights-only start below
         log.info("starting from the HF weights of %s (read by each rank, no conversion)", source)
         return TrainState(), None
@@ -155,7 +155,7 @@ def resume(
         or (cfg.finetuning_type == "lora" and found is None)
     )
     if weights_only:
-        load_model_weights(parts.model, source, *layout, base_dir=base_dir)
+        load_model_weights(parts.model, source, *layout, base_dir=base_dir, ep=plan.ep)
         # bf16/fp16: the optimizer's fp32 master weights were copied at construction; refresh
         # them, or the first step would write the random init back over the loaded weights.
         parts.optimizer.reload_model_params()
@@ -164,7 +164,7 @@ def resume(
             source,
         )
         return TrainState(), adapters
-    state = load_training_checkpoint(source, parts, *layout, base_dir=base_dir)
+    state = load_training_checkpoint(source, parts, *layout, base_dir=base_dir, ep=plan.ep)
     log.info(
         "resumed at iteration %d (%d samples consumed)", state.iteration, state.consumed_samples
     )

@@ -114,12 +114,18 @@ def save_training_checkpoint(
 def _save_legacy(
     partial: Path, common: dict[str, Any], parts: TrainingParts, rng: list, adapters_only: bool
 ) -> None:
-    path = rank_file(partial, parallel.tp_rank(), parallel.pp_rank(), parallel.pp_size())
+    ep = parallel.ep_size()
+    ep_rank = parallel.ep_rank() if ep > 1 else 0
+    path = rank_file(
+        partial, parallel.tp_rank(), parallel.pp_rank(), parallel.pp_size(), ep_rank, ep
+    )
     optimizer = parts.optimizer
     if getattr(optimizer.config, "use_distributed_optimizer", False):  # DP collective
         path.parent.mkdir(parents=True, exist_ok=True)
         optimizer.save_parameter_state(str(path.parent / DISTRIB_OPTIM_FILE))
-    if parallel.replica_rank() == 0:  # one writer per TP x PP rank (CP ranks hold the same)
+    # One file per TP x PP x EP rank, as Megatron-LM writes them: each EP rank holds other
+    # experts; the DP x CP ranks of one such rank hold the same weights, and one of them writes.
+    if (parallel.expert_dp_rank() if ep > 1 else parallel.replica_rank()) == 0:
         payload = {**common, "optimizer": optimizer.state_dict(), "rng_state": rng}
         unwrapped = [getattr(m, "module", m) for m in parts.model]
         states = [adapter_state_dict(m) if adapters_only else m.state_dict() for m in unwrapped]
@@ -181,11 +187,12 @@ def load_training_checkpoint(
     pp: int,
     vpp: int,
     base_dir: str | Path | None = None,
+    ep: int = 1,
 ) -> TrainState:
     """Collective: resume weights, optimizer, scheduler, RNG and data position (`base_dir`:
     where an adapter checkpoint's base is, if not where it was). A torch_dist checkpoint may have
     been saved at another TP x PP x DP: it is resharded."""
-    opened = open_matching(load_dir, None, spec, tp, pp, vpp)
+    opened = open_matching(load_dir, None, spec, tp, pp, vpp, ep)
     if opened.format == "torch_dist":
         if not opened.has_optimizer:
             raise CheckpointError(
@@ -199,8 +206,10 @@ def load_training_checkpoint(
             iteration=int(common["iteration"]),
             consumed_samples=int(getattr(opened.args, "consumed_train_samples", 0)),
         )
-    ckpt = load_model_weights(parts.model, load_dir, spec, tp, pp, vpp, base_dir=base_dir)
-    path = ckpt.rank_file(parallel.tp_rank(), parallel.pp_rank())
+    ckpt = load_model_weights(parts.model, load_dir, spec, tp, pp, vpp, base_dir=base_dir, ep=ep)
+    path = ckpt.rank_file(
+        parallel.tp_rank(), parallel.pp_rank(), parallel.ep_rank() if ep > 1 else 0
+    )
     payload = load_rank_file(path, mmap=False)
     if "optimizer" not in payload:
         raise CheckpointError(

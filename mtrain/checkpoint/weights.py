@@ -19,7 +19,13 @@ log = logging.getLogger("mtrain.checkpoint")
 
 
 def open_matching(
-    ckpt_dir: str | Path, iteration: str | None, spec: ModelSpec, tp: int, pp: int, vpp: int
+    ckpt_dir: str | Path,
+    iteration: str | None,
+    spec: ModelSpec,
+    tp: int,
+    pp: int,
+    vpp: int,
+    ep: int = 1,
 ) -> MegatronCheckpoint:
     """Open a checkpoint that must hold this run's model at this run's layout."""
     ckpt = MegatronCheckpoint.open(Path(ckpt_dir), iteration)
@@ -29,11 +35,12 @@ def open_matching(
                 f"{ckpt.iter_dir}: checkpoint has {key}={getattr(ckpt.spec, key)}"
                 f" but the model config has {key}={value}"
             )
-    if ckpt.format == "legacy" and (ckpt.tp, ckpt.pp, ckpt.vpp) != (tp, pp, vpp):
+    if ckpt.format == "legacy" and (ckpt.tp, ckpt.pp, ckpt.vpp, ckpt.ep) != (tp, pp, vpp, ep):
+        at = f"tp={ckpt.tp} pp={ckpt.pp} vpp={ckpt.vpp}" + (f" ep={ckpt.ep}" if spec.is_moe else "")
+        run = f"tp={tp} pp={pp} vpp={vpp}" + (f" ep={ep}" if spec.is_moe else "")
         raise CheckpointError(
-            f"{ckpt.iter_dir} was written at tp={ckpt.tp} pp={ckpt.pp} vpp={ckpt.vpp} but this run "
-            f"uses tp={tp} pp={pp} vpp={vpp}; reshard it with converters.mcore2hf then "
-            f"converters.hf2mcore, or run with the checkpoint's layout"
+            f"{ckpt.iter_dir} was written at {at} but this run uses {run}; reshard it with "
+            f"converters.mcore2hf then converters.hf2mcore, or run with the checkpoint's layout"
         )
     return ckpt
 
@@ -97,8 +104,10 @@ def _fill(chunks: list[torch.nn.Module], ckpt: MegatronCheckpoint, adapters: boo
         fill(chunks, states, f"{ckpt.iter_dir} (torch_dist)", ckpt.spec, adapters)
         return
     tp_rank, pp_rank = parallel.tp_rank(), parallel.pp_rank()
-    where = str(ckpt.rank_file(tp_rank, pp_rank))
-    fill(chunks, ckpt.load_model_states(tp_rank, pp_rank), where, ckpt.spec, adapters)
+    ep_rank = parallel.ep_rank() if ckpt.ep > 1 else 0
+    where = str(ckpt.rank_file(tp_rank, pp_rank, ep_rank))
+    states = ckpt.load_model_states(tp_rank, pp_rank, ep_rank)
+    fill(chunks, states, where, ckpt.spec, adapters)
 
 
 def load_model_weights(
@@ -110,6 +119,7 @@ def load_model_weights(
     vpp: int = 1,
     iteration: str | None = None,
     base_dir: str | Path | None = None,
+    ep: int = 1,
 ) -> MegatronCheckpoint:
     """Load this rank's shard of a checkpoint into its model chunk(s), strictly.
 
@@ -119,12 +129,12 @@ def load_model_weights(
     a legacy one also the run's layout (it cannot be resharded on load: reshard through
     converters.mcore2hf and converters.hf2mcore), a torch_dist one is resharded (collective).
     """
-    ckpt = open_matching(ckpt_dir, iteration, spec, tp, pp, vpp)
+    ckpt = open_matching(ckpt_dir, iteration, spec, tp, pp, vpp, ep)
     if ckpt.lora is None:
         _fill(chunks, ckpt, adapters=False)
     else:
         base_path, base_iteration = ckpt.lora.resolve_base(base_dir)
-        base = open_matching(base_path, base_iteration, spec, tp, pp, vpp)
+        base = open_matching(base_path, base_iteration, spec, tp, pp, vpp, ep)
         if base.lora is not None:
             raise CheckpointError(
                 f"{base.iter_dir}, the base of the adapters in {ckpt.iter_dir}, is itself an "

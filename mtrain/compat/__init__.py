@@ -10,29 +10,33 @@ through a few named seams: the model build (`mtrain/models/provider.py` and the 
 """
 
 from mtrain.compat.megatron_core import (
+    SequenceParallelRMSNorm,
     batch_p2p_comm,
     count_loss_tokens_over_context_parallel,
-    forget_position_embedding_ranks,
+    forget_embedding_ranks,
     keep_frozen_tied_embedding_reducible,
     load_dist_optimizer_state,
     load_distributed_optimizer_state,
     mark_tensor_parallel_weights,
     optimizer_state_for_dist_load,
     pass_dcp_serialization_format,
+    per_token_router_loss_coeff,
     tolerate_empty_fp8_quantization,
     tolerate_numpy2_in_dist_checkpointing,
 )
 
 __all__ = [
+    "SequenceParallelRMSNorm",
     "batch_p2p_comm",
     "count_loss_tokens_over_context_parallel",
-    "forget_position_embedding_ranks",
+    "forget_embedding_ranks",
     "keep_frozen_tied_embedding_reducible",
     "load_dist_optimizer_state",
     "load_distributed_optimizer_state",
     "mark_tensor_parallel_weights",
     "optimizer_state_for_dist_load",
     "pass_dcp_serialization_format",
+    "per_token_router_loss_coeff",
     "tolerate_empty_fp8_quantization",
     "tolerate_numpy2_in_dist_checkpointing",
 ]

@@ -256,14 +256,42 @@ def count_loss_tokens_over_context_parallel(
     return total
 
 
-def forget_position_embedding_ranks() -> None:
-    """Clear the position-embedding ranks that `destroy_model_parallel` leaves behind.
+class SequenceParallelRMSNorm(torch.nn.Module):
+    """RMSNorm for the local spec under sequence parallelism. Symptom: megatron-core 0.12's torch
+    norm (WrappedTorchNorm) asserts `not config.sequence_parallel`, yet its MoE refuses expert
+    parallelism with TP unless SP is on. Same parameter name (`weight`) and numbers as
+    torch.nn.RMSNorm; the weight is marked so megatron all-reduces its gradient over TP."""
 
-    Symptom (0.12.x): `destroy_model_parallel` resets the position-embedding group but not its
-    rank list, so after a PP=1 layout every rank still counts itself in the group; a PP=2
-    layout built next in the same processes then fails in `finalize_model_grads` on the later
-    stage ("position embedding group is not initialized"). Shown by
-    tests/test_context_parallel.py, whose worker runs PP=1 and PP=2 layouts in turn."""
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def forget_embedding_ranks() -> None:
+    """After `destroy_model_parallel`, megatron-core 0.12 keeps the global rank lists of the
+    (position) embedding groups, while the next `initialize_model_parallel` sets them only on
+    ranks in the new groups. Symptom: a process that trains at PP=1 and then at PP=2 asserts
+    "position embedding group is not initialized" in finalize_model_grads on the last stage
+    (tests/test_moe_training.py and tests/test_context_parallel.py run several layouts in one
+    torchrun)."""
     from megatron.core import parallel_state
 
+    parallel_state._EMBEDDING_GLOBAL_RANKS = None
     parallel_state._POSITION_EMBEDDING_GLOBAL_RANKS = None
+
+
+def per_token_router_loss_coeff(coeff: float, tp: int) -> float:
+    """The `moe_aux_loss_coeff` / `moe_z_loss_coeff` that give the router losses their intended
+    weight. megatron-core 0.12 with `calculate_per_token_loss` scales each rank's router loss by
+    its own token count, but under sequence parallelism that loss is a share of one taken over
+    the tokens of all TP ranks (the aux loss normalises by them; the z-loss divides its
+    coefficient by TP), so the router-loss gradients come out 1/TP of TP=1's. Symptom: training
+    curves with moe.aux_loss_coef or moe.z_loss_coef > 0 differ between TP=2 and TP=1 from the
+    first step's gradient norm (tests/test_moe_training.py). The logged values divide the
+    coefficients out, so they are unaffected. (MoE with context parallelism is refused: unverified.)"""
+    return coeff * tp

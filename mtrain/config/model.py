@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from mtrain.config import CONF_DIR
 from mtrain.errors import ConfigError
-from mtrain.models.spec import ModelSpec, load_hf_config
+from mtrain.models.spec import OPTIONAL_FIELDS, ModelSpec, load_hf_config
 
 SPEC_FIELDS = tuple(f.name for f in fields(ModelSpec))
 
@@ -42,8 +42,14 @@ class ModelConfig:
     norm_epsilon: float | None = None  # RMSNorm epsilon (HF rms_norm_eps)
     tie_word_embeddings: bool | None = None  # output layer shares the embedding matrix
     rope_scaling_factor: float | None = None  # Llama 3.1-style ("llama3") RoPE scaling
+    num_experts: int | None = None  # MoE: routed experts per MoE layer (HF num_experts)
+    moe_router_topk: int | None = None  # MoE: experts each token goes to (HF num_experts_per_tok)
+    moe_ffn_hidden_size: int | None = None  # MoE: one expert's MLP width (HF moe_intermediate_size)
+    moe_norm_topk_prob: bool | None = None  # MoE: renormalise the top-k probabilities; default true
+    moe_dense_layers: list[int] | None = None  # MoE: layers with a dense MLP (HF mlp_only_layers)
     recommended_tp: int = 1  # tensor-parallel size used when parallel.tp is not given
     recommended_pp: int = 1  # pipeline-parallel size used when parallel.pp is not given
+    recommended_ep: int = 1  # expert-parallel size used when parallel.ep is not given (MoE)
 
     @property
     def display_name(self) -> str:
@@ -68,8 +74,8 @@ class ModelConfig:
         given = self.given()
         source = f"model={self.display_name}"
         if self.hf_dir is None:
-            missing = [k for k in SPEC_FIELDS if k not in given and k != "rope_scaling_factor"]
-            if len(missing) == len(SPEC_FIELDS) - 1:
+            missing = [k for k in SPEC_FIELDS if k not in given and k not in OPTIONAL_FIELDS]
+            if len(missing) == len(SPEC_FIELDS) - len(OPTIONAL_FIELDS):
                 presets = "|".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
                 raise ConfigError(
                     "no model given: pass model.hf_dir=HF_DIR (its config.json describes the "
@@ -82,6 +88,7 @@ class ModelConfig:
                 )
             return ModelSpec(**given).validate(source)
         spec, _ = load_hf_config(self.hf_dir)
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
         differ = [k for k, v in given.items() if getattr(spec, k) != v]
         if differ:
             origin = f"preset {self.name}" if self.name else "given"

@@ -17,6 +17,7 @@ from mtrain.config.data import DataConfig
 from mtrain.config.kernels import KERNELS, NpuConfig
 from mtrain.config.lora import LoraConfig
 from mtrain.config.model import ModelConfig
+from mtrain.config.moe import MoeConfig
 from mtrain.context_parallel import check_context_parallel
 from mtrain.dtypes import parse_dtype
 from mtrain.errors import ConfigError
@@ -51,6 +52,12 @@ class ParallelConfig:
     # MindSpeed's CP with kernels=mindspeed: ulysses_cp_algo | megatron_cp_algo (ring); the other
     # kernels run mtrain's Ulysses (te: megatron-core's own CP)
     cp_algo: str = "ulysses_cp_algo"
+    ep: int | None = (
+        None  # MoE: expert-parallel size (splits the experts over DP ranks); default: recommended_ep
+    )
+    etp: int | None = (
+        None  # MoE: tensor-parallel size of the experts; default: tp (megatron-core's)
+    )
 
 
 @dataclass
@@ -187,6 +194,7 @@ class TrainingCommandConfig:
     device_memory_gib: float | None = None
     kernels: str = "auto"  # layers: auto | local | sdpa | te | torch_npu | mindspeed
     npu: NpuConfig = field(default_factory=NpuConfig)  # Ascend fused kernels and MindSpeed flags
+    moe: MoeConfig = field(default_factory=MoeConfig)  # MoE routing and balancing in training
     load: str | None = (
         None  # checkpoint to start from (Megatron legacy format); default: resume `save`
     )
@@ -278,10 +286,33 @@ def validate(
     spec = cfg.model.spec() if spec is None else spec
     tp, pp = resolve_layout(cfg)
     par, tr = cfg.parallel, cfg.train
+    ep = par.ep if par.ep is not None else (cfg.model.recommended_ep if spec.is_moe else 1)
     try:
         spec.check_parallel(tp, pp, par.vpp)
+        spec.check_experts(ep, par.etp or tp)
     except ConfigError as err:
         raise ConfigError(f"parallel: {err}") from None
+    if spec.is_moe and par.etp not in (None, tp) and (cfg.load or cfg.save):
+        raise ConfigError(
+            f"parallel.etp={par.etp} with parallel.tp={tp}: checkpoints and HF weights are "
+            "read and written with the experts split like the rest of the model (etp = tp, "
+            "megatron-core 0.12's default); leave parallel.etp unset to load= or save="
+        )
+    if spec.is_moe and cfg.checkpoint.format == "torch_dist":
+        raise ConfigError(
+            "checkpoint.format=torch_dist is not supported for MoE models yet; use the legacy "
+            "format (one file per TP x PP x EP rank, as Megatron-LM writes it)"
+        )
+    if spec.is_moe and par.cp > 1:
+        raise ConfigError(
+            f"parallel.cp={par.cp} with an MoE model is not supported yet (its router losses "
+            "and token dispatch are verified without context parallelism); use parallel.cp=1"
+        )
+    if spec.is_moe and tp > 1 and tr.seq_length % tp:
+        raise ConfigError(
+            f"train.seq_length={tr.seq_length} must be a multiple of parallel.tp={tp}: an MoE "
+            "model with TP runs sequence-parallel (megatron-core needs it for its experts)"
+        )
     plan = ParallelPlan.build(
         tp,
         pp,
@@ -292,6 +323,8 @@ def validate(
         sequence_parallel=par.sequence_parallel,
         distributed_optimizer=par.distributed_optimizer,
         cp=par.cp,
+        ep=ep,
+        etp=par.etp,
     )
     check_combinations(cfg, spec)
     check_context_parallel(cfg, spec, tp, cfg.kernels)

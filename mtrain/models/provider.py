@@ -13,7 +13,9 @@ import torch
 
 from mtrain import compat, kernels
 from mtrain.config.kernels import NpuConfig
+from mtrain.config.moe import MoeConfig
 from mtrain.dtypes import DTYPES
+from mtrain.models.moe import moe_block_spec, moe_transformer_fields
 from mtrain.models.spec import ModelSpec
 
 
@@ -24,6 +26,9 @@ class BuildOptions:
     tp: int = 1
     pp: int = 1
     vpp: int = 1
+    ep: int = 1  # expert-parallel size (MoE)
+    etp: int | None = None  # expert tensor-parallel size (MoE); None = tp, megatron's default
+    moe: MoeConfig = field(default_factory=MoeConfig)  # routing and balancing (MoE)
     precision: str = "fp32"  # bf16 | fp16 | fp32
     sequence_parallel: bool = False
     cp: int = 1  # context-parallel size (mtrain/context_parallel.py)
@@ -82,7 +87,8 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         tensor_model_parallel_size=opts.tp,
         pipeline_model_parallel_size=opts.pp,
         virtual_pipeline_model_parallel_size=opts.vpp if opts.vpp > 1 else None,
-        sequence_parallel=opts.sequence_parallel,
+        # MoE with TP: megatron-core needs SP for EP, and its aux loss counts tokens as SP splits
+        sequence_parallel=opts.sequence_parallel or (spec.is_moe and opts.tp > 1),
         context_parallel_size=opts.cp,
         # Transformer Engine's CP (kernels=te): ring attention, megatron-core's default.
         cp_comm_type="p2p" if opts.cp > 1 else None,
@@ -93,6 +99,7 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         persist_layer_norm=False,
         batch_p2p_comm=compat.batch_p2p_comm(opts.pp),
         **recompute,
+        **moe_transformer_fields(spec, opts.ep, opts.etp, opts.tp, opts.moe),
         **opts.extra,
     )
 
@@ -101,8 +108,10 @@ def layer_spec(spec: ModelSpec, opts: BuildOptions, config: Any):
     """The layers for `opts.kernels`; every choice keeps the local spec's checkpoint names."""
     qk = spec.family_table.qk_layernorm
     chosen = kernels.block_spec(opts.kernels, qk, opts.explicit_attention_mask, opts.npu, config)
-    chosen = chosen if chosen is not None else local_layer_spec(spec, opts.explicit_attention_mask)
-    return kernels.context_parallel_spec(opts.kernels, chosen) if opts.cp > 1 else chosen
+    layer = chosen if chosen is not None else local_layer_spec(spec, opts.explicit_attention_mask)
+    if opts.cp > 1:
+        layer = kernels.context_parallel_spec(opts.kernels, layer)
+    return moe_block_spec(spec, layer, config) if spec.is_moe else layer
 
 
 def local_layer_spec(spec: ModelSpec, explicit_attention_mask: bool = False):

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mtrain.errors import CheckpointError, ConfigError
+from mtrain.models import moe_spec
 from mtrain.models.families import FAMILIES, Family, family_for_model_type
+from mtrain.models.moe_spec import MOE_FIELDS
 
 
 @dataclass
@@ -34,10 +36,38 @@ class ModelSpec:
     norm_epsilon: float  # RMSNorm epsilon (HF rms_norm_eps)
     tie_word_embeddings: bool  # output layer shares the embedding matrix
     rope_scaling_factor: float | None = None  # Llama 3.1-style ("llama3") RoPE scaling
+    # Mixture of experts (family qwen3_moe); None for dense models.
+    num_experts: int | None = None  # routed experts per MoE layer (HF num_experts)
+    moe_router_topk: int | None = None  # experts each token goes to (HF num_experts_per_tok)
+    moe_ffn_hidden_size: int | None = None  # one expert's MLP width (HF moe_intermediate_size)
+    moe_norm_topk_prob: bool | None = None  # renormalise the top-k router probabilities
+    moe_dense_layers: tuple[int, ...] | None = None  # layers with a dense MLP (HF mlp_only_layers)
+
+    def __post_init__(self):
+        if self.moe_dense_layers is not None:  # from YAML or JSON it comes as a list
+            self.moe_dense_layers = tuple(self.moe_dense_layers)
+        if self.num_experts is not None:  # what an MoE model without these keys means
+            self.moe_norm_topk_prob = (
+                True if self.moe_norm_topk_prob is None else bool(self.moe_norm_topk_prob)
+            )
+            self.moe_dense_layers = self.moe_dense_layers or ()
 
     @property
     def family_table(self) -> Family:
         return FAMILIES[self.family]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` (global, from 0) has routed experts."""
+        return self.is_moe and layer not in (self.moe_dense_layers or ())
+
+    def moe_layer_pattern(self) -> list[int]:
+        """1 for an MoE layer, 0 for a dense one: megatron-core's `moe_layer_freq` as a list
+        (its integer form counts from layer 0, HF's decoder_sparse_step from layer 1)."""
+        return [int(self.is_moe_layer(i)) for i in range(self.num_layers)]
 
     @property
     def heads_per_group(self) -> int:
@@ -65,7 +95,15 @@ class ModelSpec:
                 f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_query_groups={self.num_query_groups}"
             )
+        self._validate_moe(source)
         return self
+
+    def _validate_moe(self, source: str) -> None:
+        moe_spec.validate(self, source)
+
+    def check_experts(self, ep: int, etp: int, source: str = "") -> None:
+        """Refuse an expert-parallel layout this model cannot be split into."""
+        moe_spec.check_experts(self, ep, etp, source)
 
     def check_parallel(self, tp: int, pp: int, vpp: int = 1, source: str = "") -> None:
         """Refuse a TP/PP layout this model cannot be split into, naming a layout that works."""
@@ -101,7 +139,7 @@ class ModelSpec:
     def shape_symbols(self) -> dict[str, int]:
         """Values of the symbols the family tables write tensor shapes in."""
         d = self.kv_channels
-        return {
+        symbols = {
             "hidden": self.hidden_size,
             "ffn": self.ffn_hidden_size,
             "vocab": self.vocab_size,
@@ -110,18 +148,31 @@ class ModelSpec:
             "head": d,
             "labels": 1,
         }
+        if self.is_moe:
+            symbols.update(experts=self.num_experts, moe_ffn=self.moe_ffn_hidden_size)
+        return symbols
 
-    def layer_parameters(self) -> int:
-        """Parameters of one decoder layer, from the family table."""
-        return self.family_table.layer_parameters(self.shape_symbols())
+    def layer_parameters(self, layer: int = 0) -> int:
+        """Parameters of decoder layer `layer`, from the family table."""
+        moe = self.is_moe_layer(layer)
+        return self.family_table.layer_parameters(self.shape_symbols(), moe)
 
-    def num_parameters(self) -> int:
-        """Parameter count of the HF model (embedding counted once when tied)."""
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count of the HF model (embedding counted once when tied); with `active`,
+        those one token goes through (MoE: the router's top-k experts of each layer)."""
         family, symbols = self.family_table, self.shape_symbols()
         heads = [family.embedding, family.final_norm]
         if not self.tie_word_embeddings:
             heads.append(family.output)
-        return self.num_layers * self.layer_parameters() + sum(e.numel(symbols) for e in heads)
+        experts = self.moe_router_topk if active else None
+        layers = sum(
+            family.layer_parameters(symbols, self.is_moe_layer(i), experts)
+            for i in range(self.num_layers)
+        )
+        return layers + sum(e.numel(symbols) for e in heads)
+
+
+OPTIONAL_FIELDS = ("rope_scaling_factor", *MOE_FIELDS)  # not needed for a dense preset
 
 
 # --- HF config.json --------------------------------------------------------------------------
@@ -239,9 +290,10 @@ def spec_from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> Mod
             f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
             "and head_dim is not given"
         )
+    layers = read.integer("num_hidden_layers")
     return ModelSpec(
         family=family.name,
-        num_layers=read.integer("num_hidden_layers"),
+        num_layers=layers,
         hidden_size=hidden,
         ffn_hidden_size=read.integer("intermediate_size"),
         num_attention_heads=heads,
@@ -253,6 +305,7 @@ def spec_from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> Mod
         norm_epsilon=read.number("rms_norm_eps", 1e-6),
         tie_word_embeddings=read.boolean("tie_word_embeddings", False),
         rope_scaling_factor=factor,
+        **(moe_spec.from_hf(read, layers) if family.expert else {}),
     ).validate(source)
 
 
@@ -297,6 +350,7 @@ def hf_config_from_spec(spec: ModelSpec, dtype: str = "bfloat16") -> dict[str, A
             "factor": spec.rope_scaling_factor,
             **_LLAMA3_FIXED,
         }
+    kwargs.update(moe_spec.hf_kwargs(spec))
     config = CONFIG_MAPPING[family.hf_model_types[0]](**kwargs)
     config.architectures = [family.hf_architecture]
     out = config.to_dict()
@@ -307,7 +361,7 @@ def hf_config_from_spec(spec: ModelSpec, dtype: str = "bfloat16") -> dict[str, A
 def spec_from_mapping(values: dict[str, Any], source: str) -> ModelSpec:
     """Build a spec from a preset or config mapping that has (at least) the spec's fields."""
     names = [f.name for f in fields(ModelSpec)]
-    missing = [n for n in names if n not in values and n != "rope_scaling_factor"]
+    missing = [n for n in names if n not in values and n not in OPTIONAL_FIELDS]
     if missing:
         raise ConfigError(f"{source}: missing model keys {missing}")
     return ModelSpec(**{n: values[n] for n in names if n in values}).validate(source)

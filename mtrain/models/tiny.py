@@ -172,7 +172,8 @@ def build_model(
     """Save a random-weight HF model of `spec` (plus the tiny tokenizer) into `out_dir`.
 
     Norm weights are randomised too, so a converter that drops or swaps them cannot pass a
-    parity test by luck.
+    parity test by luck; so are MoE routers (transformers starts them at zero), wide enough that
+    each token's top-k choice is clear-cut rather than decided by rounding.
     """
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -191,6 +192,8 @@ def build_model(
                 param.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 param.normal_(0.0, 0.02)
+            elif name.endswith("mlp.gate.weight") and spec.is_moe:
+                param.normal_(0.0, 0.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(out_dir), **kwargs)
     if tokenizer:

@@ -118,7 +118,7 @@ def compare(ckpt_dir, pad, batch, want_rewards, want_loss, want_grads) -> dict:
         params = dict(model[0].module.named_parameters())
         dims = Dims.of(ckpt.spec, ckpt.tp)
         pp_rank = ps.get_pipeline_model_parallel_rank()
-        for group in stage_groups(ckpt.spec, ckpt.pp, 1, pp_rank, 0, "score"):
+        for group in stage_groups(ckpt.spec, ckpt.pp, 1, pp_rank, 0, head="score"):
             for p in group:
                 local = params[p.mcore].main_grad.contiguous()
                 shards = [torch.empty_like(local) for _ in range(ckpt.tp)]

@@ -6,8 +6,9 @@ from mtrain.models.families.base import LORA_TARGETS, Entry, Family, Kind
 from mtrain.models.families.llama import LLAMA
 from mtrain.models.families.qwen2 import QWEN2
 from mtrain.models.families.qwen3 import QWEN3
+from mtrain.models.families.qwen3_moe import QWEN3_MOE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN3, QWEN2, LLAMA)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN3, QWEN2, LLAMA, QWEN3_MOE)}
 
 __all__ = [
     "Entry",

@@ -14,6 +14,10 @@ from typing import Any
 
 MCORE_LAYER_PREFIX = "decoder.layers.{i}."
 HF_LAYER_PREFIX = "model.layers.{i}."
+# One routed expert of an MoE layer, relative to the layer prefixes: megatron-core's
+# SequentialMLP numbers the experts of its EP rank from 0 (j), HF numbers them globally (e).
+MCORE_EXPERT_PREFIX = "mlp.experts.local_experts.{j}."
+HF_EXPERT_PREFIX = "mlp.experts.{e}."
 
 # (local-spec name, fused name) of the two pre-norms, relative to a decoder layer. Transformer
 # Engine fuses each into the following linear under the second name, and megatron-core's
@@ -47,7 +51,8 @@ class Entry:
     kind: Kind
     # Shape of each HF tensor in symbols of `ModelSpec.shape_symbols()`: hidden, ffn, vocab,
     # q (= heads * head_dim), kv (= kv groups * head_dim), head (= head_dim), labels (= 1, a
-    # reward model's outputs).
+    # reward model's outputs); for MoE models also experts (routed experts per layer) and
+    # moe_ffn (one expert's MLP width).
     shapes: tuple[tuple[str, ...], ...]
 
     def numel(self, symbols: dict[str, int]) -> int:
@@ -89,6 +94,14 @@ class Family:
     def hf_reward_architecture(self) -> str:
         """config.json `architectures` of the family's reward model (a scalar `score` head)."""
         return self.hf_architecture.replace("ForCausalLM", "ForSequenceClassification")
+    # Mixture of experts. An MoE layer has `moe_layer` (the dense layer without its MLP, plus the
+    # router) and `expert` once per routed expert (names relative to the EXPERT prefixes).
+    moe_layer: tuple[Entry, ...] = ()
+    expert: tuple[Entry, ...] = ()
+    # HF checkpoints that stack the experts of a layer into 3-D tensors (what transformers 5
+    # holds in memory): stacked name (relative to the layer) -> the per-expert names it holds,
+    # each an equal block of rows of one expert's slab.
+    stacked_experts: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def transformer_switches(self) -> dict[str, Any]:
         """The megatron-core TransformerConfig fields this family fixes (the sizes come from
@@ -119,11 +132,21 @@ class Family:
             for hf in entry.hf
         }
 
-    def layer_parameters(self, symbols: dict[str, int]) -> int:
-        return sum(e.numel(symbols) for e in self.layer)
+    def layer_parameters(self, symbols: dict[str, int], moe: bool = False, experts=None) -> int:
+        """Parameters of one layer: dense, or MoE with `experts` experts (default: all)."""
+        if not moe:
+            return sum(e.numel(symbols) for e in self.layer)
+        experts = symbols["experts"] if experts is None else experts
+        own = sum(e.numel(symbols) for e in self.moe_layer)
+        return own + experts * sum(e.numel(symbols) for e in self.expert)
 
-    def layer_matmul_parameters(self, symbols: dict[str, int]) -> int:
-        return sum(e.numel(symbols) for e in self.layer if e.is_matmul)
+    def layer_matmul_parameters(self, symbols: dict[str, int], moe: bool = False, experts=None):
+        """Matmul weights of one layer; for an MoE layer those a token goes through with
+        `experts` active experts (the router included)."""
+        if not moe:
+            return sum(e.numel(symbols) for e in self.layer if e.is_matmul)
+        own = sum(e.numel(symbols) for e in self.moe_layer if e.is_matmul)
+        return own + experts * sum(e.numel(symbols) for e in self.expert if e.is_matmul)
 
 
 def llama_like_layer(*extra: Entry) -> tuple[Entry, ...]:
