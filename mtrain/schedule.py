@@ -64,7 +64,10 @@ def run_schedule(
     cp_layout = layout_of(get_model_config(model[0])) if cp > 1 else "balanced"
 
     def counted(batch, out):
-        total, count, metrics = loss(batch, out)
+        result = loss(batch, out)
+        if len(result) != 3:  # (value, metrics): no token count (e.g. mtrain.verify's capture)
+            return result
+        total, count, metrics = result
         return total, compat.count_loss_tokens_over_context_parallel(count, cp_group), metrics
 
     def forward_step(data_iterator, chunk):
