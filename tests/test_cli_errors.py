@@ -16,7 +16,7 @@ import pytest
 
 from mtrain.errors import ConfigError, exit_on_user_error
 
-PRESETS = "qwen3_0_6b, qwen3_14b, qwen3_1_7b, qwen3_32b, qwen3_4b, qwen3_8b, qwen3_tiny"
+PRESETS = "qwen3_0_6b, qwen3_14b, qwen3_1_7b, qwen3_235b_a22b, qwen3_30b_a3b, qwen3_32b, qwen3_4b, qwen3_8b, qwen3_moe_tiny, qwen3_tiny"
 PT = ("mtrain.pt", "+model=qwen3_tiny", "dry_run=true", "train.iters=1", "data.path=x")
 
 CASES = {
