@@ -79,6 +79,7 @@ def setup(tiny_hf, tmp_path_factory):
     hf2mcore.convert(
         HF2McoreConfig(hf_dir=str(hf), out_dir=str(root / "c22_vpp2"), tp=2, pp=2, vpp=2)
     )
+    hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(root / "c21"), tp=2, pp=1))
     return root, hf, mindspeed_env(root)
 
 
@@ -187,6 +188,18 @@ def test_pt_with_recompute_equals_local(setup, pt_local, recompute):
     ours, calls = run(setup, "pt", f"pt-{recompute}", "mindspeed", **{"train.recompute": recompute})
     assert ran_fused(calls, *FUSED), calls
     assert report(f"pt recompute={recompute}", ours, pt_local) < FP32
+
+
+@pytest.mark.parametrize("algo", ["ulysses_cp_algo", "megatron_cp_algo"])
+def test_pt_context_parallel_equals_local(setup, pt_local, algo):
+    """MindSpeed's own context parallelism (Ulysses all-to-all; megatron_cp_algo = its ring
+    attention, whose backward runs npu_fusion_attention_grad block by block) at TP2 x CP2, each
+    sequence split over two ranks, against the local spec at TP2 x PP2 on the same batches."""
+    cp = {"load": setup[0] / "c21", "parallel.pp": 1, "parallel.cp": 2, "parallel.cp_algo": algo}
+    ours, calls = run(setup, "pt", f"pt-cp-{algo}", "mindspeed", **cp)
+    assert ran_fused(calls, "npu_fusion_attention"), calls
+    assert report(f"pt cp2 {algo}", ours, pt_local) < FP32
+    assert differences(ours, pt_local, "grad_norm") < FP32
 
 
 def test_pt_bf16_tracks_local_bf16(setup):

@@ -219,7 +219,7 @@ class MegatronCheckpoint:
         lora = AdapterCheckpointInfo.from_args(args, str(common))
         return cls(
             iter_dir, spec, 1, 1, 1, lora, reader.has_optimizer(), "torch_dist", layout, args,
-            reader,
+            _reader=reader,
         )  # fmt: skip
 
     @property

@@ -22,7 +22,7 @@ from dpo_parity import reference_loss as dpo_reference_loss
 
 SEQ, ROWS = 32, 4
 CU = torch.tensor([[0, 7, 16, 32], [0, 12, 25, 32], [0, 32, 32, 32], [0, 5, 9, 32]])
-DPO = ("sigmoid", 0.5, 0.1, 0.3)
+DPO = ("sigmoid", 0.5, 0.1, 0.3, 0.0)  # kind, beta, smoothing, sft_weight, gamma
 
 
 def lm_batch(vocab: int, seed: int) -> dict[str, torch.Tensor]:
