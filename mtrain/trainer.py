@@ -158,7 +158,10 @@ def _build(cfg: TrainingCommandConfig, setup: Setup, task: Task):
         head=task.head,
         # A run that starts from weights (resumed, loaded or HF) overwrites every base one.
         initialize=starting_point(cfg)[0] is None,
-        extra={"calculate_per_token_loss": True},
+        extra={
+            "calculate_per_token_loss": True,
+            **kernels.config_fields(setup.kernels, cfg, plan),
+        },
     )
     chunks = [c.to(accel.device()) for c in build_model_chunks(spec, opts)]
     if cfg.finetuning_type == "freeze":

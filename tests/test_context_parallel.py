@@ -139,9 +139,12 @@ def test_ulysses_accepts_qwen3_32b_at_tp8_cp8_and_reports_cp_in_the_plan():
 
 
 @pytest.mark.parametrize("algo", ["ulysses_cp_algo", "megatron_cp_algo"])
-def test_mindspeed_gets_its_own_cp_flags(algo):
+def test_mindspeed_cp_is_refused_until_it_runs_and_gets_its_own_flags(algo, monkeypatch):
     cfg = cp_config(parallel__cp=2, parallel__cp_algo=algo, kernels="mindspeed")
     plan = validate(cfg, world_size=32)
+    with pytest.raises(ConfigError, match="kernels=mindspeed with parallel.cp=2 does not run yet"):
+        mindspeed.check(cfg, plan, "mindspeed")
+    monkeypatch.setenv(mindspeed.CPU_TEST_SWITCH, "1")  # tests/test_mindspeed.py's path
     argv = mindspeed.flags(cfg, plan, cfg.model.num_layers, packed=False)
     start = argv.index("--context-parallel-size")
     assert argv[start : start + 4] == [

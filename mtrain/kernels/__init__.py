@@ -204,6 +204,11 @@ def context_parallel_spec(kernels: str, spec: Any) -> Any:
     return spec if choice(kernels).own_context_parallel else ulysses.wrap_layer_spec(spec)
 
 
+def config_fields(kernels: str, cfg: Any, plan: Any) -> dict[str, Any]:
+    """More TransformerConfig fields `kernels` needs (MindSpeed's checks read some from it)."""
+    return mindspeed.config_fields(cfg, plan) if kernels == "mindspeed" else {}
+
+
 def cu_seqlens_masks(kernels: str, ops: Any) -> bool:
     """Packed batches hand their cu_seqlens boundaries to attention instead of a dense mask."""
     return choice(kernels).cu_seqlens(ops)

@@ -149,6 +149,12 @@ def check(cfg: Any, plan: Any, kernels: str) -> None:
                 "npu.mc2=true with finetuning_type=lora is not supported: MC2 replaces the "
                 "parallel linears that the adapters attach to; set npu.mc2=false"
             )
+    if kernels == "mindspeed" and plan.cp > 1 and os.environ.get(CPU_TEST_SWITCH) != "1":
+        raise ConfigError(
+            f"kernels=mindspeed with parallel.cp={plan.cp} does not run yet: MindSpeed's CP reads "
+            "megatron-training arguments mtrain does not supply (tests/test_mindspeed.py); use "
+            "kernels=torch_npu, whose context parallelism is mtrain's Ulysses"
+        )
     if kernels == "mindspeed" and plan.cp > 1 and getattr(cfg.data, "packing", False):
         raise ConfigError(
             "kernels=mindspeed with parallel.cp > 1 and data.packing=true is not supported: "
@@ -207,6 +213,14 @@ def flags(cfg: Any, plan: Any, num_layers: int, packed: bool) -> list[str]:
         # their full block-causal mask, which the kernel applies as given (mode 0).
         out += ["--sparse-mode", str(SPARSE_GIVEN_MASK if packed else SPARSE_TOP_LEFT_CAUSAL)]
     return out + list(cfg.npu.mindspeed_flags)
+
+
+def config_fields(cfg: Any, plan: Any) -> dict[str, Any]:
+    """TransformerConfig fields MindSpeed's feature checks read from it. Its context-parallel
+    validators (run in the config's __post_init__) test `seq_length`, which megatron-core's
+    TransformerConfig lacks and which, as a command-line flag, MindSpeed would keep as a string;
+    given as a config field it arrives as the integer (tests/test_mindspeed.py, CP tests)."""
+    return {"seq_length": int(cfg.train.seq_length)} if plan.cp > 1 else {}
 
 
 def prepare(chunk: torch.nn.Module, ops: Any, packed: bool) -> None:
