@@ -82,8 +82,9 @@ def _ends(offsets, total: int, name: str) -> list[int]:
     return ends
 
 
-def _attend_packed(q, k, v, mask, mode, scale, keep_prob, pre, nxt, qlen, kvlen):
-    """TND: each packed sequence attends only to itself; q [T,N,D] -> out [T,N,D], stats [T,N]."""
+def _packed_sequences(q, k, mask, mode, pre, nxt, qlen, kvlen):
+    """TND: ((q0, q1), (k0, k1), hidden) of each packed sequence, after the checks both the op
+    and its gradient make."""
     if qlen is None or kvlen is None:
         raise ValueError("input_layout='TND' needs actual_seq_qlen and actual_seq_kvlen")
     q_ends, kv_ends = (
@@ -96,10 +97,15 @@ def _attend_packed(q, k, v, mask, mode, scale, keep_prob, pre, nxt, qlen, kvlen)
         )
     if mode in (0, 1) and mask is not None and mask.dim() != 2:
         raise ValueError(f"with TND, atten_mask must be [maxSq, maxSkv], got {tuple(mask.shape)}")
-    outs, maxes, sums = [], [], []
     for (q0, q1), (k0, k1) in zip(pairwise([0, *q_ends]), pairwise([0, *kv_ends])):
         seq_mask = mask[: q1 - q0, : k1 - k0] if mode in (0, 1) and mask is not None else None
-        hidden = _hidden(mode, seq_mask, q1 - q0, k1 - k0, pre, nxt)
+        yield (q0, q1), (k0, k1), _hidden(mode, seq_mask, q1 - q0, k1 - k0, pre, nxt)
+
+
+def _attend_packed(q, k, v, mask, mode, scale, keep_prob, pre, nxt, qlen, kvlen):
+    """TND: each packed sequence attends only to itself; q [T,N,D] -> out [T,N,D], stats [T,N]."""
+    outs, maxes, sums = [], [], []
+    for (q0, q1), (k0, k1), hidden in _packed_sequences(q, k, mask, mode, pre, nxt, qlen, kvlen):
         qi, ki, vi = (
             t[a:b].transpose(0, 1)[None] for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1))
         )
@@ -263,16 +269,11 @@ def npu_fusion_attention_grad(
     stat_max = None if softmax_max is None else softmax_max[..., 0].float()
     stat_sum = None if softmax_sum is None else softmax_sum[..., 0].float()
     if input_layout == "TND":
-        if actual_seq_qlen is None or actual_seq_kvlen is None:
-            raise ValueError("input_layout='TND' needs actual_seq_qlen and actual_seq_kvlen")
-        q_ends = _ends(actual_seq_qlen, q.shape[0], "actual_seq_qlen")
-        kv_ends = _ends(actual_seq_kvlen, k.shape[0], "actual_seq_kvlen")
         grads = [torch.zeros_like(t) for t in (q, k, v)]
-        for (q0, q1), (k0, k1) in zip(pairwise([0, *q_ends]), pairwise([0, *kv_ends])):
-            seq_mask = (
-                mask[: q1 - q0, : k1 - k0] if sparse_mode in (0, 1) and mask is not None else None
-            )
-            hidden = _hidden(sparse_mode, seq_mask, q1 - q0, k1 - k0, pre_tockens, next_tockens)
+        sequences = _packed_sequences(
+            q, k, mask, sparse_mode, pre_tockens, next_tockens, actual_seq_qlen, actual_seq_kvlen
+        )
+        for (q0, q1), (k0, k1), hidden in sequences:
 
             def one(t, a, b):  # [T,N,...] -> sequence a:b as [1,N,S,...]
                 return None if t is None else t[a:b].transpose(0, 1)[None]
