@@ -236,7 +236,7 @@ def train(
     check_outputs(cfg, spec)
     check_start(cfg, spec, plan)
     mlog.setup(all_ranks=cfg.log.all_ranks)
-    setup = Setup(spec, plan, kernels.start(cfg, plan, spec.num_layers))
+    setup = Setup(spec, plan, kernels.start(cfg, plan, spec))
     check_context_parallel(cfg, spec, plan.tp, setup.kernels)
     parallel.init(
         plan.tp, plan.pp, plan.vpp, seed=cfg.train.seed, cp=plan.cp, ep=plan.ep, etp=plan.etp

@@ -139,12 +139,10 @@ def test_ulysses_accepts_qwen3_32b_at_tp8_cp8_and_reports_cp_in_the_plan():
 
 
 @pytest.mark.parametrize("algo", ["ulysses_cp_algo", "megatron_cp_algo"])
-def test_mindspeed_cp_is_refused_until_it_runs_and_gets_its_own_flags(algo, monkeypatch):
+def test_mindspeed_cp_gets_its_own_flags_and_typed_training_arguments(algo):
     cfg = cp_config(parallel__cp=2, parallel__cp_algo=algo, kernels="mindspeed")
     plan = validate(cfg, world_size=32)
-    with pytest.raises(ConfigError, match="kernels=mindspeed with parallel.cp=2 does not run yet"):
-        mindspeed.check(cfg, plan, "mindspeed")
-    monkeypatch.setenv(mindspeed.CPU_TEST_SWITCH, "1")  # tests/test_mindspeed.py's path
+    mindspeed.check(cfg, plan, "mindspeed")
     argv = mindspeed.flags(cfg, plan, cfg.model.num_layers, packed=False)
     start = argv.index("--context-parallel-size")
     assert argv[start : start + 4] == [
@@ -154,6 +152,11 @@ def test_mindspeed_cp_is_refused_until_it_runs_and_gets_its_own_flags(algo, monk
         algo,
     ]
     assert {"--context-parallel-size", "--context-parallel-algo"} <= mindspeed.OWNED
+    # What MindSpeed's CP code reads from Megatron-LM's arguments, as Megatron-LM types them.
+    typed = mindspeed.training_args(cfg, plan, cfg.model.spec())
+    assert typed["context_parallel_size"] == 2 and typed["tensor_model_parallel_size"] == plan.tp
+    assert typed["seq_length"] == cfg.train.seq_length and typed["use_legacy_models"] is False
+    assert typed["reset_position_ids"] is False and typed["reset_attention_mask"] is False
     cfg.data.packing = True  # type: ignore[attr-defined]
     with pytest.raises(
         ConfigError, match="kernels=mindspeed with parallel.cp > 1 and data.packing"

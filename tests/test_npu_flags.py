@@ -255,6 +255,14 @@ json.dump({
 }, open(os.environ["ADAPTOR_RECORD"], "w"))
 """
 
+# MindSpeed's parsed arguments, where mtrain puts the typed training arguments after the import.
+FAKE_ARGS = """
+import argparse
+NAMESPACE = argparse.Namespace(context_parallel_size="1")
+def get_mindspeed_args():
+    return NAMESPACE
+"""
+
 STARTUP = """
 import sys, json, types, torch
 torch.npu = types.SimpleNamespace(  # the emulation has no device; pretend 8 NPUs
@@ -268,8 +276,10 @@ cfg.train.iters, cfg.train.seq_length, cfg.data.path = 1, 64, "x.jsonl"
 cfg.device, cfg.kernels, cfg.parallel.tp, cfg.parallel.pp = "npu", "{kernels}", 1, 1
 plan = validate(cfg, world_size=1)
 argv_before = list(sys.argv)
-started = kernels.start(cfg, plan, cfg.model.num_layers)
-print(json.dumps({{"kernels": started, "argv_restored": sys.argv == argv_before}}))
+started = kernels.start(cfg, plan, cfg.model.spec())
+typed = getattr(sys.modules.get("mindspeed.args_utils"), "NAMESPACE", None)
+print(json.dumps({{"kernels": started, "argv_restored": sys.argv == argv_before,
+                  "typed": None if typed is None else vars(typed)}}))
 import megatron.core  # after MindSpeed, as in a run
 """
 
@@ -279,6 +289,7 @@ def fake_site(tmp_path: Path) -> Path:
     (site / "mindspeed").mkdir(parents=True)
     (site / "mindspeed" / "__init__.py").write_text("")
     (site / "mindspeed" / "megatron_adaptor.py").write_text(FAKE_ADAPTOR)
+    (site / "mindspeed" / "args_utils.py").write_text(FAKE_ARGS)
     return site
 
 
@@ -301,7 +312,11 @@ def run_startup(tmp_path, kernels="auto", env=None):
 
 def test_mindspeed_is_imported_after_torch_npu_before_megatron_with_the_flags(tmp_path):
     result, seen = run_startup(tmp_path, env={"TASK_QUEUE_ENABLE": "1"})
+    typed = result.pop("typed")
     assert result == {"kernels": "mindspeed", "argv_restored": True}
+    # Megatron-LM's training arguments, typed, replace what MindSpeed parsed as strings.
+    assert typed["context_parallel_size"] == 1 and typed["seq_length"] == 64
+    assert typed["num_layers"] == 4 and typed["use_legacy_models"] is False
     assert seen["megatron_loaded"] is False
     assert seen["transfer_to_npu"] is True
     assert seen["task_queue"] == "1"  # the user's value wins over the default 2
@@ -316,7 +331,7 @@ def test_torch_npu_kernels_skip_mindspeed(tmp_path):
 def test_megatron_imported_first_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "megatron", sys.modules.get("megatron") or object())
     with pytest.raises(RuntimeError, match="megatron was imported before MindSpeed"):
-        mindspeed.install(["--use-flash-attn"])
+        mindspeed.install(["--use-flash-attn"], {})
 
 
 def test_env_reports_torch_npu_and_warns_about_a_torch_mismatch():

@@ -153,7 +153,7 @@ def check(kernels: str, ops: Any, sequence_parallel: bool) -> None:
         chosen.check(ops)
 
 
-def start(cfg: Any, plan: Any, num_layers: int) -> str:
+def start(cfg: Any, plan: Any, spec: Any) -> str:
     """Set up the device and kernels of a training command; returns the resolved `kernels`.
 
     Order matters on Ascend: torch_npu and its cuda->npu mapping, then MindSpeed's adaptor with
@@ -165,13 +165,16 @@ def start(cfg: Any, plan: Any, num_layers: int) -> str:
     kernels = for_finetuning(resolve_kernels(cfg.kernels, device_name), cfg)
     check(kernels, cfg.npu, cfg.parallel.sequence_parallel)
     mindspeed.check(cfg, plan, kernels)
-    argv = None
+    adaptor = None
     if kernels == "mindspeed":
         packed = bool(getattr(cfg.data, "packing", False))
-        argv = mindspeed.flags(cfg, plan, num_layers, packed=packed)
-    accel.activate(
-        device_name, before_megatron=None if argv is None else lambda: mindspeed.install(argv)
-    )
+        argv = mindspeed.flags(cfg, plan, spec.num_layers, packed=packed)
+        typed = mindspeed.training_args(cfg, plan, spec)
+
+        def adaptor():
+            mindspeed.install(argv, typed)
+
+    accel.activate(device_name, before_megatron=adaptor)
     return kernels
 
 

@@ -149,12 +149,6 @@ def check(cfg: Any, plan: Any, kernels: str) -> None:
                 "npu.mc2=true with finetuning_type=lora is not supported: MC2 replaces the "
                 "parallel linears that the adapters attach to; set npu.mc2=false"
             )
-    if kernels == "mindspeed" and plan.cp > 1 and os.environ.get(CPU_TEST_SWITCH) != "1":
-        raise ConfigError(
-            f"kernels=mindspeed with parallel.cp={plan.cp} does not run yet: MindSpeed's CP reads "
-            "megatron-training arguments mtrain does not supply (tests/test_mindspeed.py); use "
-            "kernels=torch_npu, whose context parallelism is mtrain's Ulysses"
-        )
     if kernels == "mindspeed" and plan.cp > 1 and getattr(cfg.data, "packing", False):
         raise ConfigError(
             "kernels=mindspeed with parallel.cp > 1 and data.packing=true is not supported: "
@@ -223,6 +217,66 @@ def config_fields(cfg: Any, plan: Any) -> dict[str, Any]:
     return {"seq_length": int(cfg.train.seq_length)} if plan.cp > 1 else {}
 
 
+def training_args(cfg: Any, plan: Any, spec: Any) -> dict[str, Any]:
+    """Megatron-LM training arguments that MindSpeed's patched code reads from its `get_args()`.
+
+    MindSpeed expects megatron.training to have parsed the whole Megatron-LM command line; mtrain
+    runs on megatron-core alone, so MindSpeed's namespace holds only the flags its own features
+    register, a flag it does not know arrives as a string ('2' for --context-parallel-size 2),
+    and the rest are missing (its Ulysses and ring attention read `context_parallel_size`,
+    `use_legacy_models`, `reset_position_ids`, ...). These are the run's values, typed as
+    Megatron-LM types them; `install` puts them into that namespace."""
+    tr, par = cfg.train, cfg.parallel
+    vpp = plan.vpp if plan.vpp > 1 else None
+    theta = float(spec.rope_theta)
+    out = dict(
+        tensor_model_parallel_size=plan.tp,
+        pipeline_model_parallel_size=plan.pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        num_layers_per_virtual_pipeline_stage=spec.num_layers // (plan.pp * vpp) if vpp else None,
+        context_parallel_size=plan.cp,
+        expert_model_parallel_size=plan.ep,
+        expert_tensor_parallel_size=plan.etp,
+        sequence_parallel=bool(par.sequence_parallel),
+        use_distributed_optimizer=bool(par.distributed_optimizer),
+        overlap_grad_reduce=bool(par.overlap_grad_reduce),
+        overlap_param_gather=False,
+        gradient_accumulation_fusion=False,
+        seq_length=int(tr.seq_length),
+        micro_batch_size=int(tr.micro_batch_size),
+        global_batch_size=int(tr.global_batch_size),
+        curr_iteration=0,
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        group_query_attention=spec.num_query_groups != spec.num_attention_heads,
+        kv_channels=spec.kv_channels,
+        qk_layernorm=spec.family_table.qk_layernorm,
+        normalization="RMSNorm",
+        apply_layernorm_1p=False,
+        swiglu=True,
+        position_embedding_type="rope",
+        rotary_base=int(theta) if theta.is_integer() else theta,
+        rope_scaling_type=None,
+        use_flash_attn=bool(cfg.npu.flash_attn),
+        use_legacy_models=False,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        use_nd_matmul=False,
+        bf16=tr.precision == "bf16",
+        fp16=tr.precision == "fp16",
+        recompute_granularity=None if tr.recompute == "none" else tr.recompute,
+        recompute_method="uniform" if tr.recompute == "full" else None,
+        recompute_num_layers=1 if tr.recompute == "full" else None,
+        num_experts=spec.num_experts,
+    )
+    if spec.is_moe:
+        out.update(moe_router_topk=spec.moe_router_topk, moe_ffn_hidden_size=spec.moe_ffn_hidden_size)
+    return out
+
+
 def prepare(chunk: torch.nn.Module, ops: Any, packed: bool) -> None:
     """What a chunk built under MindSpeed's patches still needs.
 
@@ -269,8 +323,9 @@ def _full_causal_mask(args: tuple, kwargs: dict) -> torch.Tensor:
     return torch.triu(ones, diagonal=1)[None, None]
 
 
-def install(argv_flags: list[str]) -> None:
-    """Import MindSpeed's megatron adaptor with `argv_flags` as the command line, then restore it."""
+def install(argv_flags: list[str], typed: dict[str, Any]) -> None:
+    """Import MindSpeed's megatron adaptor with `argv_flags` as the command line, then restore it;
+    `typed` (see `training_args`) then replaces what MindSpeed parsed for those names."""
     early = sorted(m for m in sys.modules if m == "megatron" or m.startswith("megatron."))
     if early:
         raise RuntimeError(
@@ -283,3 +338,6 @@ def install(argv_flags: list[str]) -> None:
         importlib.import_module("mindspeed.megatron_adaptor")
     finally:
         sys.argv[:] = saved
+    namespace = importlib.import_module("mindspeed.args_utils").get_mindspeed_args()
+    for name, value in typed.items():
+        setattr(namespace, name, value)
