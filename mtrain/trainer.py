@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from mtrain import accel, compat, kernels, parallel
 from mtrain import log as mlog
 from mtrain.checkpoint import (
+    GROUPED_GEMM_ARG,
     TrainingParts,
     TrainState,
     check_start,
@@ -268,6 +269,7 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
     args.data_parallel_size = plan.dp
     args.context_parallel_size = plan.cp
     args.use_distributed_optimizer = plan.distributed_optimizer
+    vars(args)[GROUPED_GEMM_ARG] = spec.is_moe and cfg.moe.grouped_gemm
     args.ckpt_format = "torch" if cfg.checkpoint.format == "legacy" else "torch_dist"
     if adapters is not None:
         vars(args).update(adapters.to_args())

@@ -41,7 +41,7 @@ _EXPORTS = {
         "write_tracker",
     ],
     "unpickle": ["load_restricted"],
-    "start": ["check_start", "load_start_weights", "resume", "starting_point"],
+    "start": ["GROUPED_GEMM_ARG", "check_start", "load_start_weights", "resume", "starting_point"],
     "hf_weights": ["check_hf_tensors", "is_hf_dir", "load_hf_weights"],
     "training": [
         "DISTRIB_OPTIM_FILE",

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mtrain.checkpoint")
 
+# In a training checkpoint's args: its MoE experts trained as a grouped GEMM (moe.grouped_gemm).
+# The weights are saved under the per-expert names either way; the optimizer state is not.
+GROUPED_GEMM_ARG = "mtrain_grouped_gemm_experts"
+
 
 def starting_point(cfg: TrainingCommandConfig) -> tuple[str | None, bool]:
     """(the checkpoint the run starts from, whether that is resuming `save`)."""
@@ -82,6 +86,15 @@ def check_start(cfg: TrainingCommandConfig, spec: ModelSpec, plan: ParallelPlan)
             f"parallel.distributed_optimizer={saved} (the optimizer state is laid out "
             "differently), or start afresh from its weights with a new save= and "
             f"load={cfg.save} checkpoint.finetune=true"
+        )
+    grouped = bool(getattr(ckpt.args, GROUPED_GEMM_ARG, False))
+    if spec.is_moe and grouped != bool(cfg.moe.grouped_gemm):
+        saved = str(grouped).lower()
+        raise ConfigError(
+            f"{ckpt.iter_dir} was trained with moe.grouped_gemm={saved}; resume with "
+            f"moe.grouped_gemm={saved} (the optimizer state is laid out per parameter, and "
+            "grouped experts are one parameter per layer), or start afresh from its weights "
+            f"with a new save= and load={cfg.save} checkpoint.finetune=true"
         )
 
 

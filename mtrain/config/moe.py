@@ -15,6 +15,9 @@ class MoeConfig:
     capacity_factor: float | None = (
         None  # tokens an expert takes, x the even share; null = dropless
     )
+    # A rank's experts as one grouped GEMM (megatron-core's GroupedMLP); kernels=mindspeed runs
+    # it on MindSpeed's GMM (--moe-grouped-gemm). Checkpoints keep the per-expert names.
+    grouped_gemm: bool = False
 
     def validate(self) -> MoeConfig:
         for key in ("aux_loss_coef", "z_loss_coef"):

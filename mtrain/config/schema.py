@@ -308,6 +308,13 @@ def validate(
             f"parallel.cp={par.cp} with an MoE model is not supported yet (its router losses "
             "and token dispatch are verified without context parallelism); use parallel.cp=1"
         )
+    lora_mlp = {"linear_fc1", "linear_fc2"} & set(cfg.lora.target_modules)
+    if spec.is_moe and cfg.moe.grouped_gemm and cfg.finetuning_type == "lora" and lora_mlp:
+        raise ConfigError(
+            f"moe.grouped_gemm=true with LoRA on {sorted(lora_mlp)}: a grouped GEMM runs each "
+            "rank's experts as one matmul, with no per-expert linear for an adapter; set "
+            "moe.grouped_gemm=false, or lora.target_modules=[linear_qkv,linear_proj]"
+        )
     if spec.is_moe and tp > 1 and tr.seq_length % tp:
         raise ConfigError(
             f"train.seq_length={tr.seq_length} must be a multiple of parallel.tp={tp}: an MoE "

@@ -164,6 +164,13 @@ def start(cfg: Any, plan: Any, spec: Any) -> str:
     device_name = accel.resolve(cfg.device)
     kernels = for_finetuning(resolve_kernels(cfg.kernels, device_name), cfg)
     check(kernels, cfg.npu, cfg.parallel.sequence_parallel)
+    if spec.is_moe and cfg.moe.grouped_gemm and kernels != "mindspeed":
+        raise ConfigError(
+            f"moe.grouped_gemm=true needs kernels=mindspeed (MindSpeed's GMM on Ascend), not "
+            f"kernels={kernels}: megatron-core's own GroupedMLP needs the grouped_gemm CUDA "
+            "package and Transformer Engine's grouped experts are not verified with mtrain; "
+            "set moe.grouped_gemm=false (one matmul per expert)"
+        )
     mindspeed.check(cfg, plan, kernels)
     adaptor = None
     if kernels == "mindspeed":

@@ -33,6 +33,7 @@ SWITCHES: list[tuple[str, str]] = [
     ("parallel.distributed_optimizer", "--use-distributed-optimizer"),
     ("parallel.sequence_parallel", "--sequence-parallel"),
     ("parallel.overlap_grad_reduce", "--overlap-grad-reduce"),
+    ("moe.grouped_gemm", "--moe-grouped-gemm"),
 ]
 
 # Flags `flags` sets from the layout, the model and train.* (besides SWITCHES); a user's
@@ -271,6 +272,7 @@ def training_args(cfg: Any, plan: Any, spec: Any) -> dict[str, Any]:
         recompute_method="uniform" if tr.recompute == "full" else None,
         recompute_num_layers=1 if tr.recompute == "full" else None,
         num_experts=spec.num_experts,
+        moe_grouped_gemm=bool(cfg.moe.grouped_gemm),
     )
     if spec.is_moe:
         out.update(moe_router_topk=spec.moe_router_topk, moe_ffn_hidden_size=spec.moe_ffn_hidden_size)

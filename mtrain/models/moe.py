@@ -5,7 +5,9 @@ The router is HF Qwen3-MoE's: a softmax over all experts, the top-k kept, renorm
 `moe_norm_topk_prob` (megatron's softmax over the top-k logits is the same numbers); without
 renormalisation megatron's `moe_router_pre_softmax`. Tokens go to their experts' EP ranks through
 the all-to-all dispatcher, dropless unless `moe.capacity_factor` is set; experts are megatron-core's
-SequentialMLP, whose checkpoint names the converters read and write.
+SequentialMLP, whose checkpoint names the converters read and write, or with `moe.grouped_gemm`
+its GroupedMLP (one grouped GEMM per rank's experts), which presents the same names
+(mtrain/models/experts.py).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def moe_transformer_fields(
         moe_z_loss_coeff=compat.per_token_router_loss_coeff(moe.z_loss_coef, tp) or None,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_router_dtype="fp32",  # HF computes the router softmax in fp32 too
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=moe.grouped_gemm,
         expert_model_parallel_size=ep,
         # megatron-core 0.12's default is TP; spelt out so that a checkpoint's layout is known
         expert_tensor_parallel_size=etp or tp,
@@ -46,8 +48,9 @@ def moe_transformer_fields(
 
 def moe_block_spec(spec: ModelSpec, dense_layer: Any, config: Any):
     """The layer specs of this pipeline stage: `dense_layer` (any kernels' spec) where the model
-    has a dense MLP; elsewhere the same layer with megatron-core's local MoE MLP and a separate
-    pre-MLP norm (a fused-norm spec folds that norm into a linear_fc1 the MoE layer lacks)."""
+    has a dense MLP; elsewhere the same layer with megatron-core's local MoE MLP (SequentialMLP,
+    or GroupedMLP with `config.moe_grouped_gemm`) and a separate pre-MLP norm (a fused-norm spec
+    folds that norm into a linear_fc1 the MoE layer lacks)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.transformer_block import (
@@ -59,7 +62,7 @@ def moe_block_spec(spec: ModelSpec, dense_layer: Any, config: Any):
 
     moe_layer = copy.deepcopy(dense_layer)
     moe_layer.submodules.mlp = get_mlp_module_spec(
-        use_te=False, num_experts=spec.num_experts, moe_grouped_gemm=False
+        use_te=False, num_experts=spec.num_experts, moe_grouped_gemm=config.moe_grouped_gemm
     )
     if moe_layer.submodules.pre_mlp_layernorm is IdentityOp:
         moe_layer.submodules.pre_mlp_layernorm = LayerNormImpl
@@ -78,10 +81,14 @@ def moe_block_spec(spec: ModelSpec, dense_layer: Any, config: Any):
 
 def _sequence_parallel_norms(layers: list[Any], final_norm: Any) -> Any:
     """Swap megatron-core's torch norm, which refuses sequence parallelism, for mtrain's in the
-    layer specs (in place); returns the final norm to use. Other kernels' norms are kept."""
+    layer specs (in place); returns the final norm to use. Other kernels' norms are kept, and so
+    is MindSpeed's, which takes the torch norm's place (its fused RMSNorm supports SP)."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     from mtrain.compat import SequenceParallelRMSNorm
+
+    if not WrappedTorchNorm.__module__.startswith("megatron."):
+        return final_norm
 
     for layer in layers:
         subs = layer.submodules

@@ -15,6 +15,7 @@ from mtrain import compat, kernels
 from mtrain.config.kernels import NpuConfig
 from mtrain.config.moe import MoeConfig
 from mtrain.dtypes import DTYPES
+from mtrain.models.experts import present_sequential_names
 from mtrain.models.moe import moe_block_spec, moe_transformer_fields
 from mtrain.models.spec import ModelSpec
 
@@ -157,6 +158,8 @@ def build_model_chunks(spec: ModelSpec, opts: BuildOptions) -> list[torch.nn.Mod
             rope_scaling_factor=spec.rope_scaling_factor or 8.0,
         )
         kernels.prepare(model, opts.kernels, opts.npu, opts.explicit_attention_mask)
+        if config.moe_grouped_gemm:
+            present_sequential_names(model)
         if not opts.initialize:
             compat.mark_tensor_parallel_weights([model])
         if model.post_process and opts.head == "score":

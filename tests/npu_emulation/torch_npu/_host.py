@@ -3,10 +3,12 @@
 Applied by `import torch_npu` (this package). MindSpeed (branch 2.3.0_core_r0.12.1) asks for
 more than the four ops: `torch.npu` device calls (npu.py), factory calls and `.to` / `.npu()`
 with `device="npu"`, `torch_npu._C._distributed_c10d.ProcessGroupHCCL.Options`,
-`torch_npu.unsupported_dtype`, `torchair` (the stub beside this package), and its op builders'
-`load()`, which on a CANN host JIT-compiles a C++ extension. Here `load()` answers with the
-emulated ops of this package; an op with no emulation raises a NotImplementedError naming it,
-so a test that reaches one fails loudly instead of computing something else.
+`torch_npu.unsupported_dtype`, `torchair` (the stub beside this package), its custom ops'
+kernels registered for the NPU's dispatch key (PrivateUse1; here they serve CPU tensors too),
+and its op builders' `load()`, which on a CANN host JIT-compiles a C++ extension. Here `load()`
+answers with the emulated ops of this package (and _gmm.py's grouped matmul); an op with no
+emulation raises a NotImplementedError naming it, so a test that reaches one fails loudly
+instead of computing something else.
 
 With `TORCH_NPU_EMULATION_RECORD=<dir>` as well, each process counts the calls of the emulated
 ops and writes them to `<dir>/ops-<pid>.json` at exit, so a test can tell that MindSpeed's fused
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 
+from . import _gmm
 from . import npu as npu_module
 
 _FACTORIES = (
@@ -87,6 +90,29 @@ def _patch_torch() -> None:
     torch.Tensor.npu = to_npu
     torch.npu = npu_module
     sys.modules["torch.npu"] = npu_module
+    torch.library.impl = _cpu_too(torch.library.impl)
+
+
+def _cpu_too(impl):
+    """`torch.library.impl(lib, name, "PrivateUse1")` (the NPU's dispatch key, under which
+    MindSpeed registers its custom ops, e.g. mindspeed::npu_gmm) also registers the kernel for
+    CPU tensors, which is what the emulation's "npu" tensors are."""
+
+    @functools.wraps(impl)
+    def register(*args, **kwargs):
+        key = args[2] if len(args) > 2 else kwargs.get("dispatch_key")
+        if key != "PrivateUse1" or not isinstance(args[0], torch.library.Library):
+            return impl(*args, **kwargs)
+        for_npu = impl(*args, **kwargs)
+        for_cpu = impl(args[0], args[1], "CPU")
+
+        def both(fn):
+            for_cpu(fn)
+            return for_npu(fn)
+
+        return both
+
+    return register
 
 
 class _HCCLOptions:
@@ -164,6 +190,7 @@ def _builder_ops() -> dict[str, Any]:
     }
     ops["npu_fusion_attention_v2"] = _fusion_attention_v2
     ops["npu_fusion_attention_grad_v2"] = _fusion_attention_grad_v2
+    ops["npu_gmm"], ops["npu_gmm_backward"] = _gmm.npu_gmm, _gmm.npu_gmm_backward
     return ops
 
 
@@ -217,16 +244,17 @@ def _record_calls(package: types.ModuleType, directory: str) -> None:
     import os
 
     calls: collections.Counter = collections.Counter()
-    for name in _OPS:
-        op = getattr(package, name, None)
-        if op is None:
-            continue
+    for module, names in ((package, _OPS), (_gmm, ("npu_gmm", "npu_gmm_backward"))):
+        for name in names:
+            op = getattr(module, name, None)
+            if op is None:
+                continue
 
-        def counted(*args, _op=op, _name=name, **kwargs):
-            calls[_name] += 1
-            return _op(*args, **kwargs)
+            def counted(*args, _op=op, _name=name, **kwargs):
+                calls[_name] += 1
+                return _op(*args, **kwargs)
 
-        setattr(package, name, functools.wraps(op)(counted))
+            setattr(module, name, functools.wraps(op)(counted))
 
     def write() -> None:
         path = os.path.join(directory, f"ops-{os.getpid()}.json")

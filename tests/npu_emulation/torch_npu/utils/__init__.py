@@ -1,0 +1,1 @@
+"""Test-only emulation of `torch_npu.utils` (see the `torch_npu` package docstring)."""
