@@ -447,3 +447,33 @@ def test_on_pythonpath_it_reads_as_torch_npu_2_7_1_and_mtrain_still_picks_cpu():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["2.7.1 2.7.1", "True False", "cpu"]
+
+
+def test_on_the_emulated_host_kernels_for_the_npu_dispatch_key_serve_cpu_tensors():
+    """MindSpeed registers its custom ops (mindspeed::npu_gmm, ...) for PrivateUse1, the NPU's
+    dispatch key; the host emulation's "npu" tensors are CPU tensors, so those kernels must
+    answer them too, autograd included (the kernel applies an autograd.Function)."""
+    env = dict(os.environ, TORCH_NPU_EMULATION_HOST="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(EMULATION), env.get("PYTHONPATH")) if p)
+    script = (
+        "import torch, torch_npu, warnings\n"
+        "from torch.library import Library, impl\n"
+        "warnings.simplefilter('ignore')\n"
+        "lib = Library('emulation_probe', 'DEF')\n"
+        "lib.define('double(Tensor x) -> Tensor')\n"
+        "class Double(torch.autograd.Function):\n"
+        "    forward = staticmethod(lambda ctx, x: 2 * x)\n"
+        "    backward = staticmethod(lambda ctx, g: 2 * g)\n"
+        "@impl(lib, 'double', 'PrivateUse1')\n"
+        "def double(x):\n"
+        "    return Double.apply(x)\n"
+        "x = torch.ones(3, device='npu', requires_grad=True)\n"
+        "torch.ops.emulation_probe.double(x).sum().backward()\n"
+        "print(x.device, x.grad.tolist())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["cpu", "[2.0,", "2.0,", "2.0]"]

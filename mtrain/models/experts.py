@@ -89,6 +89,8 @@ def _save_sequential(module, state, prefix, local_metadata) -> None:
 def _load_sequential(module, state, prefix, *args) -> None:
     for which, fc in (("1", "linear_fc1"), ("2", "linear_fc2")):
         names = [f"{prefix}local_experts.{j}.{fc}.weight" for j in range(module.num_local_experts)]
+        for j in range(module.num_local_experts):  # the per-expert linears' (None) extra state
+            state.pop(f"{prefix}local_experts.{j}.{fc}._extra_state", None)
         if all(n in state for n in names):  # else load_state_dict names what is missing
             state[f"{prefix}weight{which}"] = _grouped(which, [state.pop(n) for n in names])
 
