@@ -1,6 +1,11 @@
 """Conversion speed and memory on a synthetic Qwen3-shaped checkpoint of about 2.2 GB (bf16).
 
     python bench/convert.py [--work DIR] [--layers 16] [--tp 2] [--pp 2]
+    python bench/convert.py --moe [--layers 40] [--ep 2]   # tp=1 pp=1 unless given
+
+`--moe`: a Qwen3-MoE-shaped checkpoint instead (Qwen3-30B-A3B's 128 experts, top-8, narrowed to
+hidden 1024 and expert width 64), about 2.8 GB at 40 layers, of which 15,360 expert tensors of
+128 KiB: where per-tensor overheads dominate. Converted at `--ep` (default 2) and back.
 
 Prints, side by side in one run: each direction's wall time divided by `cp -r` of the same
 files on the same disk, and its peak RSS against the largest file it wrote (target: time ratio
@@ -42,10 +47,22 @@ from mtrain.models.stages import all_hf_tensors  # noqa: E402
 GiB = 1024**3
 
 
-def write_synthetic_hf(out: str | Path, layers: int, shard_bytes: int = 1 << 30) -> int:
-    """Random bf16 weights with Qwen3-1.7B's shapes (fewer layers), in ~1 GiB shards + index."""
+def synthetic_spec(layers: int, moe: bool):
+    """Qwen3-1.7B's shapes with `layers` layers, or (`moe`) the narrowed Qwen3-30B-A3B."""
+    if not moe:
+        return replace(load_preset("qwen3_1_7b").spec(), num_layers=layers)
+    return replace(
+        load_preset("qwen3_30b_a3b").spec(), num_layers=layers, hidden_size=1024,
+        num_attention_heads=16, num_query_groups=4, kv_channels=64, moe_ffn_hidden_size=64,
+    )  # fmt: skip
+
+
+def write_synthetic_hf(
+    out: str | Path, layers: int, shard_bytes: int = 1 << 30, moe: bool = False
+) -> int:
+    """Random bf16 weights of `synthetic_spec`, in ~1 GiB shards + index."""
     out = Path(out)
-    spec = replace(load_preset("qwen3_1_7b").spec(), num_layers=layers)
+    spec = synthetic_spec(layers, moe)
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(hf_config_from_spec(spec), indent=2))
     dims = Dims.of(spec, 1)
@@ -157,20 +174,28 @@ def largest_file(root: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "bench_out" / "convert")
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE-shaped checkpoint")
+    parser.add_argument("--layers", type=int, default=None, help="16 (dense), 40 (--moe)")
+    parser.add_argument("--tp", type=int, default=None, help="2 (dense), 1 (--moe)")
+    parser.add_argument("--pp", type=int, default=None, help="2 (dense), 1 (--moe)")
+    parser.add_argument("--ep", type=int, default=2, help="expert parallelism (--moe)")
     parser.add_argument("--repeat", type=int, default=3, help="best of N for every timing")
     parser.add_argument("--prefault-gb", type=float, default=8.0)
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
     args = parser.parse_args()
+    dense = not args.moe
+    args.layers = args.layers or (16 if dense else 40)
+    args.tp = args.tp or (2 if dense else 1)
+    args.pp = args.pp or (2 if dense else 1)
+    ep = {} if dense else {"ep": args.ep}
 
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
     hf, ckpt, back = work / "hf", work / "mcore", work / "hf_back"
     # Generated in a child process, so that this one stays small.
     code = (
-        f"from bench.convert import write_synthetic_hf as w; print(w({str(hf)!r}, {args.layers}))"
+        "from bench.convert import write_synthetic_hf as w; "
+        f"print(w({str(hf)!r}, {args.layers}, moe={args.moe}))"
     )
     total = int(
         subprocess.run(
@@ -179,15 +204,21 @@ def main() -> None:
         .stdout.strip()
         .splitlines()[-1]
     )
+    shape = "Qwen3-1.7B" if dense else "Qwen3-MoE (128 experts, hidden 1024, expert width 64)"
+    tensors = sum(
+        len(json.loads((f).read_text())["weight_map"]) for f in hf.glob("*.index.json")
+    )
     print(
-        f"synthetic Qwen3-1.7B-shaped checkpoint, {args.layers} layers: {total / 1e9:.2f} GB "
-        f"bf16 in {len(list(hf.glob('*.safetensors')))} shards"
+        f"synthetic {shape}-shaped checkpoint, {args.layers} layers: {total / 1e9:.2f} GB "
+        f"bf16, {tensors} tensors in {len(list(hf.glob('*.safetensors')))} shards"
     )
 
     prefault(args.prefault_gb)
     timed(["cat", *map(str, hf.glob("*"))], ["true"], quiet=True)  # warm the page cache
     copy_hf = copy_times(hf, work / "hf_copy", args.repeat)
-    to_mcore = best_of(args.repeat, "hf2mcore", ckpt, hf_dir=str(hf), tp=args.tp, pp=args.pp)
+    to_mcore = best_of(
+        args.repeat, "hf2mcore", ckpt, hf_dir=str(hf), tp=args.tp, pp=args.pp, **ep
+    )
     copy_mcore = copy_times(ckpt, work / "mcore_copy", args.repeat)
     to_hf = best_of(args.repeat, "mcore2hf", back, ckpt_dir=str(ckpt))
     base = baseline_rss()
@@ -197,8 +228,9 @@ def main() -> None:
         ("mcore2hf", to_hf, copy_mcore, largest_file(back)),
     ]
     print(
-        f"\nlayout tp={args.tp} pp={args.pp}, best of {args.repeat}; RSS of a process that only imports the "
-        f"converters: {base / GiB:.2f} GiB"
+        f"\nlayout tp={args.tp} pp={args.pp}" + ("" if dense else f" ep={args.ep}")
+        + f", best of {args.repeat}; RSS of a process that only imports the converters: "
+        f"{base / GiB:.2f} GiB"
     )
     print(
         f"{'direction':<9} {'time s':>7} {'cp s':>6} {'cp+sync s':>9} {'/cp':>6} "

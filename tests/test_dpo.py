@@ -12,7 +12,7 @@ from converters import hf2mcore
 from converters.hf2mcore import HF2McoreConfig
 from mtrain.models.tiny import write_kto_task, write_preference_task
 from tests.conftest import TINY, tiny_spec
-from tests.torchrun import launch, torchrun
+from tests.torchrun import DIST_DIR, launch, torchrun
 
 pytestmark = pytest.mark.slow
 ITERS = 20
@@ -32,19 +32,53 @@ def test_dpo_loss_and_gradient_equal_plain_pytorch_on_the_hf_model_at_tp2pp2(tin
         assert r["grad"] <= 1e-5 * max(1.0, r["grad_scale"]), (kind, r)
 
 
+VALIDATED = {  # 8 training pairs, 4 held out; the first step runs at lr 0 (warm-up)
+    "data.val_ratio": 0.34,
+    "eval.interval": 1,
+    "train.iters": 3,
+    "train.global_batch_size": 4,
+    "train.warmup_iters": 2,
+}
+LORA = {"finetuning_type": "lora", "train.lr": 1e-2, "train.iters": 10}
+MODEL = {"dpo.reference": "model"}
+KTO = {"dpo.loss": "kto", "dpo.beta": 1.0, "train.iters": 4}
+REFERENCE_FREE = {
+    "simpo": {"dpo.beta": 2.0, "dpo.gamma": 0.5, "train.iters": 20},
+    "orpo": {"train.iters": 12},
+}
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_hf, tmp_path_factory):
+    """Every DPO run of this module, in order, in one torchrun (tests/dist/runs.py); each
+    writes its metrics file, which the tests read (training and validation lines)."""
     root = tmp_path_factory.mktemp("dpo")
     hf = tiny_hf(TINY)
     hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(root / "c"), tp=2, pp=2))
     write_preference_task(root / "pairs.jsonl")
+    write_kto_task(root / "kto_samples.jsonl")
+    runs = {
+        "precompute": {},
+        "model": MODEL,
+        "lora_model": {**LORA, **MODEL},
+        "lora_pre": LORA,
+        "resumed_part": {"train.exit_after_iters": 8, "save": root / "resumed"},
+        "resumed": {},
+        "val_pre": VALIDATED,
+        "val_model": {**VALIDATED, **MODEL},
+        "kto_pre": {**KTO, "data.path": root / "kto_samples.jsonl"},
+        "kto_model": {**KTO, **MODEL, "data.path": root / "kto_samples.jsonl"},
+    }
+    for loss, extra in REFERENCE_FREE.items():
+        cache = {"data.cache_dir": root / f"cache_{loss}"}
+        runs[loss] = {**extra, "train.lr": 3e-3, "dpo.loss": loss, **cache}
+    plan = {name: ["dpo", overrides(root, hf, name, **extra)] for name, extra in runs.items()}
+    (root / "runs.json").write_text(json.dumps(plan, default=str))
+    launch(4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json", timeout=1200)
     return root, hf
 
 
-def run_dpo(setup, name: str, **extra) -> list[dict]:
-    root, hf = setup
-    metrics = root / f"{name}.jsonl"
-    metrics.unlink(missing_ok=True)
+def overrides(root, hf, name: str, **extra) -> list[str]:
     args = {
         "+model": "qwen3_tiny",
         "model.hf_dir": hf,
@@ -61,16 +95,20 @@ def run_dpo(setup, name: str, **extra) -> list[dict]:
         "parallel.tp": 2,
         "parallel.pp": 2,
         "device": "cpu",
-        "log.metrics_file": metrics,
+        "log.metrics_file": root / f"{name}.jsonl",
         **extra,
     }
-    launch(4, "-m", "mtrain.dpo", *(f"{k}={v}" for k, v in args.items()))
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def metrics(setup, name: str) -> list[dict]:
+    lines = (setup[0] / f"{name}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 @pytest.fixture(scope="module")
 def precomputed(setup):
-    return run_dpo(setup, "precompute")
+    return metrics(setup, "precompute")
 
 
 def test_a_tiny_model_learns_the_preference(precomputed):
@@ -83,23 +121,22 @@ def test_a_tiny_model_learns_the_preference(precomputed):
 
 
 def test_precomputed_and_model_references_give_identical_curves(setup, precomputed):
-    frozen = run_dpo(setup, "model", **{"dpo.reference": "model"})
+    frozen = metrics(setup, "model")
     for key in ("loss", "rewards/margin", "grad_norm"):
         diffs = [abs(a[key] - b[key]) for a, b in zip(precomputed, frozen)]
         assert len(diffs) == ITERS and max(diffs) < 1e-5, (key, diffs)
 
 
 def test_lora_dpo_with_adapters_off_as_reference_equals_precompute(setup):
-    lora = {"finetuning_type": "lora", "train.lr": 1e-2, "train.iters": 10}
-    off = run_dpo(setup, "lora_model", **lora, **{"dpo.reference": "model"})
-    pre = run_dpo(setup, "lora_pre", **lora)
+    off, pre = metrics(setup, "lora_model"), metrics(setup, "lora_pre")
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(off, pre)) < 1e-5
     assert off[-1]["rewards/margin"] > off[0]["rewards/margin"]
 
 
 def test_resumed_dpo_reuses_the_reference_cache_and_reproduces_the_curve(setup, precomputed):
-    first = run_dpo(setup, "resumed", **{"train.exit_after_iters": 8})
-    second = run_dpo(setup, "resumed")
+    """The same save= twice: the first run stops after 8 steps, the second resumes it."""
+    first, second = metrics(setup, "resumed_part"), metrics(setup, "resumed")
+    assert len(first) == 8
     assert [h["loss"] for h in first + second] == [h["loss"] for h in precomputed]
 
 
@@ -108,23 +145,12 @@ def split(history: list[dict]) -> tuple[list[dict], list[dict]]:
     return [h for h in history if "loss" in h], [h for h in history if "eval/loss" in h]
 
 
-VALIDATED = {  # 8 training pairs, 4 held out; the first step runs at lr 0 (warm-up)
-    "data.val_ratio": 0.34,
-    "eval.interval": 1,
-    "train.iters": 3,
-    "train.global_batch_size": 4,
-    "train.warmup_iters": 2,
-}
-
-
 def test_validation_pairs_get_their_own_reference_pass(setup):
     """After the lr-0 first step the policy is the reference: every validation pair's margin is
     0 and the loss log 2, which holds only if each validation pair is compared with its own
     reference log-probs. Then the precomputed and the frozen-copy reference evaluate alike."""
-    pre_train, pre_eval = split(run_dpo(setup, "val_pre", **VALIDATED))
-    model_train, model_eval = split(
-        run_dpo(setup, "val_model", **VALIDATED, **{"dpo.reference": "model"})
-    )
+    pre_train, pre_eval = split(metrics(setup, "val_pre"))
+    model_train, model_eval = split(metrics(setup, "val_model"))
     assert [h["iteration"] for h in pre_eval] == [1, 2, 3]
     assert pre_eval[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(pre_eval[0]["eval/rewards/margin"]) < 1e-6
@@ -138,15 +164,9 @@ def test_reference_free_losses_train_the_preference(setup):
     """SimPO and ORPO run without any reference pass; SimPO learns the preference in 20 steps,
     ORPO (mostly the chosen responses' NLL at its default weight) makes them likelier in 12."""
     root, _ = setup
-    for loss, extra in (
-        ("simpo", {"dpo.beta": 2.0, "dpo.gamma": 0.5, "train.iters": 20}),
-        ("orpo", {"train.iters": 12}),
-    ):
-        cache = root / f"cache_{loss}"
-        history = run_dpo(
-            setup, loss, **extra, **{"train.lr": 3e-3, "dpo.loss": loss, "data.cache_dir": cache}
-        )
-        assert not (cache / "dpo_reference").exists()  # no reference pass ran
+    for loss in REFERENCE_FREE:
+        history = metrics(setup, loss)
+        assert not (root / f"cache_{loss}" / "dpo_reference").exists()  # no reference pass ran
         first, last = history[0], history[-4:]
         if loss == "simpo":
             assert sum(h["rewards/margin"] for h in last) / 4 > 1.0, history
@@ -161,12 +181,7 @@ def test_kto_reference_modes_agree_and_start_at_half(setup):
     start the policy is the reference, so the KL estimate and every reward are 0 and each loss
     1 - sigmoid(0) = 0.5; the precomputed and the frozen-copy reference (both rows of every
     sample, the mismatched one included) give the same curve."""
-    root, _ = setup
-    kto = root / "kto_samples.jsonl"
-    write_kto_task(kto)
-    args = {"dpo.loss": "kto", "dpo.beta": 1.0, "data.path": kto, "train.iters": 4}
-    pre = run_dpo(setup, "kto_pre", **args)
-    frozen = run_dpo(setup, "kto_model", **args, **{"dpo.reference": "model"})
+    pre, frozen = metrics(setup, "kto_pre"), metrics(setup, "kto_model")
     assert pre[0]["loss"] == pytest.approx(0.5, abs=1e-6)
     assert pre[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert pre[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)

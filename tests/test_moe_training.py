@@ -71,7 +71,7 @@ def runs(tiny_hf, tmp_path_factory):
     plan["part1"] = ["pt", _overrides(root, hf, "tp2ep2", **save, **{"train.exit_after_iters": 3})]
     plan["part2"] = ["pt", _overrides(root, hf, "tp2ep2", **save)]
     (root / "runs.json").write_text(json.dumps(plan, default=str))
-    launch(4, DIST_DIR / "moe_training.py", root / "runs.json", root / "result.json", timeout=900)
+    launch(4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json", timeout=900)
     return json.loads((root / "result.json").read_text()), root, hf
 
 

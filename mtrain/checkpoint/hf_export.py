@@ -7,8 +7,10 @@ merged (W + s B A per TP shard, in fp32, cast back to the base dtype); without i
 (adapter_model.safetensors + adapter_config.json) for the original HF model. The base checkpoint
 is the one recorded in the adapters' args unless `base_dir` says otherwise.
 
-Rank files are memory-mapped and reopened for every layer, so only one layer's shards and the HF
-shard being filled are resident. With `hf_dir` the config, tokenizer and generation files are
+Rank files are memory-mapped and reopened once the tensors read from them add up to the
+largest HF shard being written (at least MIN_REOPEN_BYTES), so the resident memory stays within
+the largest output file plus one layer. (Not per layer: opening a file unpickles the metadata
+of every tensor in it, and an MoE rank file holds thousands.) With `hf_dir` the config, tokenizer and generation files are
 copied from the original model; without it `config.json` is written from the checkpoint args
 (and `tokenizer_dir`, if given, supplies the tokenizer files).
 """
@@ -46,6 +48,8 @@ if TYPE_CHECKING:
     from mtrain.config.schema import TrainingCommandConfig
 
 log = logging.getLogger("mtrain.checkpoint")
+
+MIN_REOPEN_BYTES = 512 * 1024**2
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 _WEIGHT_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -247,6 +251,9 @@ def export_hf(
     targets = set(adapters.lora.config.target_modules) if adapters is not None else set()
     with atomic_output_dir(out_dir, force, inputs) as temp:
         writer = HFShardedWriter(temp, plan, max_shard_bytes)
+        states: dict[int, list] = {}  # this stage's rank files by EP rank, memory-mapped
+        touched = 0  # bytes read from them since they were opened
+        reopen = max(MIN_REOPEN_BYTES, writer.largest_bytes - MIN_REOPEN_BYTES)
         for pp_rank in range(ckpt.pp):
             for chunk in range(ckpt.vpp):
                 lora_states = None  # small: read once per piece
@@ -259,8 +266,8 @@ def export_hf(
                 for group in stage_groups(
                     spec, ckpt.pp, ckpt.vpp, pp_rank, chunk, ckpt.ep, None, head=head
                 ):
-                    # Reopen the rank files per layer: unmapping bounds the resident memory.
-                    states: dict[int, list] = {}
+                    if touched > reopen:  # unmapping bounds the resident memory
+                        states, touched = {}, 0
                     for p in group:
                         if p.entry is spec.family_table.output and spec.tie_word_embeddings:
                             continue  # the tied copy on the last stage; the embedding is the truth
@@ -275,6 +282,7 @@ def export_hf(
                                     for t in range(ckpt.tp)
                                 ]
                             shards = [s[p.mcore] for s in states[r]]
+                            touched += sum(t.numel() * t.element_size() for t in shards)
                         want = shard_shape(p.entry, dims)
                         for t, s in enumerate(shards):
                             if tuple(s.shape) != want:
@@ -293,7 +301,7 @@ def export_hf(
                             ]
                         for name, tensor in zip(p.hf, merge(p.entry, shards, dims)):
                             writer.add(name, tensor if dtype is None else tensor.to(dtype))
-                    del states
+                states, touched = {}, 0  # the next stage or chunk: other files or entries
         files = writer.finish()
         if hf_dir is not None:
             copy_side_files(Path(hf_dir), temp, dtype)

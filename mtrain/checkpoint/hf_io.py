@@ -306,6 +306,9 @@ class HFShardedWriter:
         self._current: _StreamedFile | None = None
         self._shard = -1
         self.total_bytes = sum(math.prod(s) * d.itemsize for _, d, s in plan)
+        self.largest_bytes = max(
+            (sum(math.prod(s) * d.itemsize for _, d, s in g) for g in groups), default=0
+        )
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self._current is None or self._current.next == len(self._current.plan):

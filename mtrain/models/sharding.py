@@ -133,9 +133,18 @@ def shard(
     parts = [(p, read(hf_names[p.source], p.rows, p.cols)) for p in pieces(entry, rank, dims)]
     dtype = functools.reduce(torch.promote_types, [t.dtype for _, t in parts])
     rows = shard_shape(entry, dims)[0]
-    out = torch.zeros(rows, *parts[0][1].shape[1:], dtype=dtype)  # any trailing shape (LoRA's B)
-    for p, t in parts:
+    whole = parts[0][1]
+    if (
+        len(parts) == 1 and parts[0][0].at == 0 and len(whole) == rows
+        and whole.untyped_storage().nbytes() == whole.numel() * whole.element_size()
+    ):  # fmt: skip
+        return whole  # one piece that is the whole shard and owns its memory: no copy
+    out = torch.empty(rows, *parts[0][1].shape[1:], dtype=dtype)  # any trailing shape (LoRA's B)
+    end = 0
+    for p, t in parts:  # the pieces fill the rows in order (see `pieces`)
         out[p.at : p.at + len(t)] = t
+        end = p.at + len(t)
+    out[end:].zero_()  # the padded vocabulary rows
     return out
 
 

@@ -1,11 +1,11 @@
-"""Worker: several training runs of one MoE model in one set of CPU processes, each through
-the shared trainer as `python -m mtrain.pt` / `mtrain.sft` would run it (one torchrun for
-many layouts: starting processes is the slow part on CPU).
+"""Worker: several training runs in one set of CPU processes, each through the shared trainer
+as `python -m mtrain.pt` / `sft` / `dpo` / `rm` would run it (one torchrun for many runs:
+starting processes is the slow part on CPU).
 
-    torchrun --nproc_per_node 4 tests/dist/moe_training.py RUNS.json RESULT.json
+    torchrun --nproc_per_node 4 tests/dist/runs.py RUNS.json RESULT.json
 
-RUNS.json: {name: [command ("pt" or "sft"), [override, ...]]}; RESULT.json gets
-{name: [metrics of each iteration]} from rank 0.
+RUNS.json: {name: [command ("pt", "sft", "dpo" or "rm"), [override, ...]]}, run in order;
+RESULT.json gets {name: [metrics of each iteration]} from rank 0.
 """
 
 import json
@@ -16,11 +16,13 @@ from hydra import compose, initialize_config_dir
 from mtrain import parallel
 from mtrain.cli import to_schema
 from mtrain.config import CONF_DIR
+from mtrain.dpo import make_dpo_task
 from mtrain.pt import make_pt_task
+from mtrain.rm import make_rm_task
 from mtrain.sft import make_sft_task
 from mtrain.trainer import train
 
-TASKS = {"pt": make_pt_task, "sft": make_sft_task}
+TASKS = {"pt": make_pt_task, "sft": make_sft_task, "dpo": make_dpo_task, "rm": make_rm_task}
 
 
 def main() -> None:
