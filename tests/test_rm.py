@@ -13,7 +13,7 @@ from converters import hf2mcore
 from converters.hf2mcore import HF2McoreConfig
 from mtrain.models.tiny import write_reward_task
 from tests.conftest import TINY
-from tests.torchrun import launch, torchrun
+from tests.torchrun import DIST_DIR, launch, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,8 @@ def setup(tiny_hf, tmp_path_factory):
     return root, hf
 
 
-def run_rm(setup, name: str, nproc: int = 4, **extra) -> tuple[list[dict], list[dict]]:
-    """(training lines, validation lines) of a `mtrain.rm` run's metrics file."""
+def rm_overrides(setup, name: str, **extra) -> list[str]:
     root, hf = setup
-    metrics = root / f"{name}.jsonl"
-    metrics.unlink(missing_ok=True)
     args = {
         "+model": "qwen3_tiny",
         "model.hf_dir": hf,
@@ -48,21 +45,30 @@ def run_rm(setup, name: str, nproc: int = 4, **extra) -> tuple[list[dict], list[
         "parallel.tp": 2,
         "parallel.pp": 2,
         "device": "cpu",
-        "log.metrics_file": metrics,
+        "log.metrics_file": root / f"{name}.jsonl",
         "checkpoint.save_hf": "true",
         **extra,
     }
-    launch(nproc, "-m", "mtrain.rm", *(f"{k}={v}" for k, v in args.items()))
-    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def rm_metrics(setup, name: str) -> tuple[list[dict], list[dict]]:
+    """(training lines, validation lines) of a `mtrain.rm` run's metrics file."""
+    lines = [json.loads(line) for line in (setup[0] / f"{name}.jsonl").read_text().splitlines()]
     return [h for h in lines if "loss" in h], [h for h in lines if "eval/loss" in h]
 
 
 @pytest.fixture(scope="module")
 def trained(setup):
+    """The full and the LoRA reward model, trained in one torchrun (tests/dist/runs.py)."""
     root, _ = setup
-    history, evals = run_rm(
-        setup, "full", **{"train.iters": 20, "eval.interval": 10, "rm.center_coef": 0.01}
-    )
+    full = {"train.iters": 20, "eval.interval": 10, "rm.center_coef": 0.01}
+    lora = {"train.iters": 6, "train.lr": 1e-2, "finetuning_type": "lora"}
+    plan = {name: ["rm", rm_overrides(setup, name, **extra)]
+            for name, extra in (("full", full), ("lora", lora))}  # fmt: skip
+    (root / "runs.json").write_text(json.dumps(plan, default=str))
+    launch(4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json", timeout=900)
+    history, evals = rm_metrics(setup, "full")
     return history, evals, root / "full"
 
 
@@ -81,7 +87,6 @@ def test_exports_score_and_train_as_the_megatron_models_at_tp2pp2(setup, trained
     and loss to 1e-5, and (full) every parameter's gradient to 1e-5 relative."""
     root, _ = setup
     _, _, full = trained
-    run_rm(setup, "lora", **{"train.iters": 6, "train.lr": 1e-2, "finetuning_type": "lora"})
     exports = []
     for name, iteration in (("full", 20), ("lora", 6)):
         hf = root / name / f"iter_{iteration:07d}" / "hf"
@@ -101,12 +106,14 @@ def test_an_hf_reward_model_trains_further_at_another_layout_with_freeze(setup, 
     """load= the exported HF reward model, at TP1 x PP1 with freeze: after a step at lr 0
     (warm-up) the held-out metrics equal those of the TP2 x PP2 run it was exported from."""
     _, evals, full = trained
-    history, again = run_rm(
-        setup, "further", nproc=1,
+    further = rm_overrides(
+        setup, "further",
         **{"load": full / "iter_0000020" / "hf", "parallel.tp": 1, "parallel.pp": 1,
            "train.iters": 3, "train.warmup_iters": 1, "eval.interval": 1, "rm.center_coef": 0.01,
            "finetuning_type": "freeze", "freeze.trainable": "[layers.-1:]"},
     )  # fmt: skip
+    launch(1, "-m", "mtrain.rm", *further)
+    history, again = rm_metrics(setup, "further")
     for key in ("eval/loss", "eval/rewards/margin", "eval/rewards/accuracy"):
         assert again[0][key] == pytest.approx(evals[-1][key], abs=1e-5), key
     assert history[-1]["loss"] < history[0]["loss"]
