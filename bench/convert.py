@@ -205,9 +205,7 @@ def main() -> None:
         .splitlines()[-1]
     )
     shape = "Qwen3-1.7B" if dense else "Qwen3-MoE (128 experts, hidden 1024, expert width 64)"
-    tensors = sum(
-        len(json.loads((f).read_text())["weight_map"]) for f in hf.glob("*.index.json")
-    )
+    tensors = sum(len(json.loads((f).read_text())["weight_map"]) for f in hf.glob("*.index.json"))
     print(
         f"synthetic {shape}-shaped checkpoint, {args.layers} layers: {total / 1e9:.2f} GB "
         f"bf16, {tensors} tensors in {len(list(hf.glob('*.safetensors')))} shards"
@@ -216,9 +214,7 @@ def main() -> None:
     prefault(args.prefault_gb)
     timed(["cat", *map(str, hf.glob("*"))], ["true"], quiet=True)  # warm the page cache
     copy_hf = copy_times(hf, work / "hf_copy", args.repeat)
-    to_mcore = best_of(
-        args.repeat, "hf2mcore", ckpt, hf_dir=str(hf), tp=args.tp, pp=args.pp, **ep
-    )
+    to_mcore = best_of(args.repeat, "hf2mcore", ckpt, hf_dir=str(hf), tp=args.tp, pp=args.pp, **ep)
     copy_mcore = copy_times(ckpt, work / "mcore_copy", args.repeat)
     to_hf = best_of(args.repeat, "mcore2hf", back, ckpt_dir=str(ckpt))
     base = baseline_rss()
@@ -228,7 +224,8 @@ def main() -> None:
         ("mcore2hf", to_hf, copy_mcore, largest_file(back)),
     ]
     print(
-        f"\nlayout tp={args.tp} pp={args.pp}" + ("" if dense else f" ep={args.ep}")
+        f"\nlayout tp={args.tp} pp={args.pp}"
+        + ("" if dense else f" ep={args.ep}")
         + f", best of {args.repeat}; RSS of a process that only imports the converters: "
         f"{base / GiB:.2f} GiB"
     )

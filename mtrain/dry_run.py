@@ -83,6 +83,8 @@ def fit_line(total: float, device_gib: float, cp: int, recompute: str | None) ->
         f"fit        NO: {size(total)} exceeds 90% of {size(device_gib)} per device "
         f"(device_memory_gib); {' or '.join(hints)}, or lower train.micro_batch_size"
     )
+
+
 def _moe_lines(spec, plan, mem: dict) -> list[str]:
     """The experts' line of an MoE model's plan."""
     if not spec.is_moe:

@@ -131,8 +131,6 @@ def destroy() -> None:
     """Drop megatron's groups (the torch.distributed group stays, for another layout)."""
     from megatron.core import parallel_state
 
-    from mtrain import compat
-
     parallel_state.destroy_model_parallel()
     compat.forget_embedding_ranks()
 
@@ -223,6 +221,8 @@ def replica_size() -> int:
 
 def replica_group():
     return _state().get_data_parallel_group(with_context_parallel=True)
+
+
 def ep_rank() -> int:
     return _state().get_expert_model_parallel_rank()
 

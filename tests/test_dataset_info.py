@@ -20,7 +20,7 @@ from mtrain.config.dpo_data import DPODataConfig
 from mtrain.config.sft_data import SFTDataConfig
 from mtrain.data.pairs import build_pair_datasets
 from mtrain.data.sft import build_sft_datasets, load_conversations
-from mtrain.errors import ConfigError, DataError
+from mtrain.errors import ConfigError
 
 CONVS = [
     [
@@ -189,9 +189,7 @@ def test_num_samples_draws_every_sample_once_before_any_twice(data_dir, tok_dir)
 
 def test_ranking_datasets_give_the_pairs_of_the_same_records(tmp_path, tok_dir):
     pairs = [(f"q{i}", f"good {i}", f"bad {i}") for i in range(5)]
-    write_jsonl(
-        tmp_path / "a.jsonl", [{"ask": q, "win": c, "lose": r} for q, c, r in pairs]
-    )
+    write_jsonl(tmp_path / "a.jsonl", [{"ask": q, "win": c, "lose": r} for q, c, r in pairs])
     write_jsonl(
         tmp_path / "s.jsonl",
         [{"conversations": [{"from": "human", "value": q}],
@@ -231,7 +229,9 @@ def test_ranking_datasets_give_the_pairs_of_the_same_records(tmp_path, tok_dir):
 
 
 def test_a_json_file_of_one_record_per_line_is_read(tmp_path):
-    (tmp_path / "lines.json").write_text("".join(json.dumps(chat(c, "sharegpt")) + "\n" for c in CONVS))
+    (tmp_path / "lines.json").write_text(
+        "".join(json.dumps(chat(c, "sharegpt")) + "\n" for c in CONVS)
+    )
     (tmp_path / "dataset_info.json").write_text(
         json.dumps({"d": {"file_name": "lines.json", "formatting": "sharegpt"}})
     )
@@ -310,7 +310,9 @@ def test_sft_cli_trains_from_a_dataset_info_directory(data_dir, tmp_path, tiny_h
 
 
 def test_val_dataset_is_the_validation_set(data_dir, tok_dir):
-    config = cfg(data_dir, "alpaca_renamed", val_dataset="custom_tags", cache_dir=str(data_dir / "c"))
+    config = cfg(
+        data_dir, "alpaca_renamed", val_dataset="custom_tags", cache_dir=str(data_dir / "c")
+    )
     assert config.val_paths() == [str(data_dir / "custom" / f"part-{i}.jsonl") for i in (0, 1)]
     train, val = build_sft_datasets(config, str(tok_dir), 64, 0)
     assert (train.stats["samples"], val.stats["samples"]) == (len(CONVS), len(CONVS))

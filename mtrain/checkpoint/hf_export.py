@@ -10,9 +10,10 @@ is the one recorded in the adapters' args unless `base_dir` says otherwise.
 Rank files are memory-mapped and reopened once the tensors read from them add up to the
 largest HF shard being written (at least MIN_REOPEN_BYTES), so the resident memory stays within
 the largest output file plus one layer. (Not per layer: opening a file unpickles the metadata
-of every tensor in it, and an MoE rank file holds thousands.) With `hf_dir` the config, tokenizer and generation files are
-copied from the original model; without it `config.json` is written from the checkpoint args
-(and `tokenizer_dir`, if given, supplies the tokenizer files).
+of every tensor in it, and an MoE rank file holds thousands.) With `hf_dir` the config,
+tokenizer and generation files are copied from the original model; without it `config.json`
+is written from the checkpoint args (and `tokenizer_dir`, if given, supplies the tokenizer
+files).
 """
 
 from __future__ import annotations

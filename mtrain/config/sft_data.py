@@ -138,7 +138,6 @@ class SFTDataConfig:
             raise ConfigError("data.val_path is empty; give a file, a list, or null")
         return self
 
-
     def _check_sources(self) -> None:
         """data.path or data.dataset (with data.dataset_info), and what goes with each."""
         if self.dataset is None:

@@ -32,8 +32,15 @@ from mtrain.errors import ConfigError
 __all__ = ["Dataset", "resolve", "names_of"]
 
 FILE_NAME = "dataset_info.json"
-ALPACA = {"prompt": "instruction", "query": "input", "response": "output"}  # LF -> mtrain, = defaults
-TAGS = {"role_tag": ("role", "from"), "content_tag": ("content", "value")}  # LF -> (mtrain, default)
+ALPACA = {
+    "prompt": "instruction",
+    "query": "input",
+    "response": "output",
+}  # LF -> mtrain, = defaults
+TAGS = {
+    "role_tag": ("role", "from"),
+    "content_tag": ("content", "value"),
+}  # LF -> (mtrain, default)
 SPEAKER_TAGS = ("user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 UNSUPPORTED_COLUMNS = {
@@ -148,9 +155,7 @@ def _alpaca_columns(columns: dict, ranking: bool, where: str) -> dict[str, Any]:
             f"{where}: mtrain reads tools from sharegpt/openai records only (columns.tools of an "
             "alpaca dataset); describe it with formatting sharegpt"
         )
-    names: dict[str, Any] = {
-        ours: columns.get(theirs, ours) for theirs, ours in ALPACA.items()
-    }
+    names: dict[str, Any] = {ours: columns.get(theirs, ours) for theirs, ours in ALPACA.items()}
     names["history"] = columns.get("history")
     names["system"] = columns.get("system")
     if ranking:

@@ -60,9 +60,7 @@ def load_conversations(cfg: SFTDataConfig, paths) -> list[list[dict]]:
         file_cfg = cfg.for_file(path)
         out += [
             m
-            for _, m in formats.conversations(
-                Path(path), file_cfg.format, file_cfg.columns, stats
-            )
+            for _, m in formats.conversations(Path(path), file_cfg.format, file_cfg.columns, stats)
         ]
         if stats.bad:
             log.info(
@@ -241,9 +239,7 @@ def drawn(
         if not len(rows):
             continue
         rng = np.random.default_rng([seed, files[0], n])
-        order = np.concatenate(
-            [rng.permutation(len(rows)) for _ in range(-(-n // len(rows)))]
-        )[:n]
+        order = np.concatenate([rng.permutation(len(rows)) for _ in range(-(-n // len(rows)))])[:n]
         taken = rows[np.sort(order)]
         for j, k in enumerate(files):
             pools[k] = taken[taken[:, 0] == j, 1]

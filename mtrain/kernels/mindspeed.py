@@ -275,7 +275,9 @@ def training_args(cfg: Any, plan: Any, spec: Any) -> dict[str, Any]:
         moe_grouped_gemm=bool(cfg.moe.grouped_gemm),
     )
     if spec.is_moe:
-        out.update(moe_router_topk=spec.moe_router_topk, moe_ffn_hidden_size=spec.moe_ffn_hidden_size)
+        out.update(
+            moe_router_topk=spec.moe_router_topk, moe_ffn_hidden_size=spec.moe_ffn_hidden_size
+        )
     return out
 
 

@@ -82,7 +82,9 @@ def _save_sequential(module, state, prefix, local_metadata) -> None:
             w = grouped[which]
             view = _expert(w.detach(), which, module.num_local_experts, j)
             keep_vars = isinstance(w, torch.nn.Parameter)
-            state[f"{prefix}local_experts.{j}.{fc}.weight"] = view if keep_vars else view.contiguous()
+            state[f"{prefix}local_experts.{j}.{fc}.weight"] = (
+                view if keep_vars else view.contiguous()
+            )
             state[f"{prefix}local_experts.{j}.{fc}._extra_state"] = None
 
 

@@ -94,6 +94,7 @@ class Family:
     def hf_reward_architecture(self) -> str:
         """config.json `architectures` of the family's reward model (a scalar `score` head)."""
         return self.hf_architecture.replace("ForCausalLM", "ForSequenceClassification")
+
     # Mixture of experts. An MoE layer has `moe_layer` (the dense layer without its MLP, plus the
     # router) and `expert` once per routed expert (names relative to the EXPERT prefixes).
     moe_layer: tuple[Entry, ...] = ()

@@ -213,9 +213,9 @@ def _attend_grad(q, k, v, dy, out, hidden, scale, row_max, row_sum):
         finite = torch.where(row_max.isneginf(), 0.0, row_max)
         row_sum = torch.exp(scores - finite[..., None]).sum(dim=-1)
     finite = torch.where(row_max.isneginf(), 0.0, row_max)
-    probs = torch.exp(scores - finite[..., None]) / torch.where(row_sum > 0, row_sum, 1.0)[
-        ..., None
-    ]
+    probs = (
+        torch.exp(scores - finite[..., None]) / torch.where(row_sum > 0, row_sum, 1.0)[..., None]
+    )
     if out is None:
         out = probs @ ve
     d_probs = dy @ ve.transpose(-1, -2)
