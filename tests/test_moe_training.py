@@ -1,10 +1,12 @@
 """MoE training on CPU processes: expert-parallel layouts give the loss curve of TP1 EP1, with
-the router's aux loss off and on, for pretraining and packed SFT; the first loss is the HF
-model's cross-entropy; an interrupted run resumes exactly. All runs share one torchrun."""
+the router's aux loss off and on, for pretraining, packed SFT and DPO; the first loss is the HF
+model's cross-entropy; an interrupted run resumes exactly; a capacity factor drops tokens. All
+runs share one torchrun."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from converters.hf2mcore import HF2McoreConfig
 from converters.mcore2hf import LoraExportConfig, McoreToHFConfig
 from mtrain.config.model import load_preset
 from mtrain.errors import CheckpointError
-from mtrain.models.tiny import write_chat_task, write_corpus
+from mtrain.models.tiny import write_chat_task, write_corpus, write_preference_task
 from tests.torchrun import DIST_DIR, launch, torchrun
 
 pytestmark = pytest.mark.slow
@@ -51,6 +53,7 @@ def runs(tiny_hf, tmp_path_factory):
     hf = tiny_hf(load_preset("qwen3_moe_tiny").spec())
     write_corpus(root / "corpus.jsonl", 2000, seed=1)
     write_chat_task(root / "chat.jsonl", length=3)
+    write_preference_task(root / "pairs.jsonl")
     for name, (tp, pp, ep) in LAYOUTS.items():
         hf2mcore.convert(
             HF2McoreConfig(hf_dir=str(hf), out_dir=str(root / name), tp=tp, pp=pp, ep=ep)
@@ -67,6 +70,11 @@ def runs(tiny_hf, tmp_path_factory):
     lora = {**sft, "finetuning_type": "lora", "lora.r": 4, "lora.alpha": 8}
     plan["lora-tp1ep1"] = ["sft", _overrides(root, hf, "tp1ep1", **lora)]
     plan["lora-tp2ep2"] = ["sft", _overrides(root, hf, "tp2ep2", **lora, save=root / "lora")]
+    dpo = {"data.path": root / "pairs.jsonl", "train.lr": 1e-3, **AUX}
+    plan["dpo-tp1ep1"] = ["dpo", _overrides(root, hf, "tp1ep1", **dpo)]
+    plan["dpo-tp2ep2"] = ["dpo", _overrides(root, hf, "tp2ep2", **dpo)]
+    capped = {**pt, "moe.capacity_factor": 1.0}
+    plan["pt-capacity-tp2ep2"] = ["pt", _overrides(root, hf, "tp2ep2", **capped)]
     save = {"save": root / "resumed", "checkpoint.save_interval": 2, **pt, **AUX}
     plan["part1"] = ["pt", _overrides(root, hf, "tp2ep2", **save, **{"train.exit_after_iters": 3})]
     plan["part2"] = ["pt", _overrides(root, hf, "tp2ep2", **save)]
@@ -170,3 +178,23 @@ def test_interrupted_and_resumed_equals_uninterrupted(runs):
     assert (root / "resumed" / "iter_0000006" / "mp_rank_01_001").is_dir()  # Megatron-LM names
     full = curve(results["pt-aux-tp2ep2"])
     assert curve(first + second) == pytest.approx(full, abs=1e-6)
+
+
+def test_dpo_with_experts_at_tp2_ep2_equals_tp1_ep1(runs):
+    """DPO (aux loss on) on the MoE model: the policy starts as the reference (log 2), and the
+    expert-parallel layout gives the same loss, margins and gradient norms."""
+    ref, got = runs[0]["dpo-tp1ep1"], runs[0]["dpo-tp2ep2"]
+    assert ref[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("loss", "rewards/margin", "grad_norm", "moe_aux_loss"):
+        diffs = [abs(a - b) for a, b in zip(curve(ref, key), curve(got, key))]
+        scale = max(1.0, abs(curve(ref, key)[0]))  # gradient norms of ~800 here
+        assert len(diffs) == ITERS and max(diffs) < 1e-4 * scale, (key, diffs)
+
+
+def test_a_capacity_factor_drops_tokens_and_trains(runs):
+    """moe.capacity_factor=1.0: each expert takes at most its even share of a rank's tokens, so
+    the tiny model's uneven router drops some, and the first loss is no longer the dropless one."""
+    dropless, capped = runs[0]["pt-tp2ep2"], runs[0]["pt-capacity-tp2ep2"]
+    assert len(capped) == ITERS and all(math.isfinite(h["loss"]) for h in capped)
+    assert abs(capped[0]["loss"] - dropless[0]["loss"]) > 1e-5
+    assert curve(capped)[-1] < curve(capped)[0]
