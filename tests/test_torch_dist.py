@@ -19,7 +19,7 @@ from mtrain.checkpoint.dist_format import DistReader
 from mtrain.errors import CheckpointError
 from mtrain.models.tiny import corpus
 from tests.conftest import TINY
-from tests.torchrun import launch
+from tests.torchrun import DIST_DIR, launch
 
 pytestmark = pytest.mark.slow
 ITERS = 4
@@ -36,38 +36,49 @@ def setup(tiny_hf, tmp_path_factory):
     return root, hf
 
 
-def run_pt(setup, nproc: int, tp: int, pp: int, name: str, **extra) -> list[float]:
+def pt_overrides(setup, tp: int, pp: int, name: str, **extra) -> list[str]:
     root, hf = setup
-    metrics = root / f"{name}.jsonl"
-    metrics.unlink(missing_ok=True)
     args = {
         "+model": "qwen3_tiny", "model.hf_dir": hf, "load": root / "c22",
         "data.path": root / "corpus.jsonl", "data.cache_dir": root / "cache",
         "train.iters": ITERS, "train.seq_length": 64, "train.global_batch_size": 4,
         "train.micro_batch_size": 1, "train.precision": "fp32", "train.lr": 1e-3,
         "parallel.tp": tp, "parallel.pp": pp, "parallel.distributed_optimizer": "true",
-        "checkpoint.save_interval": 2, "device": "cpu", "log.metrics_file": metrics, **extra,
+        "checkpoint.save_interval": 2, "device": "cpu", "log.metrics_file": root / f"{name}.jsonl",
+        **extra,
     }  # fmt: skip
-    launch(nproc, "-m", "mtrain.pt", *(f"{k}={v}" for k, v in args.items()))
-    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def losses(setup, name: str) -> list[float]:
+    lines = (setup[0] / f"{name}.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def run_pt(setup, nproc: int, tp: int, pp: int, name: str, **extra) -> list[float]:
+    launch(nproc, "-m", "mtrain.pt", *pt_overrides(setup, tp, pp, name, **extra))
+    return losses(setup, name)
 
 
 @pytest.fixture(scope="module")
 def runs(setup):
     """The same TP2 x PP2 run saved in the legacy format (uninterrupted) and in torch_dist
-    (stopped after 2 iterations, then resumed at TP1 x PP1 x DP2)."""
+    (stopped after 2 iterations, then resumed at TP1 x PP1 x DP2); the three TP2 x PP2 runs share
+    one torchrun (tests/dist/runs.py)."""
     root = setup[0]
-    legacy = run_pt(setup, 4, 2, 2, "legacy", save=root / "legacy")
-    first = run_pt(
-        setup, 4, 2, 2, "dist_first", save=root / "dist", **{"checkpoint.format": "torch_dist",
-        "train.exit_after_iters": 2},
-    )  # fmt: skip
-    resumed = run_pt(setup, 2, 1, 1, "dist_resumed", save=root / "dist")
+    dist = {"checkpoint.format": "torch_dist", "train.exit_after_iters": 2}
     plain = {"parallel.distributed_optimizer": "false"}
-    first_plain = run_pt(
-        setup, 4, 2, 2, "plain_first", save=root / "plain", **{"checkpoint.format": "torch_dist",
-        "train.exit_after_iters": 2, **plain},
-    )  # fmt: skip
+    first_runs = {
+        "legacy": {"save": root / "legacy"},
+        "dist_first": {"save": root / "dist", **dist},
+        "plain_first": {"save": root / "plain", **dist, **plain},
+    }
+    plan = {name: ["pt", pt_overrides(setup, 2, 2, name, **extra)]
+            for name, extra in first_runs.items()}  # fmt: skip
+    (root / "runs.json").write_text(json.dumps(plan, default=str))
+    launch(4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json", timeout=900)
+    legacy, first, first_plain = (losses(setup, name) for name in first_runs)
+    resumed = run_pt(setup, 2, 1, 1, "dist_resumed", save=root / "dist")
     resumed_plain = run_pt(setup, 1, 1, 1, "plain_resumed", save=root / "plain", **plain)
     return legacy, (first, resumed), (first_plain, resumed_plain)
 
