@@ -426,9 +426,18 @@ def test_rotary_matches_manual_formula_and_megatron(interleaved):
 # ---- the emulation as an installed torch_npu ------------------------------------------------
 
 
+def run_with_emulation(script: str, **env: str) -> subprocess.CompletedProcess:
+    """`script` in a fresh Python with the emulation first on PYTHONPATH (and `env` set)."""
+    environ = dict(os.environ, **env)
+    paths = (str(EMULATION), environ.get("PYTHONPATH"))
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return subprocess.run(
+        [sys.executable, "-c", script], env=environ, cwd=REPO, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
 def test_on_pythonpath_it_reads_as_torch_npu_2_7_1_and_mtrain_still_picks_cpu():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(EMULATION), env.get("PYTHONPATH")) if p)
     script = (
         "import importlib.metadata as m, torch, torch_npu\n"
         "from torch_npu.contrib import transfer_to_npu\n"
@@ -437,14 +446,7 @@ def test_on_pythonpath_it_reads_as_torch_npu_2_7_1_and_mtrain_still_picks_cpu():
         "from mtrain import accel\n"
         "print(accel.resolve('auto'))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_with_emulation(script)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["2.7.1 2.7.1", "True False", "cpu"]
 
@@ -453,8 +455,6 @@ def test_on_the_emulated_host_kernels_for_the_npu_dispatch_key_serve_cpu_tensors
     """MindSpeed registers its custom ops (mindspeed::npu_gmm, ...) for PrivateUse1, the NPU's
     dispatch key; the host emulation's "npu" tensors are CPU tensors, so those kernels must
     answer them too, autograd included (the kernel applies an autograd.Function)."""
-    env = dict(os.environ, TORCH_NPU_EMULATION_HOST="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(EMULATION), env.get("PYTHONPATH")) if p)
     script = (
         "import torch, torch_npu, warnings\n"
         "from torch.library import Library, impl\n"
@@ -471,9 +471,6 @@ def test_on_the_emulated_host_kernels_for_the_npu_dispatch_key_serve_cpu_tensors
         "torch.ops.emulation_probe.double(x).sum().backward()\n"
         "print(x.device, x.grad.tolist())\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
+    result = run_with_emulation(script, TORCH_NPU_EMULATION_HOST="1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["cpu", "[2.0,", "2.0,", "2.0]"]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mtrain import accel
+from mtrain.checkpoint.args import megatron_args
 from mtrain.errors import ConfigError
 from mtrain.kernels.torch_npu import SPARSE_TOP_LEFT_CAUSAL, compressed_causal_mask
 
@@ -218,6 +219,16 @@ def config_fields(cfg: Any, plan: Any) -> dict[str, Any]:
     return {"seq_length": int(cfg.train.seq_length)} if plan.cp > 1 else {}
 
 
+# Of a checkpoint's args (mtrain/checkpoint/args.py), those MindSpeed reads from get_args().
+SHAPE_ARGS = (
+    "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size", "num_layers", "hidden_size", "ffn_hidden_size",
+    "num_attention_heads", "num_query_groups", "group_query_attention", "kv_channels",
+    "qk_layernorm", "normalization", "swiglu", "position_embedding_type", "moe_router_topk",
+    "moe_ffn_hidden_size",
+)  # fmt: skip
+
+
 def training_args(cfg: Any, plan: Any, spec: Any) -> dict[str, Any]:
     """Megatron-LM training arguments that MindSpeed's patched code reads from its `get_args()`.
 
@@ -230,10 +241,10 @@ def training_args(cfg: Any, plan: Any, spec: Any) -> dict[str, Any]:
     tr, par = cfg.train, cfg.parallel
     vpp = plan.vpp if plan.vpp > 1 else None
     theta = float(spec.rope_theta)
-    out = dict(
-        tensor_model_parallel_size=plan.tp,
-        pipeline_model_parallel_size=plan.pp,
-        virtual_pipeline_model_parallel_size=vpp,
+    # The model's shape under Megatron-LM's names, as mtrain's checkpoints record it.
+    recorded = vars(megatron_args(spec, plan.tp, plan.pp, plan.vpp, "float32", plan.ep))
+    out = {name: recorded[name] for name in SHAPE_ARGS if name in recorded}
+    out.update(
         num_layers_per_virtual_pipeline_stage=spec.num_layers // (plan.pp * vpp) if vpp else None,
         context_parallel_size=plan.cp,
         expert_model_parallel_size=plan.ep,
@@ -247,18 +258,7 @@ def training_args(cfg: Any, plan: Any, spec: Any) -> dict[str, Any]:
         micro_batch_size=int(tr.micro_batch_size),
         global_batch_size=int(tr.global_batch_size),
         curr_iteration=0,
-        num_layers=spec.num_layers,
-        hidden_size=spec.hidden_size,
-        ffn_hidden_size=spec.ffn_hidden_size,
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
-        group_query_attention=spec.num_query_groups != spec.num_attention_heads,
-        kv_channels=spec.kv_channels,
-        qk_layernorm=spec.family_table.qk_layernorm,
-        normalization="RMSNorm",
         apply_layernorm_1p=False,
-        swiglu=True,
-        position_embedding_type="rope",
         rotary_base=int(theta) if theta.is_integer() else theta,
         rope_scaling_type=None,
         use_flash_attn=bool(cfg.npu.flash_attn),
@@ -274,10 +274,6 @@ def training_args(cfg: Any, plan: Any, spec: Any) -> dict[str, Any]:
         num_experts=spec.num_experts,
         moe_grouped_gemm=bool(cfg.moe.grouped_gemm),
     )
-    if spec.is_moe:
-        out.update(
-            moe_router_topk=spec.moe_router_topk, moe_ffn_hidden_size=spec.moe_ffn_hidden_size
-        )
     return out
 
 
