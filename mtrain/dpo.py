@@ -32,6 +32,7 @@ from mtrain.losses import (
     make_dpo_loss,
     make_kto_loss,
     pair_forward,
+    sample_units,
 )
 from mtrain.trainer import Setup, Task, train
 
@@ -195,6 +196,7 @@ def make_dpo_task(cfg: DPOConfig, setup: Setup) -> Task:
         eval_forward=pair_forward,
         eval_loss=loss,
         rows_per_sample=2,
+        units=sample_units,
         on_start=on_start if needs_reference else None,
         before_step=model_reference.before_step if needs_reference and model_reference else None,
     )

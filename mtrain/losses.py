@@ -24,6 +24,16 @@ def lm_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     )
 
 
+def token_units(batch: Batch) -> torch.Tensor:
+    """The loss units of a language-model micro-batch: its loss tokens (what `lm_loss` counts)."""
+    return batch["loss_mask"].sum()
+
+
+def sample_units(batch: Batch) -> torch.Tensor:
+    """The loss units of a micro-batch of pairs or samples ([m, 2, S] tensors): m."""
+    return torch.tensor(float(batch["tokens"].shape[0]), device=batch["tokens"].device)
+
+
 def lm_loss(batch: Batch, token_losses: torch.Tensor):
     mask = batch["loss_mask"].float()
     total = (token_losses.float() * mask).sum()

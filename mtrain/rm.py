@@ -23,6 +23,7 @@ from mtrain.data.pairs import WithMargins, build_pair_datasets, read_margins
 from mtrain.data.sampler import micro_batches
 from mtrain.dry_run import describe_plan
 from mtrain.errors import ConfigError, DataError
+from mtrain.losses import sample_units
 from mtrain.models.score import reward_forward
 from mtrain.reward import make_reward_loss
 from mtrain.trainer import Setup, Task, train
@@ -120,6 +121,7 @@ def make_rm_task(cfg: RMConfig, setup: Setup) -> Task:
         eval_forward=forward,
         eval_loss=loss,
         rows_per_sample=2,
+        units=sample_units,
         head="score",
         checkpoint_args={"model_head": "score", "pad_token_id": pad_id},
     )

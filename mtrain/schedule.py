@@ -51,17 +51,22 @@ def run_schedule(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool,
+    units=None,
 ) -> torch.Tensor:
     """`micro_batches` micro-batches through megatron's pipeline schedule; returns the metric
     sums. `micro_batch_size` counts the sequences the model sees (a DPO pair is two): the
     schedule sizes its pipeline messages by it and `seq_length` (megatron divides it by CP).
     Under context parallelism each rank takes its chunks of every sequence (in the layout the
-    model wants, see mtrain/context_parallel.py) and its loss counts are summed over CP."""
+    model wants, see mtrain/context_parallel.py) and its loss counts are summed over CP. With
+    `units` (batch -> the loss units `loss` counts), an MoE model's router losses weigh per loss
+    unit (compat.weigh_router_losses_per_loss_unit)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
     cp, cp_rank, cp_group = parallel.cp_size(), parallel.cp_rank(), parallel.cp_group()
-    cp_layout = layout_of(get_model_config(model[0])) if cp > 1 else "balanced"
+    config = get_model_config(model[0])
+    cp_layout = layout_of(config) if cp > 1 else "balanced"
+    weigh_router = units is not None and not forward_only and config.num_moe_experts
 
     def counted(batch, out):
         result = loss(batch, out)
@@ -72,8 +77,14 @@ def run_schedule(
 
     def forward_step(data_iterator, chunk):
         batch = {k: v.to(accel.device(), non_blocking=True) for k, v in next(data_iterator).items()}
+        whole = batch  # the micro-batch's units and tokens, the same on every CP rank
         batch = shard_batch(batch, cp, cp_rank, cp_layout)
-        return forward(chunk, batch), lambda out: counted(batch, out)
+        output = forward(chunk, batch)
+        if weigh_router:
+            compat.weigh_router_losses_per_loss_unit(
+                output, units(whole), whole["tokens"].numel(), config
+            )
+        return output, lambda out: counted(batch, out)
 
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,

@@ -6,7 +6,8 @@ loop does the rest: process groups, model, DDP, optimizer, schedule, checkpoints
 Loss semantics: every micro-batch returns (sum of token losses, number of loss tokens). The
 reported loss and the gradient are both the mean over all loss tokens of the global batch, across
 micro-batches and data-parallel ranks (megatron's `calculate_per_token_loss`): padding, prompt
-tokens or uneven micro-batches never reweight the tokens that count.
+tokens or uneven micro-batches never reweight the tokens that count. An MoE model's router
+losses weigh per loss unit too (`compat.weigh_router_losses_per_loss_unit`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -25,7 +25,6 @@ from mtrain import log as mlog
 from mtrain.checkpoint import (
     GROUPED_GEMM_ARG,
     TrainingParts,
-    TrainState,
     check_start,
     export_run_checkpoint,
     megatron_args,
@@ -39,83 +38,21 @@ from mtrain.dtypes import DTYPE_NAMES, DTYPES
 from mtrain.errors import ConfigError, MtrainError
 from mtrain.freeze import apply_freeze
 from mtrain.lora import add_adapters
-from mtrain.losses import lm_forward, lm_loss_and_accuracy, logits_forward
 from mtrain.models.provider import BuildOptions, build_model_chunks
 from mtrain.models.score import train_score_head
-from mtrain.models.spec import ModelSpec
 from mtrain.moe_metrics import MoeMetrics
 from mtrain.optim import build_optimizer, connect_schedule, wrap_ddp
 from mtrain.plan import ParallelPlan
 from mtrain.preflight import check_outputs
 from mtrain.progress import Progress, flops_per_token
 from mtrain.schedule import METRICS, means, run_schedule
+from mtrain.task import Run, Setup, Task
 
 log = logging.getLogger("mtrain.train")
-
-Batch = dict[str, torch.Tensor]
 
 
 class TrainingError(MtrainError):
     """Training cannot go on (e.g. a NaN loss); the message names the iteration."""
-
-
-@dataclass
-class Task:
-    """What a stage plugs into the loop."""
-
-    name: str
-    # (consumed_samples, dp_rank, dp_size) -> this rank's micro-batches, in order, forever
-    batches: Callable[[int, int, int], Iterator[Batch]]
-    # (batch, output of `forward`) -> (loss sum, loss token count, {metric: tensor([sum, count])})
-    loss: Callable[
-        [Batch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
-    ]
-    # (model chunk, batch) -> output tensor; per-token losses on the last pipeline stage
-    forward: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_forward
-    # (dp_rank, dp_size) -> this rank's validation micro-batches, one pass; None: no validation
-    eval_batches: Callable[[int, int], Iterator[Batch]] | None = None
-    eval_samples: int = 0  # validation samples (whole global batches of them are evaluated)
-    eval_forward: Callable[[torch.nn.Module, Batch], torch.Tensor] = logits_forward
-    eval_loss: Callable = lm_loss_and_accuracy
-    attention_mask: bool = False  # batches carry "attention_mask" (e.g. packed samples)
-    head: str = "lm"  # lm | score: the model ends in a reward model's scalar head (always trained)
-    checkpoint_args: dict | None = None  # added to every checkpoint's args (e.g. the pad id)
-    rows_per_sample: int = 1  # sequences the model sees per sample (2 for a DPO pair)
-    # Called once the model holds its starting weights, before the first step.
-    on_start: Callable[[Run], None] | None = None
-    # Called with each step's micro-batches (in order) before the step; may add tensors to them
-    # (e.g. DPO's reference log-probs from a forward-only pass of another model).
-    before_step: Callable[[Run, list[Batch]], None] | None = None
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What is fixed before the model exists: the architecture, the parallel plan and the
-    resolved `kernels`. A task factory gets it with the config."""
-
-    spec: ModelSpec
-    plan: ParallelPlan
-    kernels: str
-
-
-@dataclass
-class Run:
-    """What a task's hooks see of the run: the (DDP-wrapped) model chunks, the starting point,
-    the setup and how the model was built (to build a twin, e.g. a frozen reference)."""
-
-    model: list
-    state: TrainState
-    setup: Setup
-    options: BuildOptions
-    cfg: TrainingCommandConfig
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self.setup.spec
-
-    @property
-    def plan(self) -> ParallelPlan:
-        return self.setup.plan
 
 
 class _Preemption:
@@ -326,6 +263,7 @@ def _run(cfg: TrainingCommandConfig, make_task, setup: Setup) -> list[dict[str, 
                     tr.seq_length,
                     tr.micro_batch_size * task.rows_per_sample,
                     forward_only=False,
+                    units=task.units,
                 )
             )
             if moe is not None:

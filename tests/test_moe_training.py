@@ -73,6 +73,8 @@ def runs(tiny_hf, tmp_path_factory):
     dpo = {"data.path": root / "pairs.jsonl", "train.lr": 1e-3, **AUX}
     plan["dpo-tp1ep1"] = ["dpo", _overrides(root, hf, "tp1ep1", **dpo)]
     plan["dpo-tp2ep2"] = ["dpo", _overrides(root, hf, "tp2ep2", **dpo)]
+    recompute = {**dpo, "train.recompute": "full"}  # router losses added in the backward only
+    plan["dpo-recompute-tp2ep2"] = ["dpo", _overrides(root, hf, "tp2ep2", **recompute)]
     capped = {**pt, "moe.capacity_factor": 1.0}
     plan["pt-capacity-tp2ep2"] = ["pt", _overrides(root, hf, "tp2ep2", **capped)]
     save = {"save": root / "resumed", "checkpoint.save_interval": 2, **pt, **AUX}
@@ -181,14 +183,66 @@ def test_interrupted_and_resumed_equals_uninterrupted(runs):
 
 
 def test_dpo_with_experts_at_tp2_ep2_equals_tp1_ep1(runs):
-    """DPO (aux loss on) on the MoE model: the policy starts as the reference (log 2), and the
-    expert-parallel layout gives the same loss, margins and gradient norms."""
-    ref, got = runs[0]["dpo-tp1ep1"], runs[0]["dpo-tp2ep2"]
+    """DPO (aux and z losses on) on the MoE model: the policy starts as the reference (log 2),
+    and the expert-parallel layout gives the same loss, margins and gradient norms, with full
+    recompute too (whose router losses exist only in the recomputed forward)."""
+    ref = runs[0]["dpo-tp1ep1"]
     assert ref[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    for key in ("loss", "rewards/margin", "grad_norm", "moe_aux_loss"):
-        diffs = [abs(a - b) for a, b in zip(curve(ref, key), curve(got, key))]
-        scale = max(1.0, abs(curve(ref, key)[0]))  # gradient norms of ~800 here
-        assert len(diffs) == ITERS and max(diffs) < 1e-4 * scale, (key, diffs)
+    for run in ("dpo-tp2ep2", "dpo-recompute-tp2ep2"):
+        got = runs[0][run]
+        for key in ("loss", "rewards/margin", "grad_norm", "moe_aux_loss"):
+            diffs = [abs(a - b) for a, b in zip(curve(ref, key), curve(got, key))]
+            scale = max(1.0, abs(curve(ref, key)[0]))
+            assert len(diffs) == ITERS and max(diffs) < 1e-4 * scale, (run, key, diffs)
+
+
+def test_dpo_gradient_with_router_losses_equals_plain_pytorch(runs):
+    """DPO's first step on the MoE model with the aux and z losses on: its gradient norm is
+    plain PyTorch's on HF's model for the mean DPO loss over the global batch's pairs plus, per
+    MoE layer, each router loss (megatron's formulas) times its coefficient, averaged over the
+    micro-batches (one per DP rank here). The router terms once weighed 2 x seq_length more."""
+    from transformers import AutoModelForCausalLM
+
+    from mtrain.data.epochs import Epochs
+    from mtrain.data.pairs import build_pair_datasets
+    from mtrain.data.sampler import micro_batches
+    from mtrain.dpo import DPOConfig
+
+    results, root, hf = runs
+    cfg = DPOConfig()
+    cfg.data.path, cfg.data.cache_dir = str(root / "pairs.jsonl"), str(root / "cache")
+    pairs, _ = build_pair_datasets(cfg.data, str(hf), 64, cfg.train.seed)
+    ordered = Epochs(pairs, ITERS * 8, cfg.train.seed)
+    batches = [next(micro_batches(ordered, 0, 2, 8, rank, 4)) for rank in range(4)]
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    experts, topk = model.config.num_experts, model.config.num_experts_per_tok
+    coef, z_coef = AUX["moe.aux_loss_coef"], AUX["moe.z_loss_coef"]
+    dpo_losses, router_losses, aux_values = [], [], []
+    for batch in batches:
+        rows = {k: v.flatten(0, 1) for k, v in batch.items() if v.dim() == 3}
+        # HF's default positions 0..S-1: megatron's rotary embedding numbers a row so (the
+        # restart at the padding in position_ids would reach only absolute embeddings), and the
+        # padding tokens are routed too, so their router logits must be the same numbers.
+        out = model(rows["tokens"], output_router_logits=True)
+        token_logps = -torch.nn.functional.cross_entropy(
+            out.logits.flatten(0, 1), rows["labels"].flatten(), reduction="none"
+        ).view_as(rows["labels"])
+        logps = (token_logps * rows["loss_mask"]).sum(-1).view(-1, 2)
+        margin = logps[:, 0] - logps[:, 1]  # the reference's margin is the same at step 1
+        dpo_losses.append(-torch.nn.functional.logsigmoid(0.1 * (margin - margin.detach())))
+        for logits in out.router_logits:
+            probs = logits.float().softmax(-1)
+            counts = torch.bincount(probs.topk(topk).indices.flatten(), minlength=experts)
+            aux = experts / (len(probs) ** 2 * topk) * (probs.sum(0) * counts).sum()
+            z = logits.float().logsumexp(-1).square().mean()
+            router_losses.append(coef * aux + z_coef * z)
+            aux_values.append(aux.item())
+    objective = torch.cat(dpo_losses).mean() + sum(router_losses) / len(batches)
+    objective.backward()
+    norm = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters()))
+    first = results["dpo-tp1ep1"][0]
+    assert first["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    assert first["moe_aux_loss"] == pytest.approx(sum(aux_values) / len(aux_values), rel=1e-5)
 
 
 def test_a_capacity_factor_drops_tokens_and_trains(runs):

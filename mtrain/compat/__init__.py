@@ -23,6 +23,7 @@ from mtrain.compat.megatron_core import (
     per_token_router_loss_coeff,
     tolerate_empty_fp8_quantization,
     tolerate_numpy2_in_dist_checkpointing,
+    weigh_router_losses_per_loss_unit,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "per_token_router_loss_coeff",
     "tolerate_empty_fp8_quantization",
     "tolerate_numpy2_in_dist_checkpointing",
+    "weigh_router_losses_per_loss_unit",
 ]

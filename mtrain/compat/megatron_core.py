@@ -295,3 +295,32 @@ def per_token_router_loss_coeff(coeff: float, tp: int) -> float:
     first step's gradient norm (tests/test_moe_training.py). The logged values divide the
     coefficients out, so they are unaffected. (MoE with context parallelism is refused: unverified.)"""
     return coeff * tp
+
+
+def weigh_router_losses_per_loss_unit(
+    output: torch.Tensor, units: torch.Tensor, tokens: int, config: Any
+) -> None:
+    """Make the router losses (load balancing and z-loss) of the micro-batch whose forward gave
+    `output` weigh as one more term of a task that counts `units` loss units (loss tokens, pairs,
+    samples) among its `tokens` routed tokens.
+
+    Symptom (0.12.x, `calculate_per_token_loss`): the router multiplies each micro-batch's router
+    losses by the tokens it routed, counting on the step's loss being normalised by those same
+    tokens; a task that counts anything else weighs them (routed tokens / loss units) times more:
+    2 x seq_length for a DPO pair (the router losses then dominate DPO, reward-model and KTO
+    gradients), and prompt and padding tokens over response tokens in SFT. Their gradients are
+    scaled by MoEAuxLossAutoScaler's backward scale, which the schedule sets to the loss scale
+    after every forward; a hook on `output` sets it to the loss scale x units / tokens as this
+    micro-batch's backward starts (before any of its layers, recomputed ones included, which
+    add their router losses only then). The objective is then (sum of losses + coeff x sum of
+    micro-batch router losses x their units) / all units: the router losses weigh as much per loss
+    unit in every task, and as before for pretraining rows without padding (weight 1). Shown by
+    tests/test_moe_training.py::test_dpo_gradient_with_router_losses_equals_plain_pytorch."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    if not output.requires_grad:
+        return
+    one = torch.ones(1, device=output.device)
+    loss_scale = config.grad_scale_func(one) if config.grad_scale_func is not None else one
+    scale = loss_scale * (units.float() / tokens)
+    output.register_hook(lambda grad: MoEAuxLossAutoScaler.set_loss_scale(scale))
