@@ -20,7 +20,7 @@ from converters.hf2mcore import HF2McoreConfig
 from mtrain.kernels import te
 from mtrain.kernels.torch_npu import segment_ends
 from tests.conftest import tiny_spec
-from tests.torchrun import launch, torchrun
+from tests.torchrun import DIST_DIR, launch, torchrun
 
 TOLERANCE = 1e-5  # fp32 logits
 EMULATION = Path(__file__).parent / "npu_emulation"
@@ -127,53 +127,61 @@ def test_te_state_dict_hooks_present_local_names():
     assert torch.equal(qkv.extra, torch.tensor([7]))
 
 
+PACKED_SFT_RUNS = {  # name: overrides; all in one torchrun (process start-up is most of it)
+    "local": ["kernels=local"],
+    "npu": ["kernels=torch_npu"],
+    "sp": ["kernels=torch_npu", "parallel.sequence_parallel=true"],
+    "npu_lora": ["kernels=torch_npu", "finetuning_type=lora", "train.lr=1e-2"],
+    "sp_lora": [
+        "kernels=torch_npu", "finetuning_type=lora", "train.lr=1e-2",
+        "parallel.sequence_parallel=true",
+    ],
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def packed_sft(tiny_hf, tmp_path_factory):
-    """Run packed SFT at TP=2 x PP=2 from one converted checkpoint; returns the loss curve."""
+    """Packed SFT at TP=2 x PP=2 from one converted checkpoint, per PACKED_SFT_RUNS; returns
+    {name: loss curve}."""
     from mtrain.models.tiny import write_chat_task
 
     root = tmp_path_factory.mktemp("kernels_sft")
     hf = tiny_hf(tiny_spec())
     hf2mcore.convert(HF2McoreConfig(hf_dir=str(hf), out_dir=str(root / "c"), tp=2, pp=2))
     write_chat_task(root / "chat.jsonl")
+    common = {
+        "+model": "qwen3_tiny",
+        "model.hf_dir": hf,
+        "load": root / "c",
+        "data.path": root / "chat.jsonl",
+        "data.cache_dir": root / "cache",
+        "data.packing": "true",
+        "device": "cpu",
+        "parallel.tp": 2,
+        "parallel.pp": 2,
+        "train.iters": 4,
+        "train.seq_length": 64,
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 2,
+        "train.lr": 1e-3,
+        "train.precision": "fp32",
+    }
+    base = [f"{k}={v}" for k, v in common.items()]
+    plan = {name: ["sft", base + extra] for name, extra in PACKED_SFT_RUNS.items()}
+    (root / "runs.json").write_text(json.dumps(plan))
     path = os.pathsep.join([str(EMULATION), os.environ.get("PYTHONPATH", "")])
-
-    def run(name: str, *extra: str) -> list[float]:
-        metrics = root / f"{name}.jsonl"
-        launch(
-            4,
-            "-m",
-            "mtrain.sft",
-            "+model=qwen3_tiny",
-            f"model.hf_dir={hf}",
-            f"load={root / 'c'}",
-            f"data.path={root / 'chat.jsonl'}",
-            f"data.cache_dir={root / 'cache'}",
-            "data.packing=true",
-            "device=cpu",
-            "parallel.tp=2",
-            "parallel.pp=2",
-            "train.iters=4",
-            "train.seq_length=64",
-            "train.global_batch_size=8",
-            "train.micro_batch_size=2",
-            "train.lr=1e-3",
-            "train.precision=fp32",
-            f"log.metrics_file={metrics}",
-            *extra,
-            env={"PYTHONPATH": path},
-        )
-        return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
-
-    return run
+    launch(
+        4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json", env={"PYTHONPATH": path}
+    )
+    results = json.loads((root / "result.json").read_text())
+    return {name: [h["loss"] for h in history] for name, history in results.items()}
 
 
 @pytest.mark.slow
 def test_packed_sft_on_the_torch_npu_spec_trains_like_the_local_spec(packed_sft):
     """The whole path: packed rows keep their cu_seqlens through the data loader and the pipeline
     into the varlen attention, at TP=2 x PP=2."""
-    local = packed_sft("local", "kernels=local")
-    npu = packed_sft("npu", "kernels=torch_npu")
+    local, npu = packed_sft["local"], packed_sft["npu"]
     assert len(local) == 4 and len(set(local)) == 4
     assert npu == pytest.approx(local, abs=1e-5), (local, npu)
 
@@ -183,11 +191,8 @@ def test_packed_sft_on_the_torch_npu_spec_trains_like_the_local_spec(packed_sft)
 def test_sequence_parallelism_trains_like_plain_tensor_parallelism(packed_sft, lora):
     """Sequence parallelism end to end (it needs the NPU spec's norm, so the emulation): split
     activations, sequence-parallel norm gradients and, with LoRA, the adapters' SP paths."""
-    extra = ["kernels=torch_npu"]
-    if lora:
-        extra += ["finetuning_type=lora", "train.lr=1e-2"]
-    plain = packed_sft(f"tp_{lora}", *extra)
-    sp = packed_sft(f"sp_{lora}", *extra, "parallel.sequence_parallel=true")
+    suffix = "_lora" if lora else ""
+    plain, sp = packed_sft[f"npu{suffix}"], packed_sft[f"sp{suffix}"]
     assert len(set(plain)) == 4
     assert sp == pytest.approx(plain, abs=1e-5), (plain, sp)
 

@@ -15,7 +15,7 @@ from converters.mcore2hf import LoraExportConfig, McoreToHFConfig
 from mtrain.checkpoint import TRACKER
 from mtrain.models.tiny import corpus, write_chat_task
 from tests.conftest import TINY, tiny_spec
-from tests.torchrun import launch, torchrun
+from tests.torchrun import DIST_DIR, launch, torchrun
 
 pytestmark = pytest.mark.slow
 ITERS = 8
@@ -38,10 +38,8 @@ def setup(tiny_hf, tmp_path_factory):
     return root, hf
 
 
-def run_sft(setup, nproc: int, tp: int, pp: int, save, check: bool = True, **extra):
+def sft_overrides(setup, tp: int, pp: int, save, **extra) -> list[str]:
     root, hf = setup
-    metrics = root / f"{save.name}.jsonl"
-    metrics.unlink(missing_ok=True)
     args = {
         "+model": "qwen3_tiny",
         "model.hf_dir": hf,
@@ -62,20 +60,36 @@ def run_sft(setup, nproc: int, tp: int, pp: int, save, check: bool = True, **ext
         "parallel.tp": tp,
         "parallel.pp": pp,
         "device": "cpu",
-        "log.metrics_file": metrics,
         **extra,
     }
-    proc = launch(nproc, "-m", "mtrain.sft", *(f"{k}={v}" for k, v in args.items()), check=check)
-    history = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return [h["loss"] for h in history], proc
+    return [f"{k}={v}" for k, v in args.items()]
 
 
 @pytest.fixture(scope="module")
-def reference(setup):
-    """LoRA SFT at TP=2 x PP=2, uninterrupted: the run the others are held to."""
-    save = setup[0] / "lora22"
-    losses, _ = run_sft(setup, 4, 2, 2, save, **{"checkpoint.save_hf": "true"})
-    return losses, save
+def runs(setup):
+    """Every LoRA SFT run, in one torchrun of 4 processes: {name: loss curve}. "lora22" (TP=2 x
+    PP=2, uninterrupted) is the run the others are held to; "lora11" is TP=1 x PP=1 (at DP=4,
+    the same tokens per step); "part1" + "part2" interrupt and resume lora22."""
+    root = setup[0]
+    resumed = {"save": root / "lora22_resumed"}
+    plan = {
+        "lora22": sft_overrides(setup, 2, 2, root / "lora22", **{"checkpoint.save_hf": "true"}),
+        "lora11": sft_overrides(
+            setup, 1, 1, root / "lora11",
+            **{"checkpoint.save_hf": "true", "checkpoint.save_hf_lora": "adapter"},
+        ),
+        "part1": sft_overrides(setup, 2, 2, **resumed, **{"train.exit_after_iters": 3}),
+        "part2": sft_overrides(setup, 2, 2, **resumed),
+    }  # fmt: skip
+    (root / "runs.json").write_text(json.dumps({k: ["sft", v] for k, v in plan.items()}))
+    launch(4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json")
+    results = json.loads((root / "result.json").read_text())
+    return {name: [h["loss"] for h in history] for name, history in results.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(setup, runs):
+    return runs["lora22"], setup[0] / "lora22"
 
 
 def test_lora_trains_and_saves_only_the_adapters(reference, setup):
@@ -88,12 +102,10 @@ def test_lora_trains_and_saves_only_the_adapters(reference, setup):
     assert state["args"].lora_base_checkpoint == str((setup[0] / "c22").resolve())
 
 
-def test_tp2pp2_and_tp1pp1_lora_give_the_same_loss_curve(setup, reference):
+def test_tp2pp2_and_tp1pp1_lora_give_the_same_loss_curve(setup, runs, reference):
     """The adapters' init does not depend on the layout, and the TP communication of their
     gradients (A's all-reduce on column-parallel bases) is exact."""
-    save = setup[0] / "lora11"
-    extra = {"checkpoint.save_hf": "true", "checkpoint.save_hf_lora": "adapter"}
-    single, _ = run_sft(setup, 1, 1, 1, save, **extra)
+    save, single = setup[0] / "lora11", runs["lora11"]
     diffs = [abs(a - b) for a, b in zip(reference[0], single)]
     assert len(diffs) == ITERS and max(diffs) < 1e-4, diffs
 
@@ -111,11 +123,8 @@ def test_tp2pp2_and_tp1pp1_lora_give_the_same_loss_curve(setup, reference):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_interrupted_and_resumed_lora_reproduces_the_loss_sequence(setup, reference):
-    save = setup[0] / "lora22_resumed"
-    first, _ = run_sft(setup, 4, 2, 2, save, **{"train.exit_after_iters": 3})
-    second, _ = run_sft(setup, 4, 2, 2, save)
-    assert first + second == reference[0]
+def test_interrupted_and_resumed_lora_reproduces_the_loss_sequence(runs, reference):
+    assert len(runs["part1"]) == 3 and runs["part1"] + runs["part2"] == reference[0]
 
 
 def test_merged_and_peft_exports_reproduce_the_lora_models_logits(setup, reference, tmp_path):
@@ -170,32 +179,35 @@ def test_adapter_checkpoint_is_20x_smaller_than_a_full_one(tiny_hf, tmp_path):
     with open(tmp_path / "corpus.jsonl", "w") as f:
         for line in corpus(200, seed=1):
             f.write(json.dumps({"text": line}) + "\n")
+    common = {
+        "+model": "qwen3_tiny",
+        "model.num_layers": 2,
+        "model.hidden_size": 256,
+        "model.ffn_hidden_size": 512,
+        "model.kv_channels": 64,
+        "parallel.tp": 1,
+        "parallel.pp": 1,
+        "model.hf_dir": hf,
+        "load": tmp_path / "c",
+        "lora.r": R,
+        "data.path": tmp_path / "corpus.jsonl",
+        "data.cache_dir": tmp_path / "cache",
+        "train.iters": 1,
+        "train.seq_length": 32,
+        "train.global_batch_size": 2,
+        "train.precision": "fp32",
+        "device": "cpu",
+    }
+    kinds = ("full", "lora")
+    plan = {
+        kind: ["pt", [f"{k}={v}" for k, v in {**common, "save": tmp_path / kind,
+                                               "finetuning_type": kind}.items()]]
+        for kind in kinds
+    }  # fmt: skip
+    (tmp_path / "runs.json").write_text(json.dumps(plan))
+    launch(1, DIST_DIR / "runs.py", tmp_path / "runs.json", tmp_path / "result.json")
     sizes = {}
-    for kind in ("full", "lora"):
-        launch(
-            1,
-            "-m",
-            "mtrain.pt",
-            "+model=qwen3_tiny",
-            "model.num_layers=2",
-            "model.hidden_size=256",
-            "model.ffn_hidden_size=512",
-            "model.kv_channels=64",
-            "parallel.tp=1",
-            "parallel.pp=1",
-            f"model.hf_dir={hf}",
-            f"load={tmp_path / 'c'}",
-            f"save={tmp_path / kind}",
-            f"finetuning_type={kind}",
-            f"lora.r={R}",
-            f"data.path={tmp_path / 'corpus.jsonl'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "train.iters=1",
-            "train.seq_length=32",
-            "train.global_batch_size=2",
-            "train.precision=fp32",
-            "device=cpu",
-        )
+    for kind in kinds:
         assert (tmp_path / kind / TRACKER).read_text().strip() == "1"
         sizes[kind] = sum(p.stat().st_size for p in (tmp_path / kind).rglob("*") if p.is_file())
     print(f"full {sizes['full']} B, lora {sizes['lora']} B: {sizes['full'] / sizes['lora']:.1f}x")

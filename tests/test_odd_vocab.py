@@ -15,7 +15,7 @@ from converters import hf2mcore
 from converters.hf2mcore import HF2McoreConfig
 from mtrain.models.tiny import write_chat_task, write_corpus, write_preference_task
 from tests.conftest import tiny_spec
-from tests.torchrun import launch
+from tests.torchrun import DIST_DIR, launch
 
 pytestmark = pytest.mark.slow
 VOCAB = 301
@@ -23,8 +23,21 @@ ITERS = 3
 TOLERANCE = 1e-5
 
 
+STAGES = {  # stage: (data file, extra overrides, keys compared)
+    "pt": ("corpus.jsonl", {}, ("loss",)),
+    "sft": ("chat.jsonl", {}, ("loss",)),
+    "dpo": (
+        "pairs.jsonl",
+        {"dpo.sft_weight": 1.0},
+        ("loss", "logps/chosen", "logps/rejected", "rewards/margin"),
+    ),
+}
+
+
 @pytest.fixture(scope="module")
-def setup(tiny_hf, tmp_path_factory):
+def curves(tiny_hf, tmp_path_factory):
+    """{(stage, tp): metrics per iteration}; every run in one torchrun of 2 processes (TP=1 runs
+    there at DP=2, the same tokens per step)."""
     root = tmp_path_factory.mktemp("odd_vocab")
     hf = tiny_hf(tiny_spec(vocab_size=VOCAB))
     for tp in (1, 2):
@@ -32,59 +45,38 @@ def setup(tiny_hf, tmp_path_factory):
     write_corpus(root / "corpus.jsonl", 300, seed=3)
     write_chat_task(root / "chat.jsonl")
     write_preference_task(root / "pairs.jsonl")
-    return root, hf
+    plan = {}
+    for stage, (data, extra, _) in STAGES.items():
+        for tp in (1, 2):
+            args = {
+                "+model": "qwen3_tiny",
+                "model.hf_dir": hf,
+                "model.vocab_size": VOCAB,
+                "load": root / f"c{tp}",
+                "data.path": root / data,
+                "data.cache_dir": root / f"cache_tp{tp}",
+                "train.iters": ITERS,
+                "train.seq_length": 32,
+                "train.global_batch_size": 4,
+                "train.micro_batch_size": 2,
+                "train.lr": 1e-3,
+                "train.precision": "fp32",
+                "parallel.tp": tp,
+                "parallel.pp": 1,
+                "device": "cpu",
+                **extra,
+            }
+            plan[f"{stage}-{tp}"] = [stage, [f"{k}={v}" for k, v in args.items()]]
+    (root / "runs.json").write_text(json.dumps(plan, default=str))
+    launch(2, DIST_DIR / "runs.py", root / "runs.json", root / "result.json")
+    results = json.loads((root / "result.json").read_text())
+    return {(stage, tp): results[f"{stage}-{tp}"] for stage in STAGES for tp in (1, 2)}
 
 
-def run(setup, stage: str, tp: int, data: str, **extra) -> list[dict]:
-    root, hf = setup
-    metrics = root / f"{stage}_tp{tp}.jsonl"
-    metrics.unlink(missing_ok=True)
-    args = {
-        "+model": "qwen3_tiny",
-        "model.hf_dir": hf,
-        "model.vocab_size": VOCAB,
-        "load": root / f"c{tp}",
-        "data.path": root / data,
-        "data.cache_dir": root / f"cache_tp{tp}",
-        "train.iters": ITERS,
-        "train.seq_length": 32,
-        "train.global_batch_size": 4,
-        "train.micro_batch_size": 2,
-        "train.lr": 1e-3,
-        "train.precision": "fp32",
-        "parallel.tp": tp,
-        "parallel.pp": 1,
-        "device": "cpu",
-        "log.metrics_file": metrics,
-        **extra,
-    }
-    launch(tp, "-m", f"mtrain.{stage}", *(f"{k}={v}" for k, v in args.items()))
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
-
-
-def assert_same_curves(one: list[dict], two: list[dict], keys: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("stage", STAGES)
+def test_tp2_equals_tp1(curves, stage):
+    one, two = curves[stage, 1], curves[stage, 2]
     assert len(one) == len(two) == ITERS
     for a, b in zip(one, two):
-        for key in keys:
+        for key in STAGES[stage][2]:
             assert abs(a[key] - b[key]) <= TOLERANCE * max(1.0, abs(a[key])), (key, a, b)
-
-
-def test_pretraining_at_tp2_equals_tp1(setup):
-    assert_same_curves(
-        run(setup, "pt", 1, "corpus.jsonl"), run(setup, "pt", 2, "corpus.jsonl"), ("loss",)
-    )
-
-
-def test_sft_at_tp2_equals_tp1(setup):
-    assert_same_curves(
-        run(setup, "sft", 1, "chat.jsonl"), run(setup, "sft", 2, "chat.jsonl"), ("loss",)
-    )
-
-
-def test_dpo_at_tp2_equals_tp1(setup):
-    keys = ("loss", "logps/chosen", "logps/rejected", "rewards/margin")
-    assert_same_curves(
-        run(setup, "dpo", 1, "pairs.jsonl", **{"dpo.sft_weight": 1.0}),
-        run(setup, "dpo", 2, "pairs.jsonl", **{"dpo.sft_weight": 1.0}),
-        keys,
-    )
