@@ -1,4 +1,6 @@
-"""The training loop on CPU processes, through the real `python -m mtrain.pt` command.
+"""The training loop on CPU processes: the runs that are compared number for number share two
+torchruns (4 processes, 1 process; tests/dist/runs.py, as `python -m mtrain.pt` runs them), the
+rest (crash, SIGTERM, NaN) go through the real `python -m mtrain.pt` command alone.
 
 Every run starts from a checkpoint converted from the same tiny HF model and reads the same
 tokenized corpus, in fp32, so layouts can be compared number for number.
@@ -93,11 +95,66 @@ def losses(history: list[dict]) -> list[float]:
     return [h["loss"] for h in history]
 
 
+def shared_runs(setup, nproc: int, plan: dict[str, dict]) -> tuple[dict, str]:
+    """Run {name: overrides given to `overrides` (tp, pp and extras)} in one torchrun of
+    `nproc` processes; returns ({name: metrics per iteration}, its output)."""
+    root = setup[0]
+    runs = {}
+    for name, extra in plan.items():
+        extra = dict(extra)
+        tp, pp = extra.pop("tp"), extra.pop("pp")
+        runs[name] = ["pt", overrides(setup, tp, pp, **extra)]
+    spec = root / f"runs{nproc}.json"
+    spec.write_text(json.dumps(runs, default=str))
+    proc = launch(nproc, DIST_DIR / "runs.py", spec, root / f"result{nproc}.json")
+    return json.loads((root / f"result{nproc}.json").read_text()), proc.stdout + proc.stderr
+
+
+RESUME = {"checkpoint.keep_last": 1, "checkpoint.save_interval": 3}
+
+
 @pytest.fixture(scope="module")
-def reference(setup):
+def four(setup):
+    """The runs on 4 processes. tp2pp2 is the reference the others are held to."""
+    root = setup[0]
+    save = root / "resume_ckpt"
+    freeze = {"freeze.trainable": "[layers.-1:,output_layer]", "train.iters": 3}
+    return shared_runs(
+        setup,
+        4,
+        {
+            "tp2pp2": dict(tp=2, pp=2),
+            "vpp2": dict(tp=2, pp=2, load=root / "c22_vpp2", **{"parallel.vpp": 2}),
+            "dp4": dict(tp=1, pp=1),  # 1 micro-batch of 2 per step on each rank
+            # The job is resubmitted with the very same command line: `save` wins over `load`.
+            "part1": dict(tp=2, pp=2, save=save, **{"train.exit_after_iters": 5}, **RESUME),
+            "part2": dict(tp=2, pp=2, save=save, **RESUME),
+            "freeze": dict(
+                tp=2, pp=2, save=root / "freeze_ckpt", finetuning_type="freeze", **freeze
+            ),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def one(setup):
+    """The runs on 1 process."""
+    bf16 = {"train.iters": 1, "train.precision": "bf16", "train.lr": 0.0, "train.min_lr": 0.0}
+    return shared_runs(
+        setup,
+        1,
+        {
+            "tp1pp1": dict(tp=1, pp=1),  # also DP=1: 4 micro-batches of 2 per step
+            "bf16": dict(tp=1, pp=1, save=setup[0] / "bf16_ckpt", **bf16),
+            "epochs": dict(tp=1, pp=1, **{"train.iters": None, "train.epochs": 0.25}),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(four):
     """TP=2 x PP=2 on 4 processes, uninterrupted: the curve the other runs are held to."""
-    history, _ = run_pt(setup, 4, 2, 2, "tp2pp2")
-    return history
+    return four[0]["tp2pp2"]
 
 
 def test_loss_decreases_on_a_small_corpus(reference):
@@ -106,38 +163,29 @@ def test_loss_decreases_on_a_small_corpus(reference):
     assert last < first - 0.3, losses(reference)
 
 
-def test_tp2pp2_and_tp1pp1_give_the_same_loss_curve(setup, reference):
-    single, _ = run_pt(setup, 1, 1, 1, "tp1pp1")
-    diffs = [abs(a - b) for a, b in zip(losses(reference), losses(single))]
+def test_tp2pp2_and_tp1pp1_give_the_same_loss_curve(one, reference):
+    diffs = [abs(a - b) for a, b in zip(losses(reference), losses(one[0]["tp1pp1"]))]
     assert len(diffs) == ITERS and max(diffs) < 1e-4, diffs
 
 
-def test_interleaved_schedule_gives_the_same_loss_curve(setup, reference):
+def test_interleaved_schedule_gives_the_same_loss_curve(four, reference):
     """PP=2 x VPP=2 (1 layer per chunk) vs plain 1F1B: with PP=2 both pipeline neighbours are
     one rank, where batched p2p could swap activations and gradients."""
-    interleaved, _ = run_pt(
-        setup, 4, 2, 2, "vpp2", load=setup[0] / "c22_vpp2", **{"parallel.vpp": 2}
-    )
-    diffs = [abs(a - b) for a, b in zip(losses(reference), losses(interleaved))]
+    diffs = [abs(a - b) for a, b in zip(losses(reference), losses(four[0]["vpp2"]))]
     assert len(diffs) == ITERS and max(diffs) < 1e-5, diffs
 
 
-def test_dp2_equals_dp1_with_twice_the_micro_batches(setup):
-    dp1, _ = run_pt(setup, 1, 1, 1, "dp1")  # 4 micro-batches of 2 per step
-    dp2, _ = run_pt(setup, 2, 1, 1, "dp2")  # 2 micro-batches of 2 per step on each rank
-    diffs = [abs(a - b) for a, b in zip(losses(dp1), losses(dp2))]
+def test_dp4_equals_dp1_with_four_times_the_micro_batches(one, four):
+    dp1, dp4 = one[0]["tp1pp1"], four[0]["dp4"]
+    diffs = [abs(a - b) for a, b in zip(losses(dp1), losses(dp4))]
     assert len(diffs) == ITERS and max(diffs) < 1e-5, diffs
 
 
-def test_interrupted_and_resumed_training_reproduces_the_loss_sequence(setup, reference):
-    save = setup[0] / "resume_ckpt"
-    keep = {"checkpoint.keep_last": 1, "checkpoint.save_interval": 3}
-    first, _ = run_pt(setup, 4, 2, 2, "part1", save=save, **{"train.exit_after_iters": 5}, **keep)
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
-    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000005"]  # 3 was pruned
-    # The job is resubmitted with the very same command line: `save` wins over `load`.
-    second, proc = run_pt(setup, 4, 2, 2, "part2", save=save, **keep)
-    assert "resumed at iteration 5" in proc.stderr
+def test_interrupted_and_resumed_training_reproduces_the_loss_sequence(setup, four, reference):
+    (runs, out), save = four, setup[0] / "resume_ckpt"
+    first, second = runs["part1"], runs["part2"]
+    assert len(first) == 5 and "resumed at iteration 5" in out
+    # keep_last=1 pruned 3 when 5 was saved, and 5 when the last one was.
     assert sorted(p.name for p in save.glob("iter_*")) == [f"iter_{ITERS:07d}"]
     assert losses(first) + losses(second) == losses(reference)  # exactly
 
@@ -193,7 +241,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(setup):
     assert "SIGTERM" in err
 
 
-def test_bf16_finetune_starts_from_the_loaded_weights(setup):
+def test_bf16_finetune_starts_from_the_loaded_weights(setup, one):
     """At lr=0 a step must leave the weights as loaded: the optimizer's fp32 master copy has to
     come from the checkpoint, not from the random init the model was built with."""
     import torch
@@ -202,15 +250,7 @@ def test_bf16_finetune_starts_from_the_loaded_weights(setup):
 
     root, hf = setup
     save = root / "bf16_ckpt"
-    run_pt(
-        setup,
-        1,
-        1,
-        1,
-        "bf16",
-        save=save,
-        **{"train.iters": 1, "train.precision": "bf16", "train.lr": 0.0, "train.min_lr": 0.0},
-    )
+    assert len(one[0]["bf16"]) == 1
     out = root / "bf16_hf"
     mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(save), out_dir=str(out)))
     original, trained = hf_tensors(hf), hf_tensors(out)
@@ -243,7 +283,7 @@ def test_a_nan_loss_stops_naming_the_iteration_or_is_skipped(setup, monkeypatch,
         assert "grad_norm" not in history[2] and "grad_norm" in history[3]
 
 
-def test_epochs_set_the_iterations_from_the_data_size(setup):
+def test_epochs_set_the_iterations_from_the_data_size(setup, one):
     from transformers import AutoTokenizer
 
     root, hf = setup
@@ -251,11 +291,10 @@ def test_epochs_set_the_iterations_from_the_data_size(setup):
     texts = [json.loads(line)["text"] for line in open(root / "corpus.jsonl")]
     tokens = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # + end of document
     expected = int(0.25 * ((tokens - 1) // 64) / 8)
-    history, _ = run_pt(setup, 1, 1, 1, "epochs", **{"train.iters": None, "train.epochs": 0.25})
-    assert len(history) == expected > 0
+    assert len(one[0]["epochs"]) == expected > 0
 
 
-def test_freeze_trains_only_the_named_parameters(setup):
+def test_freeze_trains_only_the_named_parameters(setup, four):
     """TP=2 x PP=2: the last layer and the (tied) embedding train, everything else comes out of
     training bit-identical."""
     import torch
@@ -264,16 +303,7 @@ def test_freeze_trains_only_the_named_parameters(setup):
 
     root, hf = setup
     save = root / "freeze_ckpt"
-    run_pt(
-        setup,
-        4,
-        2,
-        2,
-        "freeze",
-        save=save,
-        finetuning_type="freeze",
-        **{"freeze.trainable": "[layers.-1:,output_layer]", "train.iters": 3},
-    )
+    assert len(four[0]["freeze"]) == 3
     mcore2hf.convert(McoreToHFConfig(ckpt_dir=str(save), out_dir=str(root / "freeze_hf")))
     before, after = hf_tensors(hf), hf_tensors(root / "freeze_hf")
     trained = {n for n in before if not torch.equal(before[n], after[n])}
