@@ -12,7 +12,7 @@ from converters import hf2mcore
 from converters.hf2mcore import HF2McoreConfig
 from mtrain.models.tiny import write_kto_task, write_preference_task
 from tests.conftest import TINY, tiny_spec
-from tests.torchrun import DIST_DIR, launch, torchrun
+from tests.torchrun import run_many, torchrun
 
 pytestmark = pytest.mark.slow
 ITERS = 20
@@ -73,8 +73,7 @@ def setup(tiny_hf, tmp_path_factory):
         cache = {"data.cache_dir": root / f"cache_{loss}"}
         runs[loss] = {**extra, "train.lr": 3e-3, "dpo.loss": loss, **cache}
     plan = {name: ["dpo", overrides(root, hf, name, **extra)] for name, extra in runs.items()}
-    (root / "runs.json").write_text(json.dumps(plan, default=str))
-    launch(4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json", timeout=1200)
+    run_many(4, plan, root, timeout=1200)
     return root, hf
 
 

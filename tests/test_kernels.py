@@ -20,7 +20,7 @@ from converters.hf2mcore import HF2McoreConfig
 from mtrain.kernels import te
 from mtrain.kernels.torch_npu import segment_ends
 from tests.conftest import tiny_spec
-from tests.torchrun import DIST_DIR, launch, torchrun
+from tests.torchrun import run_many, torchrun
 
 TOLERANCE = 1e-5  # fp32 logits
 EMULATION = Path(__file__).parent / "npu_emulation"
@@ -168,12 +168,8 @@ def packed_sft(tiny_hf, tmp_path_factory):
     }
     base = [f"{k}={v}" for k, v in common.items()]
     plan = {name: ["sft", base + extra] for name, extra in PACKED_SFT_RUNS.items()}
-    (root / "runs.json").write_text(json.dumps(plan))
     path = os.pathsep.join([str(EMULATION), os.environ.get("PYTHONPATH", "")])
-    launch(
-        4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json", env={"PYTHONPATH": path}
-    )
-    results = json.loads((root / "result.json").read_text())
+    results, _ = run_many(4, plan, root, env={"PYTHONPATH": path})
     return {name: [h["loss"] for h in history] for name, history in results.items()}
 
 

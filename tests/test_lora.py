@@ -15,7 +15,7 @@ from converters.mcore2hf import LoraExportConfig, McoreToHFConfig
 from mtrain.checkpoint import TRACKER
 from mtrain.models.tiny import corpus, write_chat_task
 from tests.conftest import TINY, tiny_spec
-from tests.torchrun import DIST_DIR, launch, torchrun
+from tests.torchrun import run_many, torchrun
 
 pytestmark = pytest.mark.slow
 ITERS = 8
@@ -81,9 +81,7 @@ def runs(setup):
         "part1": sft_overrides(setup, 2, 2, **resumed, **{"train.exit_after_iters": 3}),
         "part2": sft_overrides(setup, 2, 2, **resumed),
     }  # fmt: skip
-    (root / "runs.json").write_text(json.dumps({k: ["sft", v] for k, v in plan.items()}))
-    launch(4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json")
-    results = json.loads((root / "result.json").read_text())
+    results, _ = run_many(4, {k: ["sft", v] for k, v in plan.items()}, root)
     return {name: [h["loss"] for h in history] for name, history in results.items()}
 
 
@@ -204,8 +202,7 @@ def test_adapter_checkpoint_is_20x_smaller_than_a_full_one(tiny_hf, tmp_path):
                                                "finetuning_type": kind}.items()]]
         for kind in kinds
     }  # fmt: skip
-    (tmp_path / "runs.json").write_text(json.dumps(plan))
-    launch(1, DIST_DIR / "runs.py", tmp_path / "runs.json", tmp_path / "result.json")
+    run_many(1, plan, tmp_path)
     sizes = {}
     for kind in kinds:
         assert (tmp_path / kind / TRACKER).read_text().strip() == "1"

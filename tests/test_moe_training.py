@@ -17,7 +17,7 @@ from converters.mcore2hf import LoraExportConfig, McoreToHFConfig
 from mtrain.config.model import load_preset
 from mtrain.errors import CheckpointError
 from mtrain.models.tiny import write_chat_task, write_corpus, write_preference_task
-from tests.torchrun import DIST_DIR, launch, torchrun
+from tests.torchrun import run_many, torchrun
 
 pytestmark = pytest.mark.slow
 ITERS = 6
@@ -80,9 +80,7 @@ def runs(tiny_hf, tmp_path_factory):
     save = {"save": root / "resumed", "checkpoint.save_interval": 2, **pt, **AUX}
     plan["part1"] = ["pt", _overrides(root, hf, "tp2ep2", **save, **{"train.exit_after_iters": 3})]
     plan["part2"] = ["pt", _overrides(root, hf, "tp2ep2", **save)]
-    (root / "runs.json").write_text(json.dumps(plan, default=str))
-    launch(4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json", timeout=900)
-    return json.loads((root / "result.json").read_text()), root, hf
+    return run_many(4, plan, root, timeout=900)[0], root, hf
 
 
 def curve(history: list[dict], key: str = "loss") -> list[float]:

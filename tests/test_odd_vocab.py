@@ -7,15 +7,13 @@ an unmasked zero row adds one class to every softmax and moves the first PT loss
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from converters import hf2mcore
 from converters.hf2mcore import HF2McoreConfig
 from mtrain.models.tiny import write_chat_task, write_corpus, write_preference_task
 from tests.conftest import tiny_spec
-from tests.torchrun import DIST_DIR, launch
+from tests.torchrun import run_many
 
 pytestmark = pytest.mark.slow
 VOCAB = 301
@@ -67,9 +65,7 @@ def curves(tiny_hf, tmp_path_factory):
                 **extra,
             }
             plan[f"{stage}-{tp}"] = [stage, [f"{k}={v}" for k, v in args.items()]]
-    (root / "runs.json").write_text(json.dumps(plan, default=str))
-    launch(2, DIST_DIR / "runs.py", root / "runs.json", root / "result.json")
-    results = json.loads((root / "result.json").read_text())
+    results, _ = run_many(2, plan, root)
     return {(stage, tp): results[f"{stage}-{tp}"] for stage in STAGES for tp in (1, 2)}
 
 

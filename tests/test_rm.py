@@ -13,7 +13,7 @@ from converters import hf2mcore
 from converters.hf2mcore import HF2McoreConfig
 from mtrain.models.tiny import write_reward_task
 from tests.conftest import TINY
-from tests.torchrun import DIST_DIR, launch, torchrun
+from tests.torchrun import launch, run_many, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +66,7 @@ def trained(setup):
     lora = {"train.iters": 6, "train.lr": 1e-2, "finetuning_type": "lora"}
     plan = {name: ["rm", rm_overrides(setup, name, **extra)]
             for name, extra in (("full", full), ("lora", lora))}  # fmt: skip
-    (root / "runs.json").write_text(json.dumps(plan, default=str))
-    launch(4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json", timeout=900)
+    run_many(4, plan, root, timeout=900)
     history, evals = rm_metrics(setup, "full")
     return history, evals, root / "full"
 

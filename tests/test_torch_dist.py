@@ -19,7 +19,7 @@ from mtrain.checkpoint.dist_format import DistReader
 from mtrain.errors import CheckpointError
 from mtrain.models.tiny import corpus
 from tests.conftest import TINY
-from tests.torchrun import DIST_DIR, launch
+from tests.torchrun import launch, run_many
 
 pytestmark = pytest.mark.slow
 ITERS = 4
@@ -75,8 +75,7 @@ def runs(setup):
     }
     plan = {name: ["pt", pt_overrides(setup, 2, 2, name, **extra)]
             for name, extra in first_runs.items()}  # fmt: skip
-    (root / "runs.json").write_text(json.dumps(plan, default=str))
-    launch(4, DIST_DIR / "runs.py", root / "runs.json", root / "result.json", timeout=900)
+    run_many(4, plan, root, timeout=900)
     legacy, first, first_plain = (losses(setup, name) for name in first_runs)
     resumed = run_pt(setup, 2, 1, 1, "dist_resumed", save=root / "dist")
     resumed_plain = run_pt(setup, 1, 1, 1, "plain_resumed", save=root / "plain", **plain)

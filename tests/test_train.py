@@ -22,7 +22,7 @@ from converters.hf2mcore import HF2McoreConfig
 from converters.mcore2hf import McoreToHFConfig
 from mtrain.models.tiny import corpus
 from tests.conftest import TINY
-from tests.torchrun import DIST_DIR, ENV, launch
+from tests.torchrun import DIST_DIR, ENV, launch, run_many
 
 pytestmark = pytest.mark.slow
 ITERS = 12
@@ -104,10 +104,7 @@ def shared_runs(setup, nproc: int, plan: dict[str, dict]) -> tuple[dict, str]:
         extra = dict(extra)
         tp, pp = extra.pop("tp"), extra.pop("pp")
         runs[name] = ["pt", overrides(setup, tp, pp, **extra)]
-    spec = root / f"runs{nproc}.json"
-    spec.write_text(json.dumps(runs, default=str))
-    proc = launch(nproc, DIST_DIR / "runs.py", spec, root / f"result{nproc}.json")
-    return json.loads((root / f"result{nproc}.json").read_text()), proc.stdout + proc.stderr
+    return run_many(nproc, runs, root, name=f"runs{nproc}")
 
 
 RESUME = {"checkpoint.keep_last": 1, "checkpoint.save_interval": 3}

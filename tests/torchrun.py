@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -95,6 +96,23 @@ def launch_nodes(
         tails = "\n".join(f"--- node {r}:\n{t[-3000:]}" for r, t in enumerate(texts))
         raise AssertionError(f"{' '.join(map(str, target))}: exit codes {codes}\n{tails}")
     return texts
+
+
+def run_many(
+    nproc: int,
+    plan: dict,
+    workdir: Path,
+    name: str = "runs",
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
+) -> tuple[dict, str]:
+    """Run `plan` ({run: [command, [override, ...]]}, in order) as `python -m mtrain.<command>`
+    would, all in one torchrun of tests/dist/runs.py on `nproc` processes (process start-up is
+    most of a tiny run); returns ({run: metrics per iteration}, the torchrun's output)."""
+    spec, result = workdir / f"{name}.json", workdir / f"{name}_result.json"
+    spec.write_text(json.dumps(plan, default=str))
+    proc = launch(nproc, DIST_DIR / "runs.py", spec, result, timeout=timeout, env=env)
+    return json.loads(result.read_text()), proc.stdout + proc.stderr
 
 
 def torchrun(
